@@ -1,0 +1,30 @@
+# The commands the README names. Each creates .venv with pip when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The PyTorch build we test with; `make TORCH=torch install` takes whatever pip picks instead.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# Real Omniglot for `make run` and the tests: $METARUN_DATA, else the checkout's neighbour ../shared/data.
+export METARUN_DATA ?= $(abspath ../shared/data)
+
+.PHONY: install run test test-all bench clean
+
+$(BIN)/metarun: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c 'import torch, torchvision' 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/metarun
+
+run: install
+	$(BIN)/metarun $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,42 @@
+"""Checkpoints that survive a kill at any moment and fail loudly when they are not ours."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarun.errors import MetarunError
+
+FORMAT = "metarun-checkpoint-v1"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint; anything else is one MetarunError line."""
+    fix = f"delete {path} to start this run over, or choose a new hydra.run.dir"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign objects, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MetarunError(f"cannot read checkpoint {path} ({reason[:120]}); {fix}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise MetarunError(f"{path} is not a metarun checkpoint; {fix}")
+    return state

@@ -1,0 +1,142 @@
+"""The structured-config schema and the checks that run before anything touches a run directory.
+
+Plain groups (episode, device, train, eval) are dataclasses: Hydra merges `conf/` onto them, so an
+unknown key or a wrong type fails at composition. Groups that build an object through `_target_`
+(algorithm, dataset, model, optimizer, scheduler) are checked against the signature of the class
+they build, so a new algorithm needs no schema entry of its own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.errors import MetarunError
+
+
+class DeviceType(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+class Amp(str, Enum):
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class EpisodeConfig:
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15
+    meta_batch_size: int = 32
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto
+    amp: Amp = Amp.none
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    val_every: int = 500
+    val_episodes: int = 200
+    log_every: int = 25
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 600
+    seed: int = 0
+    batch_size: int = 50
+
+
+@dataclass
+class Config:
+    algorithm: Any = None
+    dataset: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Optional[Any] = None
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+ConfigStore.instance().store(name="metarun_schema", node=Config)
+
+# Keys that must be positive; the algorithm checks its own (inner_lr, adaptation_steps, ...).
+POSITIVE = (
+    "episode.n_way", "episode.k_shot", "episode.n_query", "episode.meta_batch_size",
+    "train.steps", "train.val_every", "train.val_episodes", "train.log_every",
+    "eval.episodes", "eval.batch_size", "optimizer.lr",
+)
+TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler")
+# Arguments the trainer passes itself rather than the config.
+PASSED_BY_TRAINER = {"algorithm": {"model", "n_way"}, "optimizer": {"params"}, "scheduler": {"optimizer"}}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise MetarunError (one line, with the fix) for any value the run could not start with."""
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise MetarunError(f"{key}={value} must be positive; pass {key}=<a value > 0>")
+    for group in TARGET_GROUPS:
+        node = cfg.get(group)
+        if node is not None:
+            check_target_arguments(group, node)
+
+
+def check_target_arguments(group: str, node: DictConfig) -> None:
+    """Every key of a `_target_` group must be an argument of the target, of the annotated type."""
+    if "_target_" not in node:
+        raise MetarunError(f"{group} has no _target_; choose a {group} from conf/{group}/ (metarun --help lists them)")
+    target = get_object(node._target_)
+    signature = inspect.signature(target)
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    names = [n for n in signature.parameters if n not in PASSED_BY_TRAINER.get(group, ())]
+    hints = _type_hints(target)
+    for key, value in node.items():
+        if key.startswith("_"):
+            continue
+        if key not in signature.parameters:
+            if accepts_kwargs:
+                continue
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {group}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            raise MetarunError(f"{group}.{key} is not a parameter of {node._target_}; {hint}")
+        expected = hints.get(key)
+        if expected in (int, float, bool, str) and not _is_instance(value, expected):
+            raise MetarunError(
+                f"{group}.{key}={value!r} should be a {expected.__name__}; pass {group}.{key}=<{expected.__name__}>"
+            )
+
+
+def _type_hints(target: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # targets from other libraries may have hints we cannot resolve; skip the type check
+        return {}
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)

@@ -1,0 +1,30 @@
+"""The unit of meta-learning work: a batch of N-way K-shot tasks as stacked tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TaskBatch:
+    """T tasks, each N classes with K support and Q query items, labels 0..N-1."""
+
+    support_x: torch.Tensor  # [T, N*K, C, H, W]
+    support_y: torch.Tensor  # [T, N*K]
+    query_x: torch.Tensor  # [T, N*Q, C, H, W]
+    query_y: torch.Tensor  # [T, N*Q]
+    n_way: int
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y), self.n_way)
+
+    def task(self, i: int) -> TaskBatch:
+        """Task i alone, still with a leading task dimension of 1."""
+        s = slice(i, i + 1)
+        return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.n_way)

@@ -1,0 +1,43 @@
+"""Meta-testing on fixed episodes: mean accuracy and its 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from metarun.algorithms.base import MetaLearner
+from metarun.data.sampler import EpisodeSampler
+
+
+def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% half-width 1.96 * std / sqrt(n) (sample std), as few-shot papers report them."""
+    accuracies = accuracies.double()
+    n = accuracies.numel()
+    std = accuracies.std().item() if n > 1 else 0.0
+    return accuracies.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate(
+    learner: MetaLearner,
+    sampler: EpisodeSampler,
+    episodes: int,
+    seed: int,
+    batch_size: int,
+    autocast: AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy over the fixed episodes 0..episodes-1 of `sampler`'s split."""
+    was_training = learner.training
+    learner.eval()
+    losses, accuracies = [], []
+    for start in range(0, episodes, batch_size):
+        tasks = sampler.episodes(seed, start, min(batch_size, episodes - start))
+        with autocast or nullcontext():
+            loss, accuracy = learner.evaluate(tasks)
+        losses.append(loss.float())
+        accuracies.append(accuracy.float())
+    learner.train(was_training)
+    accuracy, ci95 = confidence_interval(torch.cat(accuracies).cpu())
+    return {"loss": torch.cat(losses).mean().item(), "accuracy": accuracy, "ci95": ci95, "episodes": episodes}

@@ -1,0 +1,244 @@
+"""The meta-training loop: sample tasks, loss, step, log, validate, checkpoint; then meta-test.
+
+`Trainer(cfg, run_dir)` builds everything and checks the config without writing a byte, so a bad
+command leaves an existing run directory as it was; `run()` then trains (continuing from
+`checkpoints/last.pt` when the directory holds one) and meta-tests the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.config import validate
+from metarun.data.sampler import EpisodeSampler
+from metarun.device import autocast, check_amp, resolve_device
+from metarun.errors import MetarunError
+from metarun.evaluation import evaluate
+from metarun.run_log import RunLog
+
+PARTS = ("train", "val", "test")
+# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs and reads.
+RESUMABLE_CHANGES = ("train.steps", "eval.", "device.", "dataset.root", "dataset.cache_dir", "dataset.download")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our own one-line errors unwrapped from Hydra's."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MetarunError):
+            raise cause from None
+        raise MetarunError(str(e).splitlines()[0]) from e
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.device = resolve_device(cfg.device.type.value)
+        self.amp = cfg.device.amp.value
+        check_amp(self.device, self.amp)
+
+        dataset = build(cfg.dataset)
+        episode = cfg.episode
+        self.samplers = {
+            part: EpisodeSampler(
+                dataset.images(part).to(self.device), episode.n_way, episode.k_shot, episode.n_query, part, dataset.name
+            )
+            for part in PARTS
+        }
+        torch.manual_seed(cfg.seed)
+        self.learner = build(cfg.algorithm, model=build(cfg.model), n_way=episode.n_way).to(self.device)
+        self.optimizer = build(cfg.optimizer)(self.learner.parameters())
+        self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.step = 0
+        self.best_val_accuracy = -math.inf
+        if (self.checkpoint_dir / "last.pt").exists():
+            self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Meta-train up to train.steps, then meta-test the best checkpoint; returns results.json."""
+        self.write_config()
+        self.log = RunLog(self.run_dir, resume_step=self.step)
+        try:
+            self.fit()
+            results = self.test()
+        finally:
+            self.log.close()
+        return results
+
+    def fit(self) -> None:
+        train = self.cfg.train
+        tasks_per_step = self.cfg.episode.meta_batch_size
+        bar = tqdm(total=train.steps, initial=self.step, desc="meta-train", dynamic_ncols=True, disable=None)
+        self.learner.train()
+        tic, tic_step = time.perf_counter(), self.step
+        while self.step < train.steps:
+            tasks = self.samplers["train"].sample(tasks_per_step, self.generator)
+            metrics = self.train_step(tasks)
+            self.step += 1
+            bar.update()
+            if self.step % train.log_every == 0 or self.step == train.steps:
+                values = {name: value.item() for name, value in metrics.items()}
+                values["lr"] = self.optimizer.param_groups[0]["lr"]
+                values["tasks_per_s"] = (self.step - tic_step) * tasks_per_step / (time.perf_counter() - tic)
+                tic, tic_step = time.perf_counter(), self.step
+                self.log.scalars("train", self.step, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                                tasks_s=f"{values['tasks_per_s']:.0f}")
+            if self.step % train.val_every == 0 or self.step == train.steps:
+                self.validate_and_checkpoint()
+                tic, tic_step = time.perf_counter(), self.step
+        bar.close()
+
+    def train_step(self, tasks) -> dict[str, torch.Tensor]:
+        # Gradient-based learners unscale their inner-loop gradients by this (fp16 only).
+        self.learner.loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        with autocast(self.device, self.amp):
+            loss, metrics = self.learner(tasks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return metrics
+
+    def validate_and_checkpoint(self) -> None:
+        val = self.evaluate("val", self.cfg.train.val_episodes)
+        improved = val["accuracy"] > self.best_val_accuracy
+        if improved:
+            self.best_val_accuracy = val["accuracy"]
+            save_checkpoint({"learner": self.learner.state_dict(), "step": self.step, "val": val},
+                            self.checkpoint_dir / "best.pt")
+        self.log.scalars("val", self.step, {"loss": val["loss"], "accuracy": val["accuracy"]})
+        save_checkpoint(self.state(), self.checkpoint_dir / "last.pt")
+        tqdm.write(f"step {self.step}: val acc {100 * val['accuracy']:.1f}% +- {100 * val['ci95']:.1f}"
+                   + ("  (best)" if improved else ""))
+
+    def evaluate(self, part: str, episodes: int) -> dict[str, float]:
+        cfg = self.cfg.eval
+        return evaluate(self.learner, self.samplers[part], episodes, cfg.seed, cfg.batch_size,
+                        autocast(self.device, self.amp))
+
+    def test(self) -> dict[str, Any]:
+        best = self.checkpoint_dir / "best.pt"
+        if best.exists():
+            self.learner.load_state_dict(load_checkpoint(best, self.device)["learner"])
+        test = self.evaluate("test", self.cfg.eval.episodes)
+        results = {
+            "test_accuracy": test["accuracy"], "ci95": test["ci95"], "episodes": test["episodes"],
+            "test_loss": test["loss"], "best_val_accuracy": self.best_val_accuracy, "steps": self.step,
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+        }
+        write_json_atomically(results, self.run_dir / "results.json")
+        self.log.scalars("test", self.step, {"loss": test["loss"], "accuracy": test["accuracy"]})
+        self.log.hparams(hparams(self.cfg), {"hparam/test_accuracy": test["accuracy"],
+                                             "hparam/best_val_accuracy": self.best_val_accuracy})
+        print(f"test acc {100 * test['accuracy']:.1f}% +- {100 * test['ci95']:.1f} ({test['episodes']} episodes)")
+        return results
+
+    # -- state ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best_val_accuracy": self.best_val_accuracy,
+            "rng": {"train_sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "config": config_container(self.cfg),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        path = self.checkpoint_dir / "last.pt"
+        changed = config_changes(state.get("config", {}), config_container(self.cfg))
+        if changed:
+            raise MetarunError(
+                f"{self.run_dir} holds a run with a different config ({changed[0]}); "
+                "resume with the same overrides or choose a new hydra.run.dir"
+            )
+        try:
+            self.learner.load_state_dict(state["learner"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.step = state["step"]
+            self.best_val_accuracy = state["best_val_accuracy"]
+            self.generator.set_state(state["rng"]["train_sampler"].cpu())
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise MetarunError(
+                f"{path} does not match this run ({type(e).__name__}); delete it to start over or choose a new hydra.run.dir"
+            ) from e
+
+    def write_config(self) -> None:
+        """The record Hydra would write to .hydra/, written only once the run can really start."""
+        from hydra.core.hydra_config import HydraConfig
+
+        record = self.run_dir / ".hydra"
+        record.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg, record / "config.yaml")
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            OmegaConf.save(hydra_cfg, record / "hydra.yaml")
+            OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+
+
+def config_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two configs, except those a resumed run may change."""
+    old, new = flatten(old), flatten(new)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's hyperparameters as TensorBoard wants them: flat, scalar values only."""
+    flat = flatten(config_container(cfg))
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("dataset.root")}
+
+
+def write_json_atomically(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
