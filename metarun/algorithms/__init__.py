@@ -1,0 +1,1 @@
+"""Meta-learning algorithms, one file per paper; each is a `MetaLearner` (see base.py)."""

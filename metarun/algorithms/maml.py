@@ -1,0 +1,181 @@
+"""Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks (Finn, Abbeel & Levine, 2017).
+
+theta'_i = theta - alpha * grad_theta L_support_i(f_theta)                      (inner loop, per task)
+theta   <- theta - beta * grad_theta sum_i L_query_i(f_theta'_i)               (meta-update, by the trainer)
+
+First-order MAML (`first_order=True`, config `fomaml`) drops the second derivatives by treating
+each inner gradient as a constant.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.inner_loop import inner_loop
+from metarun.data.tasks import TaskBatch
+from metarun.errors import MetarunError
+
+TASK_BATCHING = ("auto", "vmap", "loop")
+
+
+class Classifier(nn.Module):
+    """Backbone embedding followed by a linear head: `[B, C, H, W] -> [B, n_way]` logits."""
+
+    def __init__(self, backbone: nn.Module, n_way: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_features, n_way)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+class MAML(MetaLearner):
+    """MAML over `Classifier(model, n_way)`; all its parameters adapt in the inner loop.
+
+    inner_lr (alpha), adaptation_steps: the inner loop in meta-training;
+    eval_adaptation_steps: inner steps for `evaluate` and `adapt` (the paper adapts longer at test);
+    task_batching: "vmap" maps the per-task computation over the tasks with `torch.func.vmap`,
+        "loop" runs the tasks one after another, "auto" picks vmap on CUDA and loop on CPU
+        (measured on 2 CPU cores: vmapped Conv4 MAML 3x slower and 7x the memory of the loop).
+    `loss_scale` (set by the trainer from an fp16 GradScaler) scales the inner support loss too.
+    Batch norm uses each set's own statistics (support while adapting, query when predicting):
+    the transductive setting of the paper's code.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_way: int,
+        inner_lr: float = 0.4,
+        adaptation_steps: int = 1,
+        eval_adaptation_steps: int = 3,
+        first_order: bool = False,
+        task_batching: str = "auto",
+    ):
+        if task_batching not in TASK_BATCHING:
+            raise MetarunError(
+                f"algorithm.task_batching={task_batching!r} is not one of {', '.join(TASK_BATCHING)}; "
+                f"use auto (vmap on CUDA, loop on CPU)"
+            )
+        super().__init__(Classifier(model, n_way), n_way)
+        self.inner_lr = inner_lr
+        self.adaptation_steps = adaptation_steps
+        self.eval_adaptation_steps = eval_adaptation_steps
+        self.first_order = first_order
+        self.task_batching = task_batching
+        self.loss_scale = 1.0
+
+    def adapted_params(
+        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool
+    ) -> dict[str, Tensor]:
+        return inner_loop(
+            self.model,
+            params,
+            support_x,
+            support_y,
+            adaptation_steps=steps,
+            inner_lr=self.inner_lr,
+            first_order=first_order,
+            loss_scale=self.loss_scale,
+        )
+
+    def task_loss(
+        self,
+        params: dict[str, Tensor],
+        support_x: Tensor,  # [N*K, C, H, W]
+        support_y: Tensor,  # [N*K]
+        query_x: Tensor,  # [N*Q, C, H, W]
+        query_y: Tensor,  # [N*Q]
+        steps: int,
+        first_order: bool,
+        support_metrics: bool,
+    ) -> tuple[Tensor, ...]:
+        """One task: adapt on the support set, then the query loss and accuracy with the adapted
+        parameters (and, if asked, support accuracy before and after adaptation)."""
+        adapted = self.adapted_params(params, support_x, support_y, steps, first_order)
+        query_logits = functional_call(self.model, adapted, (query_x,))  # [N*Q, N]
+        out = (F.cross_entropy(query_logits, query_y), accuracy(query_logits, query_y))
+        if support_metrics:
+            # Detached parameters: metrics only, no graph.
+            before = functional_call(self.model, detached(params), (support_x,))  # [N*K, N]
+            after = functional_call(self.model, detached(adapted), (support_x,))  # [N*K, N]
+            out += (accuracy(before, support_y), accuracy(after, support_y))
+        return out
+
+    def map_tasks(self, params: dict[str, Tensor], tasks: TaskBatch, **settings) -> tuple[Tensor, ...]:
+        """`task_loss` for every task of the batch, each output stacked to `[T]`."""
+        self.check_n_way(tasks.n_way)
+        data = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+        use_vmap = self.task_batching == "vmap" or (
+            self.task_batching == "auto" and tasks.support_x.device.type == "cuda"
+        )
+
+        def one_task(params, support_x, support_y, query_x, query_y):
+            return self.task_loss(params, support_x, support_y, query_x, query_y, **settings)
+
+        if use_vmap:
+            return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *data)
+        per_task = [one_task(params, *(t[i] for t in data)) for i in range(len(tasks))]
+        return tuple(torch.stack(outputs) for outputs in zip(*per_task))
+
+    def forward(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        params = dict(self.model.named_parameters())
+        losses, accs, support_before, support_after = self.map_tasks(
+            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=True
+        )
+        loss = losses.mean()
+        metrics = {
+            "loss": loss.detach(),
+            "accuracy": accs.mean(),
+            "support_acc_before": support_before.mean(),
+            "support_acc_after": support_after.mean(),
+        }
+        return loss, metrics
+
+    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
+        # The inner loop needs gradients even when the caller evaluates under torch.no_grad();
+        # no meta-gradient is wanted, so the parameters are detached and the inner loop first-order.
+        with torch.enable_grad():
+            losses, accs = self.map_tasks(
+                detached(dict(self.model.named_parameters())),
+                tasks,
+                steps=self.eval_adaptation_steps,
+                first_order=True,
+                support_metrics=False,
+            )
+        return losses.detach(), accs
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        with torch.enable_grad():
+            adapted = detached(
+                self.adapted_params(
+                    detached(dict(self.model.named_parameters())),
+                    support_x,
+                    support_y,
+                    self.eval_adaptation_steps,
+                    first_order=True,
+                )
+            )
+
+        def predict(query_x: Tensor) -> Tensor:
+            return functional_call(self.model, adapted, (query_x,))  # [M, n_way]
+
+        return predict
+
+    def check_n_way(self, n_way: int) -> None:
+        if n_way != self.n_way:
+            raise MetarunError(
+                f"MAML's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
+                f"set the same episode.n_way for training and evaluation"
+            )
+
+
+def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in params.items()}

@@ -1,0 +1,246 @@
+"""Omniglot as a class dataset.
+
+Lake, Salakhutdinov & Tenenbaum (2015), "Human-level concept learning through probabilistic
+program induction", Science 350(6266): 1,623 handwritten characters from 50 alphabets, 20 drawings
+of each. The few-shot split of Vinyals et al. (2016), "Matching Networks for One Shot Learning",
+adds rotations by 90, 180 and 270 degrees as classes of their own (4112 train / 688 val / 1692 test).
+
+All 32,460 PNGs are decoded once into one uint8 tensor `[1623, 20, 1, S, S]` and cached on disk;
+the parts (train / val / test) index that tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metarun.errors import MetarunError
+
+IMAGES_PER_CHARACTER = 20
+N_CHARACTERS = 1623
+FOLDERS = ("images_background", "images_evaluation")  # background first: fixes character order
+# Where torchvision's own Omniglot class downloads from, with its md5s.
+URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+ZIP_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+SPLITS = ("vinyals", "background")
+PARTS = ("train", "val", "test", "trainval")
+SPLIT_LISTS = Path(__file__).resolve().parent.parent / "splits" / "omniglot-vinyals"
+# split="background": every 5th character of each background alphabet (character05, 10, ...) is
+# held out for validation, so val has new characters from every alphabet seen in training.
+VAL_EVERY = 5
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("METARUN_CACHE") or Path.home() / ".cache" / "metarun")
+
+
+def ensure_image_folders(root: str | Path, download: bool) -> Path:
+    """Return `root/omniglot-py`, downloading torchvision's zips into it if a folder is missing."""
+    base = Path(root).expanduser() / "omniglot-py"
+    for folder in FOLDERS:
+        if (base / folder).is_dir():
+            continue
+        fix = (
+            f"set dataset.root to a folder holding omniglot-py/{folder} "
+            "(e.g. $METARUN_DATA/omniglot with METARUN_DATA set), or dataset.download=true"
+        )
+        if not download:
+            raise MetarunError(f"Omniglot folder {base / folder} is missing; {fix}")
+        try:
+            # Imported here: torchvision is only needed when there is something to download.
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(
+                f"{URL_PREFIX}/{folder}.zip", str(base), filename=f"{folder}.zip", md5=ZIP_MD5[folder]
+            )
+        except Exception as e:  # offline, proxy, bad checksum: all end the same way for the user
+            reason = " ".join(str(e).split())[:200]
+            raise MetarunError(
+                f"Omniglot folder {base / folder} is missing and downloading it failed ({reason}); {fix}"
+            ) from None
+    return base
+
+
+def list_characters(base: Path) -> tuple[list[str], list[str], list[Path]]:
+    """Every character folder under `base` (= root/omniglot-py), background alphabets first.
+
+    Returns parallel lists: names "Alphabet/characterNN", the image folder each comes from, and the
+    character folder paths. Sorted, so the order (and the cached tensor) is the same on every machine.
+    """
+    names, folders, paths = [], [], []
+    for folder in FOLDERS:
+        for alphabet in sorted(p for p in (base / folder).iterdir() if p.is_dir()):
+            for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+                names.append(f"{alphabet.name}/{character.name}")
+                folders.append(folder)
+                paths.append(character)
+    return names, folders, paths
+
+
+def decode_character(path: Path, image_size: int) -> np.ndarray:
+    """The 20 drawings of one character, `[20, S, S]` uint8, strokes 255 on background 0."""
+    files = sorted(path.glob("*.png"))
+    if len(files) != IMAGES_PER_CHARACTER:
+        raise MetarunError(
+            f"Omniglot character folder {path} holds {len(files)} PNGs, expected {IMAGES_PER_CHARACTER}; "
+            "re-extract images_background.zip / images_evaluation.zip into dataset.root/omniglot-py"
+        )
+    out = np.empty((IMAGES_PER_CHARACTER, image_size, image_size), dtype=np.uint8)  # [20, S, S]
+    for i, file in enumerate(files):
+        with Image.open(file) as img:
+            # Mode "1" cannot be filtered; as "L" it is 0 (ink) / 255 (paper). PIL's BILINEAR widens
+            # its kernel when downscaling, i.e. antialiases, so thin strokes turn grey rather than
+            # vanish; it is torchvision's Resize default and twice as fast as LANCZOS here.
+            small = img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(small)
+    # Inverted so that strokes are bright (255) and the background is 0: zero padding and zero
+    # activations then mean "no ink", as in the MAML and Prototypical Networks pipelines.
+    np.subtract(255, out, out=out)
+    return out
+
+
+def decode_omniglot(root: str | Path, image_size: int) -> dict:
+    """Decode every PNG under root/omniglot-py: the payload the cache file holds.
+
+    Returns {"images": uint8 [1623, 20, 1, S, S], "names": ["Alphabet/characterNN", ...],
+    "folders": ["images_background" | "images_evaluation", ...]}.
+    """
+    names, folders, paths = list_characters(Path(root) / "omniglot-py")
+    images = np.empty((len(paths), IMAGES_PER_CHARACTER, 1, image_size, image_size), dtype=np.uint8)
+    for c, path in enumerate(paths):
+        images[c, :, 0] = decode_character(path, image_size)
+    return {"images": torch.from_numpy(images), "names": names, "folders": folders}
+
+
+def cache_path(root: str | Path, image_size: int, cache_dir: str | Path | None) -> Path:
+    """One cache file per (root folder, image size); the fingerprint tells two roots apart."""
+    fingerprint = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"omniglot-{image_size}px-{fingerprint}.pt"
+
+
+def load_or_decode(root: str | Path, image_size: int, cache_dir: str | Path | None) -> dict:
+    """The decoded payload from the cache file if it is readable, else decoded and cached."""
+    path = cache_path(root, image_size, cache_dir)
+    if path.is_file():
+        try:
+            payload = torch.load(path, weights_only=True)
+            if tuple(payload["images"].shape[1:]) == (IMAGES_PER_CHARACTER, 1, image_size, image_size):
+                return payload
+        except Exception:
+            pass  # a truncated or foreign file: decode again and overwrite it
+    payload = decode_omniglot(root, image_size)
+    save_atomically(payload, path)
+    return payload
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a killed run never leaves half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache folder should stay readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_split_list(part: str) -> list[str]:
+    """Class names "Alphabet/characterNN/rotDDD" of one part of the Vinyals split."""
+    return (SPLIT_LISTS / f"{part}.txt").read_text().split()
+
+
+class Omniglot:
+    """Omniglot's images grouped by class for each part of a split.
+
+    split="vinyals": the Vinyals et al. (2016) classes listed in metarun/splits/omniglot-vinyals;
+        class "Alphabet/characterNN/rotDDD" is that character's 20 drawings rotated by DDD degrees
+        counter-clockwise (torch.rot90 over (H, W), as PIL's rotate in the Prototypical Networks
+        code). A character's alphabet may live in either image folder.
+    split="background": Lake et al.'s own split, plain characters and no rotations. test = the 659
+        characters of the 20 evaluation alphabets; val = every 5th character (character05, 10, ...)
+        of each of the 30 background alphabets; train = the other background characters.
+    """
+
+    name = "omniglot"
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "vinyals",
+        image_size: int = 28,
+        download: bool = True,
+        cache_dir: str | None = None,
+    ):
+        if split not in SPLITS:
+            raise MetarunError(f"dataset.split={split!r} is not an Omniglot split; use one of {', '.join(SPLITS)}")
+        if image_size < 1:
+            raise MetarunError(f"dataset.image_size={image_size} must be positive; use e.g. 28 or 84")
+        ensure_image_folders(root, download)
+        payload = load_or_decode(root, image_size, cache_dir)
+        self.split = split
+        self.image_size = image_size
+        self._characters = payload["images"]  # [1623, 20, 1, S, S] uint8
+        self._names = list(payload["names"])
+        self._folders = list(payload["folders"])
+        self._index = {name: i for i, name in enumerate(self._names)}
+        self._parts: dict[str, tuple[list[str], torch.Tensor]] = {}
+
+    def images(self, part: str) -> torch.Tensor:
+        """uint8 `[n_classes, 20, 1, S, S]`, strokes 255 on background 0."""
+        return self._part(part)[1]
+
+    def class_names(self, part: str) -> list[str]:
+        return list(self._part(part)[0])
+
+    def _part(self, part: str) -> tuple[list[str], torch.Tensor]:
+        if part not in PARTS:
+            raise MetarunError(f"Omniglot has no part {part!r}; use one of {', '.join(PARTS)}")
+        if part not in self._parts:  # built on first use: train alone is 64 MB at 28x28
+            build = self._vinyals_part if self.split == "vinyals" else self._background_part
+            self._parts[part] = build(part)
+        return self._parts[part]
+
+    def _vinyals_part(self, part: str) -> tuple[list[str], torch.Tensor]:
+        names = read_split_list(part)
+        characters, quarter_turns = [], []
+        for name in names:
+            character, rotation = name.rsplit("/", 1)
+            if character not in self._index:
+                raise MetarunError(
+                    f"Omniglot class {name} of the vinyals split is not in the decoded images; "
+                    "point dataset.root at the complete dataset (both image folders)"
+                )
+            characters.append(self._index[character])
+            quarter_turns.append(int(rotation.removeprefix("rot")) // 90)
+        characters_t, turns_t = torch.tensor(characters), torch.tensor(quarter_turns)
+        images = self._characters[characters_t]  # [n_classes, 20, 1, S, S]
+        # One rot90 per angle rather than per class: four tensor ops for the whole part.
+        for k in (1, 2, 3):
+            rotate = turns_t == k
+            images[rotate] = torch.rot90(images[rotate], k, dims=(-2, -1))
+        return names, images
+
+    def _background_part(self, part: str) -> tuple[list[str], torch.Tensor]:
+        chosen = [i for i in range(len(self._names)) if self._in_background_part(i, part)]
+        return [self._names[i] for i in chosen], self._characters[torch.tensor(chosen)]
+
+    def _in_background_part(self, i: int, part: str) -> bool:
+        background = self._folders[i] == "images_background"
+        if part == "test":
+            return not background
+        if part == "trainval":
+            return background
+        held_out = int(self._names[i].rsplit("character", 1)[1]) % VAL_EVERY == 0
+        return background and held_out == (part == "val")

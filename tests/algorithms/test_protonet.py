@@ -1,0 +1,83 @@
+import math
+
+import torch
+from torch import nn
+
+from metarun.algorithms.protonet import ProtoNet, prototypes, squared_euclidean
+from metarun.data.tasks import TaskBatch
+from metarun.models.conv4 import Conv4
+
+
+def test_prototypes_are_class_means():
+    support_emb = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]])  # [1, 4, 2]
+    support_y = torch.tensor([[0, 0, 1, 1]])
+    expected = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    torch.testing.assert_close(prototypes(support_emb, support_y, 2), expected)
+
+
+def test_squared_euclidean_by_hand():
+    a = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    expected = torch.tensor([[1.0, 2.0, 8.0], [5.0, 0.0, 10.0]])
+    torch.testing.assert_close(squared_euclidean(a, b), expected)
+
+
+def _hand_task() -> TaskBatch:
+    # 1x1x2 "images" embedded by flattening: embeddings are the pixel values.
+    support_x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]).view(1, 4, 1, 1, 2)
+    query_x = torch.tensor([[1.0, 1.0], [0.0, 2.0]]).view(1, 2, 1, 1, 2)
+    return TaskBatch(support_x, torch.tensor([[0, 0, 1, 1]]), query_x, torch.tensor([[0, 1]]), n_way=2)
+
+
+def test_protonet_loss_and_logits_match_hand_computation():
+    learner = ProtoNet(nn.Flatten(start_dim=-3), n_way=2)
+    tasks = _hand_task()
+    # Prototypes (1, 0) and (0, 2); query (1, 1) -> distances (1, 2); query (0, 2) -> (5, 0).
+    logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
+    torch.testing.assert_close(logits, -torch.tensor([[[1.0, 2.0], [5.0, 0.0]]]))
+    loss, metrics = learner(tasks)
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-5))) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    assert metrics["accuracy"].item() == 1.0
+    losses, accs = learner.evaluate(tasks)
+    torch.testing.assert_close(losses, torch.tensor([expected]))
+    torch.testing.assert_close(accs, torch.tensor([1.0]))
+    predict = learner.adapt(tasks.support_x[0], tasks.support_y[0])
+    torch.testing.assert_close(predict(tasks.query_x[0]), logits[0])
+
+
+def test_protonet_embeds_support_and_query_in_one_call():
+    shapes = []
+
+    class Recorder(nn.Flatten):
+        def forward(self, x):
+            shapes.append(tuple(x.shape))
+            return super().forward(x)
+
+    learner = ProtoNet(Recorder(start_dim=-3), n_way=2)
+    learner(_hand_task())
+    assert shapes == [(1, 6, 1, 1, 2)]  # [T, N*K + N*Q, C, H, W]
+
+
+def _random_tasks(T=2, n_way=5, k_shot=1, queries=2, generator=None) -> TaskBatch:
+    g = generator or torch.Generator().manual_seed(0)
+    return TaskBatch(
+        torch.randn(T, n_way * k_shot, 1, 28, 28, generator=g),
+        torch.arange(n_way).repeat_interleave(k_shot).repeat(T, 1),
+        torch.randn(T, n_way * queries, 1, 28, 28, generator=g),
+        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
+        n_way,
+    )
+
+
+def test_protonet_bf16_autocast_is_finite_and_close_to_float32():
+    torch.manual_seed(0)
+    learner = ProtoNet(Conv4(hidden=8), n_way=5)
+    tasks = _random_tasks()
+    loss32, _ = learner(tasks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = learner(tasks)
+    loss16.backward()
+    assert torch.isfinite(loss16)
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
+    assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()

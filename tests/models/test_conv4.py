@@ -1,0 +1,69 @@
+import pytest
+import torch
+from torch import nn
+
+from metarun.errors import MetarunError
+from metarun.models.conv4 import Conv4, is_vmapped, plain_task_batch_norm, task_batch_norm
+
+
+def test_conv4_embeds_4d_and_5d_batches():
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, hidden=8)
+    assert model.out_features == 8  # 28 -> 14 -> 7 -> 3 -> 1
+    assert model(torch.randn(6, 1, 28, 28)).shape == (6, 8)
+    assert model(torch.randn(2, 3, 1, 28, 28)).shape == (2, 3, 8)
+
+
+def test_conv4_out_features_follow_image_size():
+    model = Conv4(in_channels=3, hidden=8, image_size=84)
+    assert model.out_features == 8 * 5 * 5  # 84 -> 42 -> 21 -> 10 -> 5
+    assert model(torch.randn(2, 3, 84, 84)).shape == (2, 200)
+
+
+def test_conv4_names_the_fix_for_a_wrong_image_size():
+    with pytest.raises(MetarunError, match="model.image_size=84"):
+        Conv4(hidden=4)(torch.randn(2, 1, 84, 84))
+
+
+def test_conv4_normalizes_each_task_with_its_own_statistics():
+    torch.manual_seed(0)
+    model = Conv4(hidden=8).double()
+    x = torch.randn(3, 4, 1, 28, 28, dtype=torch.float64)  # [T, B, C, H, W]
+    batched = model(x)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], model(x[i]), rtol=0, atol=1e-12)
+    # Statistics over all 12 images would give different features: the per-task split matters.
+    pooled = model(x.flatten(0, 1)).unflatten(0, (3, 4))
+    assert (pooled - batched).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("batch_norm", [task_batch_norm, plain_task_batch_norm])
+def test_task_batch_norm_gives_zero_mean_unit_variance_per_task_and_channel(batch_norm):
+    torch.manual_seed(0)
+    shift = torch.arange(10.0, dtype=torch.float64).view(10, 1, 1, 1)
+    x = torch.randn(2 * 5, 3, 4, 4, dtype=torch.float64) * 3 + shift  # [T*B, C, H, W], T=2
+    y = batch_norm(x, 2, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), eps=1e-12)
+    y = y.unflatten(0, (2, 5))  # [T, B, C, H, W]
+    torch.testing.assert_close(y.mean(dim=(1, 3, 4)), torch.zeros(2, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y.var(dim=(1, 3, 4), correction=0), torch.ones(2, 3, dtype=torch.float64))
+    weight = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    bias = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    z = batch_norm(x, 2, weight, bias, eps=1e-12).unflatten(0, (2, 5))
+    torch.testing.assert_close(z, y * weight.view(1, 1, 3, 1, 1) + bias.view(1, 1, 3, 1, 1))
+
+
+def test_batch_norm_takes_the_plain_path_only_under_vmap():
+    x = torch.randn(3, 2, 4)
+    assert not is_vmapped(x)
+    seen = torch.func.vmap(lambda t: torch.tensor(is_vmapped(t)))(x)
+    under_grad = torch.func.vmap(torch.func.grad(lambda t: (t.sum() * is_vmapped(t))))(x)
+    assert seen.all() and (under_grad == 1).all()
+
+
+def test_conv4_has_no_running_statistics():
+    model = Conv4(hidden=4)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert len(list(model.buffers())) == 0
+    model.eval()
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(model(x), model.train()(x))
