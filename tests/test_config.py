@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pytest
+
+from metarun.config import validate
+from metarun.errors import MetarunError
+from tests.conftest import compose_config
+
+
+def metarun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_default_config_validates():
+    validate(compose_config())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-0.1", r"optimizer.lr=-0.1 must be positive"),
+        ("train.steps=0", r"train.steps=0 must be positive"),
+        ("+algorithm.inner_lrr=0.1", r"algorithm.inner_lrr is not a parameter .*MAML; did you mean algorithm.inner_lr\?"),
+        ("algorithm.inner_lr=fast", r"algorithm.inner_lr='fast' should be a float"),
+    ],
+)
+def test_invalid_values_are_one_line_errors(override, message):
+    overrides = ["algorithm=maml", override] if "algorithm" in override else [override]
+    with pytest.raises(MetarunError, match=message) as error:
+        validate(compose_config(*overrides))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
+        ("algorithm=mamll", "Could not find 'algorithm/mamll'; choose one of: fomaml, maml, protonet"),
+        ("dataset=omniglott", "choose one of: omniglot"),
+        ("episode.n_way=five", "episode.n_way: Value 'five'"),
+        ("device.amp=fp32", "expected one of [none, bf16, fp16]"),
+    ],
+)
+def test_cli_composition_errors_are_one_line_with_exit_2(override, message, tmp_path):
+    result = metarun(override, "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_cli_prints_composed_config_from_any_directory(tmp_path):
+    result = metarun("algorithm=maml", "episode=20w5s", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "_target_: metarun.algorithms.maml.MAML" in result.stdout
+    assert "n_way: 20" in result.stdout and "k_shot: 5" in result.stdout
