@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
 
@@ -61,6 +61,11 @@ class EvalConfig:
     episodes: int = 600
     seed: int = 0
     batch_size: int = 50
+    # Validation and test episodes; the training episode unless set (papers often train with more
+    # ways or fewer queries than they test with).
+    n_way: int = II("episode.n_way")
+    k_shot: int = II("episode.k_shot")
+    n_query: int = II("episode.n_query")
 
 
 @dataclass
@@ -83,7 +88,7 @@ ConfigStore.instance().store(name="metarun_schema", node=Config)
 POSITIVE = (
     "episode.n_way", "episode.k_shot", "episode.n_query", "episode.meta_batch_size",
     "train.steps", "train.val_every", "train.val_episodes", "train.log_every",
-    "eval.episodes", "eval.batch_size", "optimizer.lr",
+    "eval.episodes", "eval.batch_size", "eval.n_way", "eval.k_shot", "eval.n_query", "optimizer.lr",
 )
 TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler")
 # Arguments the trainer passes itself rather than the config.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.config import validate
 from metarun.data.sampler import EpisodeSampler
@@ -58,7 +58,8 @@ class Trainer:
         episode = cfg.episode
         self.samplers = {
             part: EpisodeSampler(
-                dataset.images(part).to(self.device), episode.n_way, episode.k_shot, episode.n_query, part, dataset.name
+                dataset.images(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
+                config_key=episode_key(cfg, part),
             )
             for part in PARTS
         }
@@ -149,7 +150,7 @@ class Trainer:
             "test_loss": test["loss"], "best_val_accuracy": self.best_val_accuracy, "steps": self.step,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
-        write_json_atomically(results, self.run_dir / "results.json")
+        write_atomically(self.run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
         self.log.scalars("test", self.step, {"loss": test["loss"], "accuracy": test["accuracy"]})
         self.log.hparams(hparams(self.cfg), {"hparam/test_accuracy": test["accuracy"],
                                              "hparam/best_val_accuracy": self.best_val_accuracy})
@@ -208,6 +209,18 @@ class Trainer:
             OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
 
 
+def episode_key(cfg: DictConfig, part: str) -> str:
+    """The config node that sets `part`'s episodes: eval.* once it differs from episode.*."""
+    differs = any(cfg.eval[key] != cfg.episode[key] for key in ("n_way", "k_shot", "n_query"))
+    return "eval" if part != "train" and differs else "episode"
+
+
+def episode_shape(cfg: DictConfig, part: str) -> tuple[int, int, int]:
+    """(n_way, k_shot, n_query) of `part`'s episodes."""
+    node = cfg[episode_key(cfg, part)]
+    return node.n_way, node.k_shot, node.n_query
+
+
 def config_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
@@ -236,9 +249,3 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters as TensorBoard wants them: flat, scalar values only."""
     flat = flatten(config_container(cfg))
     return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("dataset.root")}
-
-
-def write_json_atomically(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

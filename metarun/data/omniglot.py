@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from metarun.atomic import write_atomically
 from metarun.errors import MetarunError
 
 IMAGES_PER_CHARACTER = 20
@@ -138,22 +138,8 @@ def load_or_decode(root: str | Path, image_size: int, cache_dir: str | Path | No
         except Exception:
             pass  # a truncated or foreign file: decode again and overwrite it
     payload = decode_omniglot(root, image_size)
-    save_atomically(payload, path)
+    write_atomically(path, lambda f: torch.save(payload, f))
     return payload
-
-
-def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache folder should stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_split_list(part: str) -> list[str]:

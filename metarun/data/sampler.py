@@ -26,23 +26,25 @@ class EpisodeSampler:
         n_query: int,
         part: str,
         dataset_name: str = "omniglot",
+        config_key: str = "episode",
     ):
+        """`config_key` names the config node the episode came from, for error messages."""
         if images.ndim != 5:
             raise ValueError(f"images must be [C, M, channels, H, W], got shape {tuple(images.shape)}")
         for key, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
             if not isinstance(value, int) or value < 1:
-                raise MetarunError(f"episode.{key}={value} must be a positive integer; set episode.{key}>=1")
+                raise MetarunError(f"{config_key}.{key}={value} must be a positive integer; set {config_key}.{key}>=1")
         n_classes, per_class = images.shape[:2]
         where = f"{dataset_name}/{part}"
         if n_way > n_classes:
             raise MetarunError(
-                f"episode.n_way={n_way} but {where} has {n_classes} classes; "
-                f"lower episode.n_way to at most {n_classes} or use a split with more classes"
+                f"{config_key}.n_way={n_way} but {where} has {n_classes} classes; "
+                f"lower {config_key}.n_way to at most {n_classes} or use a split with more classes"
             )
         if k_shot + n_query > per_class:
             raise MetarunError(
-                f"episode.k_shot={k_shot} + episode.n_query={n_query} = {k_shot + n_query} but {where} has "
-                f"{per_class} images per class; lower episode.k_shot or episode.n_query to sum to at most {per_class}"
+                f"{config_key}.k_shot={k_shot} + {config_key}.n_query={n_query} = {k_shot + n_query} but {where} has "
+                f"{per_class} images per class; lower {config_key}.k_shot or {config_key}.n_query to sum to at most {per_class}"
             )
         self.images = images
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query

@@ -1,0 +1,150 @@
+"""End-to-end runs of the Trainer on real Omniglot (CPU), sized to finish in seconds to a minute."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from metarun.checkpoint import load_checkpoint
+from metarun.errors import MetarunError
+from metarun.trainer import Trainer
+
+# ProtoNet trains on 20-way 5-query episodes (more ways learn faster, as in the paper's 60-way
+# training) and is tested on the usual 5-way 15-query episodes.
+PROTONET_FAST = ("algorithm=protonet", "episode=20w1s", "episode.meta_batch_size=1", "episode.n_query=5",
+                 "eval.n_way=5", "eval.n_query=15")
+
+
+def run(cfg, run_dir) -> dict:
+    return Trainer(cfg, run_dir).run()
+
+
+@pytest.fixture(scope="module")
+def protonet_run(tmp_path_factory, omniglot_root, omniglot_cache):
+    """One ProtoNet 5-way 1-shot run whose directory several tests read."""
+    from tests.conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("protonet")
+    cfg = compose_config(
+        f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false",
+        "device=cpu", *PROTONET_FAST, "train.steps=300", "train.val_every=150", "train.val_episodes=50",
+        "train.log_every=25", "eval.episodes=200",
+    )
+    return run_dir, run(cfg, run_dir)
+
+
+def test_protonet_5w1s_reaches_90_percent_test_accuracy(protonet_run):
+    _, results = protonet_run
+    assert results["episodes"] == 200
+    assert results["test_accuracy"] >= 0.90
+    assert 0 < results["ci95"] < 0.03
+
+
+def test_run_directory_holds_config_checkpoints_logs_and_results(protonet_run):
+    run_dir, results = protonet_run
+    assert (run_dir / ".hydra" / "config.yaml").read_text().count("ProtoNet") == 1
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert last["step"] == 300 and best["step"] in (150, 300)
+    assert best["val"]["accuracy"] == pytest.approx(results["best_val_accuracy"])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["split"] == "val"] == [150, 300]
+    assert [line["step"] for line in lines if line["split"] == "train"] == list(range(25, 301, 25))
+    assert lines[-1]["split"] == "test" and lines[-1]["accuracy"] == pytest.approx(results["test_accuracy"])
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_has_train_val_and_hparams(protonet_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(protonet_run[0] / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "train/lr", "val/loss", "val/accuracy"} <= tags
+    assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, chance_margin",
+    [
+        (("algorithm=maml", "episode.meta_batch_size=4", "episode.n_query=5", "train.steps=40"), 0.12),
+        (("algorithm=fomaml", "episode.meta_batch_size=4", "episode.n_query=5", "train.steps=40"), 0.12),
+        (("algorithm=protonet", "episode=5w5s", "episode.meta_batch_size=2", "episode.n_query=5", "train.steps=30"), 0.5),
+    ],
+    ids=["maml-5w1s", "fomaml-5w1s", "protonet-5w5s"],
+)
+def test_short_runs_learn_well_above_chance(make_config, tmp_path, overrides, chance_margin):
+    results = run(make_config(*overrides, "train.val_every=20", "eval.episodes=100"), tmp_path)
+    assert results["test_accuracy"] >= 0.2 + chance_margin
+
+
+def small_run(make_config, *overrides):
+    return make_config("algorithm=protonet", "episode.meta_batch_size=2", "episode.n_query=3", "eval.episodes=30",
+                       *overrides)
+
+
+def test_resumed_run_ends_with_the_same_results_as_an_uninterrupted_one(make_config, tmp_path):
+    straight = run(small_run(make_config, "train.steps=20"), tmp_path / "straight")
+    run(small_run(make_config, "train.steps=10"), tmp_path / "resumed")  # stops after its first checkpoint
+    resumed = run(small_run(make_config, "train.steps=20"), tmp_path / "resumed")
+    drop_config = lambda r: {k: v for k, v in r.items() if k != "config"}  # noqa: E731
+    assert drop_config(resumed) == drop_config(straight)
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k != "tasks_per_s"} for line in (d / "metrics.jsonl").open()]
+        for d in (tmp_path / "straight", tmp_path / "resumed")
+    ]
+    # The same train and val lines (the first, shorter run also tested once at step 10).
+    assert [line for line in logs[0] if line["split"] != "test"] == [line for line in logs[1] if line["split"] != "test"]
+    assert logs[0][-1] == logs[1][-1]
+
+
+def test_resume_refuses_a_run_directory_with_a_different_config(make_config, tmp_path):
+    run(small_run(make_config, "train.steps=10"), tmp_path)
+    with pytest.raises(MetarunError, match=r"different config \(optimizer.lr: 0.001 -> 0.002\)"):
+        Trainer(small_run(make_config, "train.steps=20", "optimizer.lr=0.002"), tmp_path)
+
+
+def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, tmp_path):
+    run(small_run(make_config, "train.steps=10"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(MetarunError, match="cannot read checkpoint"):
+        Trainer(small_run(make_config, "train.steps=20"), tmp_path).run()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("episode.n_way=700",), r"episode.n_way=700 but omniglot/val has 688 classes"),
+        (("episode.k_shot=10", "episode.n_query=15"), r"k_shot=10 \+ episode.n_query=15 = 25 but omniglot/train has 20 images per class"),
+        (("dataset.root=/nonexistent/omniglot",), r"/nonexistent/omniglot/omniglot-py/images_background is missing"),
+        (("device=cuda",), r"device=cuda but PyTorch .* sees no CUDA device"),
+        (("device.amp=fp16",), r"device.amp=fp16 needs CUDA"),
+        (("algorithm=maml", "algorithm.task_batching=vmapped"), r"task_batching='vmapped' is not one of"),
+    ],
+)
+def test_impossible_settings_fail_before_writing_anything(make_config, tmp_path, overrides, message):
+    if "cuda" in " ".join(overrides) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(MetarunError, match=message) as error:
+        Trainer(make_config(*overrides), tmp_path / "run")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_float32(make_config, tmp_path):
+    losses = {}
+    for amp in ("none", "bf16"):
+        trainer = Trainer(small_run(make_config, f"device.amp={amp}", "algorithm=maml"), tmp_path / amp)
+        tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+        losses[amp] = [trainer.train_step(tasks)["loss"].item() for _ in range(3)]
+    assert all(math.isfinite(loss) for loss in losses["bf16"])
+    assert losses["bf16"][-1] < losses["bf16"][0]  # it learns: the same batch, three steps
+    # The first step starts from the same parameters; after it bf16's rounding compounds.
+    assert losses["bf16"][0] == pytest.approx(losses["none"][0], rel=0.02)
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=0.1)
