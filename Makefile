@@ -17,8 +17,10 @@ $(BIN)/metarun: pyproject.toml
 
 install: $(BIN)/metarun
 
+# The default experiment (conf/experiment/); `make run EXPERIMENT=... ARGS="key=value ..."` for others.
+EXPERIMENT ?= protonet_omniglot_5w1s
 run: install
-	$(BIN)/metarun $(ARGS)
+	$(BIN)/metarun +experiment=$(EXPERIMENT) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

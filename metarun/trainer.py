@@ -65,6 +65,7 @@ class Trainer:
         }
         torch.manual_seed(cfg.seed)
         self.learner = build(cfg.algorithm, model=build(cfg.model), n_way=episode.n_way).to(self.device)
+        self.learner.check_n_way(cfg.eval.n_way)
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
         self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")

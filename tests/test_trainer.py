@@ -126,6 +126,7 @@ def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, t
         (("device=cuda",), r"device=cuda but PyTorch .* sees no CUDA device"),
         (("device.amp=fp16",), r"device.amp=fp16 needs CUDA"),
         (("algorithm=maml", "algorithm.task_batching=vmapped"), r"task_batching='vmapped' is not one of"),
+        (("algorithm=maml", "eval.n_way=20"), r"head was built for 5-way tasks but got 20-way tasks; set eval.n_way=5"),
     ],
 )
 def test_impossible_settings_fail_before_writing_anything(make_config, tmp_path, overrides, message):

@@ -30,6 +30,9 @@ class MetaLearner(nn.Module):
         self.model = model
         self.n_way = n_way
 
+    def check_n_way(self, n_way: int) -> None:
+        """Raise MetarunError if this learner cannot classify `n_way`-way tasks (default: any)."""
+
     def forward(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 

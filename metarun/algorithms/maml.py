@@ -173,7 +173,7 @@ class MAML(MetaLearner):
         if n_way != self.n_way:
             raise MetarunError(
                 f"MAML's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
-                f"set the same episode.n_way for training and evaluation"
+                f"set eval.n_way={self.n_way} (MAML's head is fixed at episode.n_way)"
             )
 
 

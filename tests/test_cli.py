@@ -1,0 +1,61 @@
+"""`metarun` as a user runs it: bad input on an existing run directory changes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A run directory as a killed run leaves it, with a checkpoint cut off mid-write by hand."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("the config of an earlier run\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    (run_dir / "metrics.jsonl").write_text('{"step": 10, "split": "train", "loss": 1.0}\n')
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("episode.n_way=700",), "episode.n_way=700 but omniglot/val has 688 classes; lower episode.n_way"),
+        (("optimizer.lr=0",), "optimizer.lr=0 must be positive"),
+        (("train.stepz=5",), "unknown config key train.stepz; did you mean train.steps?"),
+        ((), "cannot read checkpoint"),
+    ],
+    ids=["too-many-ways", "zero-lr", "typo", "truncated-checkpoint"],
+)
+def test_bad_input_exits_2_with_one_line_and_leaves_the_run_directory_untouched(
+    existing_run, omniglot_root, omniglot_cache, overrides, message
+):
+    before = snapshot(existing_run)
+    result = metarun(
+        f"hydra.run.dir={existing_run}", f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false", "device=cpu", *overrides, cwd=existing_run.parent,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("metarun: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert snapshot(existing_run) == before
+
+
+def test_missing_data_with_downloads_off_says_where_to_put_the_files(tmp_path):
+    result = metarun(f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={tmp_path / 'nothing'}",
+                     "dataset.download=false", "device=cpu", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'nothing'}/omniglot-py/images_background is missing" in result.stderr
+    assert "METARUN_DATA" in result.stderr
+    assert not (tmp_path / "run").exists()  # Hydra made it, the failed run removed it again
