@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,18 @@ def test_missing_data_with_downloads_off_says_where_to_put_the_files(tmp_path):
     assert f"{tmp_path / 'nothing'}/omniglot-py/images_background is missing" in result.stderr
     assert "METARUN_DATA" in result.stderr
     assert not (tmp_path / "run").exists()  # Hydra made it, the failed run removed it again
+
+
+def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path, omniglot_root, omniglot_cache):
+    result = metarun(
+        "-m", "algorithm=maml", "algorithm.inner_lr=0.1,0.4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false",
+        "device=cpu", "episode.meta_batch_size=2", "episode.n_query=2", "train.steps=2", "train.val_every=2",
+        "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert [p.parent.name for p in runs] == ["0", "1"]
+    inner_lrs = [json.loads(p.read_text())["config"]["algorithm"]["inner_lr"] for p in runs]
+    assert inner_lrs == [0.1, 0.4]
+    assert ["algorithm.inner_lr=0.4" in (p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs] == [False, True]

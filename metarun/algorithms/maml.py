@@ -113,9 +113,7 @@ class MAML(MetaLearner):
         """`task_loss` for every task of the batch, each output stacked to `[T]`."""
         self.check_n_way(tasks.n_way)
         data = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-        use_vmap = self.task_batching == "vmap" or (
-            self.task_batching == "auto" and tasks.support_x.device.type == "cuda"
-        )
+        use_vmap = resolve_task_batching(self.task_batching, tasks.support_x.device) == "vmap"
 
         def one_task(params, support_x, support_y, query_x, query_y):
             return self.task_loss(params, support_x, support_y, query_x, query_y, **settings)
@@ -175,6 +173,13 @@ class MAML(MetaLearner):
                 f"MAML's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
                 f"set eval.n_way={self.n_way} (MAML's head is fixed at episode.n_way)"
             )
+
+
+def resolve_task_batching(task_batching: str, device: torch.device) -> str:
+    """"auto" -> what scripts/bench.py measured faster there: vmap on CUDA, a loop on the CPU."""
+    if task_batching != "auto":
+        return task_batching
+    return "vmap" if device.type == "cuda" else "loop"
 
 
 def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:

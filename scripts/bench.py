@@ -1,0 +1,336 @@
+"""Meta-training throughput and peak memory of metarun's MAML and ProtoNet against plain per-task loops.
+
+What: one full meta-training step (forward, backward, Adam step) on one fixed synthetic
+Omniglot-shaped meta-batch (5-way 1-shot, 15 queries per class, 1x28x28, seeded), with the same
+Conv4 (64 channels) and the same initial parameters, for
+  - metarun MAML, second order, task_batching loop / vmap / auto, 1 and 5 inner steps;
+  - metarun first-order MAML, loop / vmap, 1 and 5 inner steps;
+  - a plain per-task MAML loop (the original MAML code's formulation: `autograd.grad` with
+    `create_graph` for the inner step, `functional_call` for the query, one `backward()`);
+  - metarun ProtoNet and a plain per-task ProtoNet loop.
+How: each configuration runs in a fresh subprocess (`--one NAME`, one JSON line back), one after
+another, so neither timings nor peak memory contaminate each other. Throughput is tasks/s over
+`--iters` steps after `--warmup` steps (`time.perf_counter`, CUDA synchronized). Peak memory is,
+on CPU, the growth of the process's peak RSS from after building model and data to after the
+steps, plus the absolute peak RSS (VmHWM, not `ru_maxrss`: Linux carries the parent's RSS across
+fork and exec into the child's `ru_maxrss`, which would hide the growth); on CUDA `torch.cuda.max_memory_allocated()` (growth over the
+model and data, and absolute). Before timing, the script checks that metarun's second-order
+1-step meta-gradient equals the plain loop's, so the table compares equal computations.
+
+    python scripts/bench.py [--device cpu|cuda|auto] [--iters N] [--warmup N] [--meta-batch 32]
+                            [--out results.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metarun.algorithms.maml import MAML, Classifier, resolve_task_batching
+from metarun.algorithms.protonet import ProtoNet
+from metarun.data.tasks import TaskBatch
+from metarun.device import resolve_device
+from metarun.models.conv4 import Conv4
+
+N_WAY, K_SHOT, N_QUERY = 5, 1, 15
+IMAGE_SHAPE = (1, 28, 28)
+INNER_LR, META_LR = 0.4, 1e-3
+SEED = 0
+GRAD_TOLERANCE = 1e-4  # relative, float32: ||g - g_plain|| / ||g_plain||
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked configuration. implementation: "loop", "vmap", "auto" (metarun MAML's
+    task_batching), "metarun" (ProtoNet) or "plain" (the loop written in this script)."""
+
+    method: str  # "MAML" or "ProtoNet"
+    implementation: str
+    first_order: bool = False
+    adaptation_steps: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.method == "ProtoNet":
+            return f"protonet-{self.implementation}"
+        order = "fomaml" if self.first_order else "maml2"
+        return f"{order}-{self.implementation}-{self.adaptation_steps}"
+
+    @property
+    def baseline(self) -> Config:
+        """The plain loop computing the same thing."""
+        return Config(self.method, "plain", self.first_order, self.adaptation_steps)
+
+
+def all_configs(quick: bool) -> list[Config]:
+    """Grouped by method, order and inner steps, the plain loop last in each group."""
+    steps = (1,) if quick else (1, 5)
+    configs = []
+    for first_order in (False, True):
+        batchings = ("loop", "vmap") if first_order else ("loop", "vmap", "auto")
+        for s in steps:
+            configs += [Config("MAML", b, first_order, s) for b in batchings + ("plain",)]
+    return configs + [Config("ProtoNet", "metarun"), Config("ProtoNet", "plain")]
+
+
+def synthetic_tasks(meta_batch: int, device: torch.device) -> TaskBatch:
+    """Random images with labels 0..N-1 in class order; seeded, so every process sees the same batch."""
+    generator = torch.Generator().manual_seed(SEED)
+    support_x = torch.randn(meta_batch, N_WAY * K_SHOT, *IMAGE_SHAPE, generator=generator)  # [T, N*K, C, H, W]
+    query_x = torch.randn(meta_batch, N_WAY * N_QUERY, *IMAGE_SHAPE, generator=generator)  # [T, N*Q, C, H, W]
+    support_y = torch.arange(N_WAY).repeat_interleave(K_SHOT).expand(meta_batch, -1)  # [T, N*K]
+    query_y = torch.arange(N_WAY).repeat_interleave(N_QUERY).expand(meta_batch, -1)  # [T, N*Q]
+    return TaskBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), N_WAY).to(device)
+
+
+def initial_model(method: str) -> nn.Module:
+    """The seeded network whose state every implementation of `method` starts from."""
+    torch.manual_seed(SEED)
+    return Classifier(Conv4(), N_WAY) if method == "MAML" else Conv4()
+
+
+def plain_maml_loss(model: nn.Module, tasks: TaskBatch, adaptation_steps: int, first_order: bool) -> Tensor:
+    """MAML as in the original code: per task, inner steps by `autograd.grad`, query loss with the
+    fast weights; the mean over tasks of the query losses."""
+    params = dict(model.named_parameters())
+    total = 0.0
+    for i in range(len(tasks)):
+        fast = params
+        for _ in range(adaptation_steps):
+            support_logits = functional_call(model, fast, (tasks.support_x[i],))  # [N*K, N]
+            support_loss = F.cross_entropy(support_logits, tasks.support_y[i])
+            grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
+            fast = {name: w - INNER_LR * g for (name, w), g in zip(fast.items(), grads)}
+        query_logits = functional_call(model, fast, (tasks.query_x[i],))  # [N*Q, N]
+        total = total + F.cross_entropy(query_logits, tasks.query_y[i])
+    return total / len(tasks)
+
+
+def plain_protonet_loss(model: nn.Module, tasks: TaskBatch) -> Tensor:
+    """ProtoNet task by task: class means of the support embeddings, negative squared distances as
+    logits; the mean over tasks of the query losses (metarun's loss, which averages all queries)."""
+    n_support = tasks.support_x.shape[1]
+    total = 0.0
+    for i in range(len(tasks)):
+        episode = torch.cat([tasks.support_x[i], tasks.query_x[i]])[None]  # [1, N*K + N*Q, C, H, W]
+        emb = model(episode)[0]  # [N*K + N*Q, D]
+        support_emb, query_emb = emb[:n_support], emb[n_support:]
+        prototypes = torch.stack([support_emb[tasks.support_y[i] == n].mean(dim=0) for n in range(N_WAY)])  # [N, D]
+        logits = -(query_emb[:, None] - prototypes[None]).square().sum(dim=-1)  # [N*Q, N]
+        total = total + F.cross_entropy(logits, tasks.query_y[i])
+    return total / len(tasks)
+
+
+def build(config: Config, tasks: TaskBatch, device: torch.device) -> tuple[nn.Module, Callable[[], Tensor]]:
+    """The network holding the meta-parameters (named as in `initial_model`) and the meta-loss."""
+    if config.implementation == "plain":
+        model = initial_model(config.method).to(device)
+        if config.method == "MAML":
+            return model, lambda: plain_maml_loss(model, tasks, config.adaptation_steps, config.first_order)
+        return model, lambda: plain_protonet_loss(model, tasks)
+    if config.method == "MAML":
+        learner = MAML(
+            Conv4(),
+            N_WAY,
+            inner_lr=INNER_LR,
+            adaptation_steps=config.adaptation_steps,
+            first_order=config.first_order,
+            task_batching=config.implementation,
+        )
+    else:
+        learner = ProtoNet(Conv4(), N_WAY)
+    learner.model.load_state_dict(initial_model(config.method).state_dict())
+    learner.to(device)
+    return learner.model, lambda: learner(tasks)[0]
+
+
+def meta_gradient(config: Config, tasks: TaskBatch, device: torch.device) -> dict[str, Tensor]:
+    model, meta_loss = build(config, tasks, device)
+    meta_loss().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def check_gradients(tasks: TaskBatch, device: torch.device) -> dict[str, float]:
+    """Relative difference of metarun's second-order 1-step meta-gradient (loop and vmap) from the
+    plain loop's; exits if either exceeds the float32 tolerance."""
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    plain = flat(meta_gradient(Config("MAML", "plain", False, 1), tasks, device))
+    diffs = {}
+    for batching in ("loop", "vmap"):
+        grads = flat(meta_gradient(Config("MAML", batching, False, 1), tasks, device))
+        diffs[batching] = ((grads - plain).norm() / plain.norm()).item()
+        print(f"meta-gradient check, MAML 2nd order 1 step, metarun {batching} vs plain loop: "
+              f"relative difference {diffs[batching]:.1e} (tolerance {GRAD_TOLERANCE:.0e})")
+    if max(diffs.values()) > GRAD_TOLERANCE:
+        sys.exit("metarun's MAML meta-gradient differs from the plain loop's; the throughput table would "
+                 "compare different computations. Fix the gradient before benchmarking.")
+    return diffs
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib() -> float:
+    """This process image's peak RSS; `ru_maxrss` would start at the parent's RSS (see top)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024 / MIB
+
+
+def measure(config: Config, device: torch.device, meta_batch: int, iters: int, warmup: int) -> dict:
+    """Time `iters` meta-training steps after `warmup`; peak memory over all of them."""
+    tasks = synthetic_tasks(meta_batch, device)
+    model, meta_loss = build(config, tasks, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        meta_loss().backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / MIB
+    else:
+        base = peak_rss_mib()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else peak_rss_mib()
+    return {
+        **asdict(config),
+        "name": config.name,
+        "seconds": seconds,
+        "tasks_per_s": meta_batch * iters / seconds,
+        "peak_growth_mib": peak - base,
+        "peak_abs_mib": peak,
+    }
+
+
+def run_isolated(config: Config, device: torch.device, args: argparse.Namespace) -> dict:
+    """`measure` in a fresh Python process."""
+    command = [sys.executable, __file__, "--one", config.name, "--device", device.type,
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--meta-batch", str(args.meta_batch)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{config.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return f"{models[0]} ({len(models)} logical CPUs)" if models else "unknown CPU"
+
+
+def implementation_label(config: Config, device: torch.device) -> str:
+    if config.implementation == "plain":
+        return "plain loop"
+    if config.implementation == "auto":
+        return f"metarun auto->{resolve_task_batching('auto', device)}"
+    return "metarun" if config.method == "ProtoNet" else f"metarun {config.implementation}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def markdown_table(results: list[dict], device: torch.device) -> str:
+    by_name = {r["name"]: r for r in results}
+    lines = [
+        "| method | implementation | order | inner steps | tasks/s | peak mem growth (MiB) | abs peak (MiB) "
+        "| vs plain: speed | vs plain: memory |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        config = Config(r["method"], r["implementation"], r["first_order"], r["adaptation_steps"])
+        plain = by_name[config.baseline.name]
+        order = "-" if config.method == "ProtoNet" else ("1st" if config.first_order else "2nd")
+        steps = "-" if config.method == "ProtoNet" else str(config.adaptation_steps)
+        lines.append(
+            f"| {config.method} | {implementation_label(config, device)} | {order} | {steps} "
+            f"| {r['tasks_per_s']:.1f} | {r['peak_growth_mib']:.0f} | {r['peak_abs_mib']:.0f} "
+            f"| {ratio(r['tasks_per_s'], plain['tasks_per_s'])} "
+            f"| {ratio(r['peak_growth_mib'], plain['peak_growth_mib'])} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--iters", type=int, help="timed steps (default 3 on CPU, 20 on CUDA, 1 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
+    parser.add_argument("--out", help="write the raw numbers to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 iteration, 1-step configs only")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config, print JSON
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    if args.iters is None:
+        args.iters = 1 if args.quick else (20 if device.type == "cuda" else 3)
+    if args.one:
+        config = {c.name: c for c in all_configs(quick=False)}[args.one]
+        print(json.dumps(measure(config, device, args.meta_batch, args.iters, args.warmup)))
+        return
+
+    started = time.perf_counter()
+    load = os.getloadavg()[0]
+    print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+          f"| load average {load:.1f} at start")
+    print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, meta-batch {args.meta_batch}, "
+          f"{args.warmup} warmup + {args.iters} timed steps per config, each in a fresh process\n")
+    grad_diffs = check_gradients(synthetic_tasks(args.meta_batch, device), device)
+    results = []
+    for config in all_configs(args.quick):
+        results.append(run_isolated(config, device, args))
+        print(f"  {config.name}: {results[-1]['tasks_per_s']:.1f} tasks/s", flush=True)
+    print()
+    print(markdown_table(results, device))
+    total = time.perf_counter() - started
+    print(f"\ntotal runtime {total:.0f} s")
+    if args.out:
+        report = {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": load,
+            "meta_batch": args.meta_batch,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "grad_check_relative_diff": grad_diffs,
+            "total_seconds": total,
+            "results": results,
+        }
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
