@@ -25,6 +25,9 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-all: install  # also the slow end-to-end reproduction runs
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python scripts/bench.py $(ARGS)
 

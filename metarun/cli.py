@@ -26,6 +26,10 @@ def run(cfg: DictConfig) -> float:
             run_dir.rmdir()  # Hydra made it for us; a run that never started leaves nothing behind
         print(f"metarun: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"metarun: interrupted; `metarun ... hydra.run.dir={run_dir}` with the same overrides resumes "
+              "from its last checkpoint", file=sys.stderr)
+        sys.exit(130)
     return results["test_accuracy"]  # what a Hydra sweeper (e.g. Optuna) optimizes
 
 
