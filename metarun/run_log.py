@@ -24,8 +24,7 @@ class RunLog:
     def _truncate_after(self, step: int) -> None:
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.metrics_path.read_text().splitlines() if _step(line) <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
@@ -39,3 +38,11 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _step(line: str) -> float:
+    """The step a metrics line was logged at; a line cut short by a kill counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

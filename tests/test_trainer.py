@@ -149,3 +149,11 @@ def test_bf16_autocast_on_cpu_trains_close_to_float32(make_config, tmp_path):
     # The first step starts from the same parameters; after it bf16's rounding compounds.
     assert losses["bf16"][0] == pytest.approx(losses["none"][0], rel=0.02)
     assert losses["bf16"] == pytest.approx(losses["none"], rel=0.1)
+
+
+def test_resume_drops_log_lines_after_the_checkpoint_and_a_half_written_one(tmp_path):
+    from metarun.run_log import RunLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 1}\n{"step": 15, "loss": 2}\n{"step": 2')
+    RunLog(tmp_path, resume_step=10).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 10, "loss": 1}\n'
