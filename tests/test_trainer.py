@@ -157,3 +157,13 @@ def test_resume_drops_log_lines_after_the_checkpoint_and_a_half_written_one(tmp_
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 1}\n{"step": 15, "loss": 2}\n{"step": 2')
     RunLog(tmp_path, resume_step=10).close()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 10, "loss": 1}\n'
+
+
+def test_learning_rate_schedule_steps_once_per_meta_step_and_resumes(make_config, tmp_path):
+    schedule = ("scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "train.val_every=2")
+    run(small_run(make_config, *schedule, "train.steps=2"), tmp_path)
+    resumed = Trainer(small_run(make_config, *schedule, "train.steps=3"), tmp_path)
+    assert resumed.step == 2
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**2)
+    resumed.run()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
