@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.errors import MetarunError
+from metarun.vmap import is_vmapped
 
 
 def task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -35,17 +36,6 @@ def task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: 
     xt = x.unflatten(0, (n_tasks, -1)).transpose(0, 1).flatten(1, 2)
     y = F.batch_norm(xt, None, None, weight.repeat(n_tasks), bias.repeat(n_tasks), training=True, eps=eps)
     return y.unflatten(1, (n_tasks, -1)).transpose(0, 1).flatten(0, 1)  # [T*B, C, H, W]
-
-
-def is_vmapped(x: Tensor) -> bool:
-    """Whether `x` is batched by `torch.func.vmap` at any level of functorch wrapping (under
-    `vmap(grad(f))` the batched tensor hides inside a gradient-tracking wrapper)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(x):
-        if functorch.is_batchedtensor(x):
-            return True
-        x = functorch.get_unwrapped(x)
-    return False
 
 
 def plain_task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -112,6 +102,10 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, C, H, W] -> [B, D]` (one task) or `[T, B, C, H, W] -> [T, B, D]` (per-task statistics)."""
+        if x.dim() == 5 and x.device.type == "cpu":
+            # One task at a time on the CPU: batching tasks needs the per-task batch norm's
+            # transposes, which made ProtoNet 2.5x slower than a per-task loop (scripts/bench.py).
+            return torch.stack([self(task) for task in x])  # [T, B, D]
         if x.dim() == 5:
             n_tasks, items = x.shape[:2]
             h = x.flatten(0, 1)  # [T*B, C, H, W]: one conv call for all tasks
