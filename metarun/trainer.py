@@ -95,10 +95,11 @@ class Trainer:
         tic, tic_step = time.perf_counter(), self.step
         while self.step < train.steps:
             tasks = self.samplers["train"].sample(tasks_per_step, self.generator)
-            metrics = self.train_step(tasks)
+            logging = (self.step + 1) % train.log_every == 0 or self.step + 1 == train.steps
+            metrics = self.train_step(tasks, diagnostics=logging)
             self.step += 1
             bar.update()
-            if self.step % train.log_every == 0 or self.step == train.steps:
+            if logging:
                 values = {name: value.item() for name, value in metrics.items()}
                 values["lr"] = self.optimizer.param_groups[0]["lr"]
                 values["tasks_per_s"] = (self.step - tic_step) * tasks_per_step / (time.perf_counter() - tic)
@@ -111,11 +112,11 @@ class Trainer:
                 tic, tic_step = time.perf_counter(), self.step
         bar.close()
 
-    def train_step(self, tasks) -> dict[str, torch.Tensor]:
+    def train_step(self, tasks, diagnostics: bool = False) -> dict[str, torch.Tensor]:
         # Gradient-based learners unscale their inner-loop gradients by this (fp16 only).
         self.learner.loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         with autocast(self.device, self.amp):
-            loss, metrics = self.learner(tasks)
+            loss, metrics = self.learner(tasks, diagnostics=diagnostics)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

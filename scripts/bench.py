@@ -9,8 +9,8 @@ Conv4 (64 channels) and the same initial parameters, for
     `create_graph` for the inner step, `functional_call` for the query, one `backward()`);
   - metarun ProtoNet and a plain per-task ProtoNet loop.
 How: each configuration runs in a fresh subprocess (`--one NAME`, one JSON line back), one after
-another, so neither timings nor peak memory contaminate each other. Throughput is tasks/s over
-`--iters` steps after `--warmup` steps (`time.perf_counter`, CUDA synchronized). Peak memory is,
+another, so neither timings nor peak memory contaminate each other. Throughput is tasks/s of the
+median of `--iters` timed steps after `--warmup` steps (`time.perf_counter`, CUDA synchronized). Peak memory is,
 on CPU, the growth of the process's peak RSS from after building model and data to after the
 steps, plus the absolute peak RSS (VmHWM, not `ru_maxrss`: Linux carries the parent's RSS across
 fork and exec into the child's `ru_maxrss`, which would hide the growth); on CUDA `torch.cuda.max_memory_allocated()` (growth over the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -210,18 +211,21 @@ def measure(config: Config, device: torch.device, meta_batch: int, iters: int, w
         base = peak_rss_mib()
     for _ in range(warmup):
         step()
-    sync(device)
-    start = time.perf_counter()
+    step_seconds = []
     for _ in range(iters):
+        sync(device)
+        start = time.perf_counter()
         step()
-    sync(device)
-    seconds = time.perf_counter() - start
+        sync(device)
+        step_seconds.append(time.perf_counter() - start)
+    # The median step: on a shared 2-core machine one slow step would otherwise move the mean by 10%.
+    seconds = statistics.median(step_seconds)
     peak = torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else peak_rss_mib()
     return {
         **asdict(config),
         "name": config.name,
-        "seconds": seconds,
-        "tasks_per_s": meta_batch * iters / seconds,
+        "step_seconds": step_seconds,
+        "tasks_per_s": meta_batch / seconds,
         "peak_growth_mib": peak - base,
         "peak_abs_mib": peak,
     }
@@ -281,7 +285,7 @@ def markdown_table(results: list[dict], device: torch.device) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--iters", type=int, help="timed steps (default 3 on CPU, 20 on CUDA, 1 with --quick)")
+    parser.add_argument("--iters", type=int, help="timed steps (default 5 on CPU, 20 on CUDA, 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
     parser.add_argument("--out", help="write the raw numbers to this JSON file")
@@ -294,7 +298,7 @@ def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
     if args.iters is None:
-        args.iters = 1 if args.quick else (20 if device.type == "cuda" else 3)
+        args.iters = 1 if args.quick else (20 if device.type == "cuda" else 5)
     if args.one:
         config = {c.name: c for c in all_configs(quick=False)}[args.one]
         print(json.dumps(measure(config, device, args.meta_batch, args.iters, args.warmup)))
@@ -305,7 +309,7 @@ def main() -> None:
     print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| load average {load:.1f} at start")
     print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, meta-batch {args.meta_batch}, "
-          f"{args.warmup} warmup + {args.iters} timed steps per config, each in a fresh process\n")
+          f"{args.warmup} warmup + {args.iters} timed steps per config (median step), each in a fresh process\n")
     grad_diffs = check_gradients(synthetic_tasks(args.meta_batch, device), device)
     results = []
     for config in all_configs(args.quick):

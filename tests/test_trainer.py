@@ -79,6 +79,10 @@ def test_tensorboard_has_train_val_and_hparams(protonet_run):
 def test_short_runs_learn_well_above_chance(make_config, tmp_path, overrides, chance_margin):
     results = run(make_config(*overrides, "train.val_every=20", "eval.episodes=100"), tmp_path)
     assert results["test_accuracy"] >= 0.2 + chance_margin
+    if "maml" in overrides[0]:  # the inner loop visibly works on the logged steps
+        logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+        train = [line for line in logged if line["split"] == "train"]
+        assert len(train) == 8 and all(line["support_acc_after"] > line["support_acc_before"] for line in train)
 
 
 def small_run(make_config, *overrides):

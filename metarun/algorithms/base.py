@@ -17,8 +17,10 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 class MetaLearner(nn.Module):
     """A backbone `model` wrapped with a meta-learning algorithm for `n_way` classification.
 
-    - `forward(tasks) -> (loss, metrics)`: the meta-training loss (scalar, to be backpropagated)
-      and detached 0-dim metrics, at least "loss" and "accuracy" (no `.item()`: the caller syncs).
+    - `forward(tasks, diagnostics=False) -> (loss, metrics)`: the meta-training loss (scalar, to be
+      backpropagated) and detached 0-dim metrics, at least "loss" and "accuracy" (no `.item()`:
+      the caller syncs); with `diagnostics`, also metrics that cost extra work (MAML: support
+      accuracy before and after adaptation), which the trainer asks for on logging steps only.
     - `evaluate(tasks) -> (loss [T], accuracy [T])`: per-task query loss and accuracy with the
       evaluation settings; safe to call under `torch.no_grad()`.
     - `adapt(support_x [N*K, C, H, W], support_y [N*K])`: a predictor `[M, C, H, W] -> [M, n_way]`
@@ -33,7 +35,7 @@ class MetaLearner(nn.Module):
     def check_n_way(self, n_way: int) -> None:
         """Raise MetarunError if this learner cannot classify `n_way`-way tasks (default: any)."""
 
-    def forward(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:

@@ -43,7 +43,8 @@ class MAML(MetaLearner):
     eval_adaptation_steps: inner steps for `evaluate` and `adapt` (the paper adapts longer at test);
     task_batching: "vmap" maps the per-task computation over the tasks with `torch.func.vmap`,
         "loop" runs the tasks one after another, "auto" picks vmap on CUDA and loop on CPU
-        (measured on 2 CPU cores: vmapped Conv4 MAML 3x slower and 7x the memory of the loop).
+        (scripts/bench.py on 2 CPU cores: vmapped Conv4 MAML at 0.4-0.5x the loop's speed and
+        1.5-1.6x its memory; both give the same loss and gradients).
     `loss_scale` (set by the trainer from an fp16 GradScaler) scales the inner support loss too.
     Batch norm uses each set's own statistics (support while adapting, query when predicting):
     the transductive setting of the paper's code.
@@ -123,18 +124,17 @@ class MAML(MetaLearner):
         per_task = [one_task(params, *(t[i] for t in data)) for i in range(len(tasks))]
         return tuple(torch.stack(outputs) for outputs in zip(*per_task))
 
-    def forward(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Meta-training loss; `diagnostics` adds support accuracy before and after adaptation (two
+        more forward passes per task, about 5% of a step: only on the steps that are logged)."""
         params = dict(self.model.named_parameters())
-        losses, accs, support_before, support_after = self.map_tasks(
-            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=True
+        losses, accs, *support = self.map_tasks(
+            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=diagnostics
         )
         loss = losses.mean()
-        metrics = {
-            "loss": loss.detach(),
-            "accuracy": accs.mean(),
-            "support_acc_before": support_before.mean(),
-            "support_acc_after": support_after.mean(),
-        }
+        metrics = {"loss": loss.detach(), "accuracy": accs.mean()}
+        if diagnostics:
+            metrics["support_acc_before"], metrics["support_acc_after"] = (acc.mean() for acc in support)
         return loss, metrics
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:

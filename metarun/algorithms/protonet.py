@@ -47,7 +47,7 @@ class ProtoNet(MetaLearner):
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
         return -squared_euclidean(query_emb, prototypes(support_emb, support_y, n_way))  # [T, N*Q, N]
 
-    def forward(self, tasks: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
         loss = F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
         return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, tasks.query_y).mean()}
