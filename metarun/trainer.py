@@ -55,7 +55,6 @@ class Trainer:
         check_amp(self.device, self.amp)
 
         dataset = build(cfg.dataset)
-        episode = cfg.episode
         self.samplers = {
             part: EpisodeSampler(
                 dataset.images(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
@@ -64,7 +63,7 @@ class Trainer:
             for part in PARTS
         }
         torch.manual_seed(cfg.seed)
-        self.learner = build(cfg.algorithm, model=build(cfg.model), n_way=episode.n_way).to(self.device)
+        self.learner = build(cfg.algorithm, model=build(cfg.model), n_way=cfg.episode.n_way).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
         self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
