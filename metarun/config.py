@@ -17,7 +17,10 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
-from omegaconf import II, DictConfig, OmegaConf
+from importlib.resources import files
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from metarun.errors import MetarunError
 
@@ -61,11 +64,13 @@ class EvalConfig:
     episodes: int = 600
     seed: int = 0
     batch_size: int = 50
-    # Validation and test episodes; the training episode unless set (papers often train with more
-    # ways or fewer queries than they test with).
-    n_way: int = II("episode.n_way")
-    k_shot: int = II("episode.k_shot")
-    n_query: int = II("episode.n_query")
+    # Validation and test episodes: a conf/episode/ name (eval.episode=20w1s), else the training
+    # episode's; single keys override either (papers often train with more ways or fewer queries
+    # than they test with).
+    episode: Optional[str] = None
+    n_way: int = "${eval_episode:${eval.episode},n_way,${episode.n_way}}"  # type: ignore[assignment]
+    k_shot: int = "${eval_episode:${eval.episode},k_shot,${episode.k_shot}}"  # type: ignore[assignment]
+    n_query: int = "${eval_episode:${eval.episode},n_query,${episode.n_query}}"  # type: ignore[assignment]
 
 
 @dataclass
@@ -84,6 +89,21 @@ class Config:
 
 ConfigStore.instance().store(name="metarun_schema", node=Config)
 
+
+def eval_episode(name: Optional[str], key: str, default: int) -> int:
+    """`key` of conf/episode/<name>.yaml, or `default` (the training episode's) when name is null."""
+    if name is None:
+        return default
+    episodes = files("metarun.conf") / "episode"
+    path = episodes / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.name.removesuffix(".yaml") for p in episodes.iterdir() if p.name.endswith(".yaml"))
+        raise MetarunError(f"eval.episode={name} is not in conf/episode/; choose one of: {', '.join(choices)}")
+    return OmegaConf.create(path.read_text())[key]
+
+
+OmegaConf.register_new_resolver("eval_episode", eval_episode, replace=True)
+
 # Keys that must be positive; the algorithm checks its own (inner_lr, adaptation_steps, ...).
 POSITIVE = (
     "episode.n_way", "episode.k_shot", "episode.n_query", "episode.meta_batch_size",
@@ -91,12 +111,20 @@ POSITIVE = (
     "eval.episodes", "eval.batch_size", "eval.n_way", "eval.k_shot", "eval.n_query", "optimizer.lr",
 )
 TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler")
-# Arguments the trainer passes itself rather than the config.
-PASSED_BY_TRAINER = {"algorithm": {"model", "n_way"}, "optimizer": {"params"}, "scheduler": {"optimizer"}}
+# Arguments the trainer passes itself rather than the config; an algorithm receives
+# n_train_classes (the training split's class count) only if its constructor names it.
+PASSED_BY_TRAINER = {"algorithm": {"model", "n_way", "n_train_classes"}, "optimizer": {"params"},
+                     "scheduler": {"optimizer"}}
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise MetarunError (one line, with the fix) for any value the run could not start with."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        # OmegaConf rewraps a resolver's exception; keep our own message without its prefix.
+        message = str(e).splitlines()[0].removeprefix(f"{MetarunError.__name__} raised while resolving interpolation: ")
+        raise MetarunError(message) from None
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
@@ -145,3 +173,11 @@ def _is_instance(value: Any, expected: type) -> bool:
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, expected)
+
+
+def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, Any]:
+    """The `offered` arguments that the target of `node` takes (all, if it takes **kwargs)."""
+    parameters = inspect.signature(get_object(node._target_)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return offered
+    return {name: value for name, value in offered.items() if name in parameters}

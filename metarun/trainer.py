@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
-from metarun.config import validate
+from metarun.config import accepted_arguments, validate
 from metarun.data.sampler import EpisodeSampler
 from metarun.device import autocast, check_amp, resolve_device
 from metarun.errors import MetarunError
@@ -63,7 +63,9 @@ class Trainer:
             for part in PARTS
         }
         torch.manual_seed(cfg.seed)
-        self.learner = build(cfg.algorithm, model=build(cfg.model), n_way=cfg.episode.n_way).to(self.device)
+        offered = {"model": build(cfg.model), "n_way": cfg.episode.n_way,
+                   "n_train_classes": self.samplers["train"].images.shape[0]}
+        self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
         self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None

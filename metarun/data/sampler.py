@@ -68,14 +68,15 @@ class EpisodeSampler:
         # nor on the device; only these small index tensors are drawn per episode.
         generators = [torch.Generator("cpu").manual_seed(episode_seed(seed, i)) for i in range(start, start + count)]
         draws = [self._draw(1, g) for g in generators]
-        support, query = zip(*draws)
+        support, query, classes = zip(*draws)
         stack = lambda parts: tuple(torch.cat(p) for p in zip(*parts))  # noqa: E731
-        return self._gather(stack(support), stack(query))
+        return self._gather(stack(support), stack(query), torch.cat(classes))
 
     def _draw(self, n_tasks: int, generator: torch.Generator):
-        """Index tensors for n_tasks episodes: ((class, item, label) of support, same of query).
+        """Index tensors for n_tasks episodes: ((class, item, label) of support, same of query, classes).
 
-        Each is `[T, N*K]` (support) or `[T, N*Q]` (query), on images.device.
+        Each is `[T, N*K]` (support) or `[T, N*Q]` (query), on images.device; classes `[T, N]` is
+        the class behind each label.
         """
         T, N, K, Q = n_tasks, self.n_way, self.k_shot, self.n_query
         n_classes, per_class = self.images.shape[:2]
@@ -95,14 +96,14 @@ class EpisodeSampler:
             order = rand(T, n).argsort(dim=1)
             return tuple(t.gather(1, order).to(self.images.device) for t in (cls, item, lab))
 
-        return flat_shuffled(slice(0, K), K), flat_shuffled(slice(K, K + Q), Q)
+        return flat_shuffled(slice(0, K), K), flat_shuffled(slice(K, K + Q), Q), classes.to(self.images.device)
 
-    def _gather(self, support, query) -> TaskBatch:
+    def _gather(self, support, query, classes) -> TaskBatch:
         """Pixels for the drawn indices: float32 in [0, 1] on images.device."""
         (s_cls, s_item, s_y), (q_cls, q_item, q_y) = support, query
         support_x = self.images[s_cls, s_item].float().div_(255)  # [T, N*K, C, H, W]
         query_x = self.images[q_cls, q_item].float().div_(255)  # [T, N*Q, C, H, W]
-        return TaskBatch(support_x, s_y, query_x, q_y, self.n_way)
+        return TaskBatch(support_x, s_y, query_x, q_y, self.n_way, classes)
 
 
 def episode_seed(seed: int, index: int) -> int:

@@ -16,15 +16,20 @@ class TaskBatch:
     query_x: torch.Tensor  # [T, N*Q, C, H, W]
     query_y: torch.Tensor  # [T, N*Q]
     n_way: int
+    # The split's class index behind each label (label j of task t is class classes[t, j]), for
+    # learners that train on the classes themselves (Baseline); None in hand-made batches.
+    classes: torch.Tensor | None = None  # [T, N]
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y), self.n_way)
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y), self.n_way,
+                         move(self.classes))
 
     def task(self, i: int) -> TaskBatch:
         """Task i alone, still with a leading task dimension of 1."""
         s = slice(i, i + 1)
-        return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.n_way)
+        classes = None if self.classes is None else self.classes[s]
+        return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.n_way, classes)

@@ -32,7 +32,7 @@ def sampler(n_way=5, k_shot=2, n_query=3, n_classes=20, per_class=20, first_clas
 
 
 def assert_same(a: TaskBatch, b: TaskBatch) -> None:
-    for name in ("support_x", "support_y", "query_x", "query_y"):
+    for name in ("support_x", "support_y", "query_x", "query_y", "classes"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -68,6 +68,16 @@ def test_labels_name_n_distinct_classes_and_support_query_are_disjoint():
         assert not support & query
 
 
+def test_classes_name_the_class_behind_each_label():
+    tasks = sampler(first_class=0).sample(4, torch.Generator().manual_seed(0))
+    assert tasks.classes.shape == (4, 5) and tasks.classes.dtype == torch.long
+    for x, y in ((tasks.support_x, tasks.support_y), (tasks.query_x, tasks.query_y)):
+        class_ids, _ = ids(x)
+        assert torch.equal(tasks.classes.gather(1, y), class_ids)
+    fixed = sampler().episodes(seed=3, start=0, count=2)
+    assert torch.equal(fixed.classes.gather(1, fixed.support_y), ids(fixed.support_x)[0])
+
+
 def test_classes_come_only_from_the_given_part():
     tasks = sampler(n_way=5, n_classes=20, first_class=100).sample(32, torch.Generator().manual_seed(3))
     classes = torch.cat([ids(tasks.support_x)[0], ids(tasks.query_x)[0]], dim=1)
@@ -98,7 +108,7 @@ def test_training_episodes_repeat_for_one_seed_and_differ_for_another():
 
 def stack(batches: list[TaskBatch]) -> TaskBatch:
     cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
-    return TaskBatch(cat("support_x"), cat("support_y"), cat("query_x"), cat("query_y"), batches[0].n_way)
+    return TaskBatch(cat("support_x"), cat("support_y"), cat("query_x"), cat("query_y"), batches[0].n_way, cat("classes"))
 
 
 def test_fixed_episodes_equal_stacked_single_episodes_on_any_sampler():
