@@ -1,7 +1,10 @@
 """Conv-4 backbone (Vinyals et al., 2016; Finn et al., 2017).
 
 `layers` blocks of [3x3 conv (padding 1), batch norm, ReLU, 2x2 max-pool]; the flattened feature
-map is the embedding (64 features for 28x28 Omniglot: 28 -> 14 -> 7 -> 3 -> 1).
+map is the embedding (64 features for 28x28 Omniglot: 28 -> 14 -> 7 -> 3 -> 1). `pool_layers`
+blocks (the first ones) max-pool, all by default; Relation Networks (Sung et al., 2018) pool only
+the first two, keeping a 64x7x7 map for 28x28 Omniglot (the paper's unpadded first two convs give
+64x5x5). `out_shape` is that map's (channels, height, width); `out_features` its product.
 
 Batch norm always uses the statistics of the current batch of each task and keeps no running
 statistics:
@@ -71,35 +74,57 @@ class TaskBatchNorm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv -> per-task batch norm -> ReLU -> 2x2 max-pool."""
+    """3x3 conv -> per-task batch norm -> ReLU -> 2x2 max-pool (if `pool`)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True):
         super().__init__()
         # No conv bias: the batch-norm mean subtraction cancels it (its gradient is exactly zero).
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
         self.norm = TaskBatchNorm(out_channels)
+        self.pool = pool
 
     def forward(self, x: Tensor, n_tasks: int = 1) -> Tensor:
-        return F.max_pool2d(F.relu(self.norm(self.conv(x), n_tasks)), 2)
+        h = F.relu(self.norm(self.conv(x), n_tasks))
+        return F.max_pool2d(h, 2) if self.pool else h
 
 
 class Conv4(nn.Module):
-    """Conv-4 embedding network; `out_features` is computed for square images of `image_size`."""
+    """Conv-4 embedding network; `out_shape` (channels, height, width of the feature map before
+    flattening) and `out_features` are computed for square images of `image_size`."""
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, layers: int = 4, image_size: int = 28):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        layers: int = 4,
+        image_size: int = 28,
+        pool_layers: int | None = None,
+    ):
         super().__init__()
+        if pool_layers is None:
+            pool_layers = layers
+        if isinstance(pool_layers, bool) or not isinstance(pool_layers, int) or not 0 <= pool_layers <= layers:
+            raise MetarunError(
+                f"model.pool_layers={pool_layers!r} must be an integer from 0 to model.layers={layers}; "
+                f"set model.pool_layers=null to pool in every block"
+            )
         size = image_size
-        for _ in range(layers):
+        for _ in range(pool_layers):
             size //= 2
         if size < 1:
             raise MetarunError(
                 f"model.layers={layers} pools a {image_size}x{image_size} image down to nothing; "
-                f"lower model.layers or set model.image_size to the dataset's image size"
+                f"lower model.layers (or model.pool_layers) or set model.image_size to the dataset's image size"
             )
         self.image_size = image_size
+        self.pool_layers = pool_layers
+        self.out_shape = (hidden, size, size)
         self.out_features = hidden * size * size
         channels = [in_channels] + [hidden] * layers
-        self.blocks = nn.ModuleList(ConvBlock(c_in, c_out) for c_in, c_out in zip(channels[:-1], channels[1:]))
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in, c_out, pool=i < pool_layers)
+            for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, C, H, W] -> [B, D]` (one task) or `[T, B, C, H, W] -> [T, B, D]` (per-task statistics)."""

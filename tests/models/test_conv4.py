@@ -68,3 +68,34 @@ def test_conv4_has_no_running_statistics():
     model.eval()
     x = torch.randn(5, 1, 28, 28)
     torch.testing.assert_close(model(x), model.train()(x))
+
+
+def test_conv4_pool_layers_sets_the_feature_map_shape_for_28x28_images():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 1, 28, 28)  # [T, B, C, H, W]
+    paper = Conv4(hidden=8, pool_layers=2)  # 28 -> 14 -> 7 -> 7 -> 7
+    assert paper.out_shape == (8, 7, 7) and paper.out_features == 8 * 7 * 7
+    assert paper(x).shape == (3, 4, 392)
+    default = Conv4(hidden=8, pool_layers=None)  # 28 -> 14 -> 7 -> 3 -> 1
+    assert default.out_shape == (8, 1, 1) and default.out_features == 8
+    assert default(x).shape == (3, 4, 8)
+    assert Conv4(hidden=8, pool_layers=0).out_shape == (8, 28, 28)
+
+
+def test_conv4_pool_layers_none_is_the_unchanged_default():
+    torch.manual_seed(0)
+    default = Conv4(hidden=8)
+    torch.manual_seed(0)
+    all_pool = Conv4(hidden=8, pool_layers=4)
+    assert default.pool_layers == all_pool.pool_layers == 4
+    assert all(block.pool for block in default.blocks)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(default(x), all_pool(x), rtol=0, atol=0)
+    # The same parameter names as before pool_layers existed: old checkpoints still load.
+    names = [f"blocks.{i}.{p}" for i in range(4) for p in ("conv.weight", "norm.weight", "norm.bias")]
+    assert list(default.state_dict()) == names
+
+
+def test_conv4_rejects_pool_layers_outside_zero_to_layers():
+    with pytest.raises(MetarunError, match=r"model.pool_layers=5 must be an integer from 0 to model.layers=4"):
+        Conv4(hidden=4, pool_layers=5)
