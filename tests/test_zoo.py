@@ -1,0 +1,86 @@
+"""Contracts every algorithm in conf/algorithm/ meets, checked through the Trainer on real Omniglot.
+
+The algorithms are read from the config folder, so a new one is covered without editing this file.
+Each algorithm's own math and a short learning run are in tests/algorithms/test_<name>.py.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+import torch
+
+from metarun.config import validate
+from metarun.errors import MetarunError
+from metarun.trainer import Trainer
+from tests.conftest import compose_config
+
+ALGORITHMS = sorted(p.name.removesuffix(".yaml") for p in (files("metarun.conf") / "algorithm").iterdir()
+                    if p.name.endswith(".yaml"))
+EPISODES = ("5w1s", "5w5s", "20w1s", "20w5s")
+# The foundation's algorithms keep their paper settings in the algorithm config itself.
+WITHOUT_EXPERIMENT = {"fomaml", "maml", "protonet"}
+
+
+def tiny(make_config, algorithm: str, *overrides: str):
+    """A few steps of `algorithm` on small meta-batches: contract checks, not accuracy."""
+    return make_config(f"algorithm={algorithm}", "episode.meta_batch_size=2", "episode.n_query=2",
+                       "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *overrides)
+
+
+@pytest.mark.parametrize("episode", EPISODES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_learns_one_batch_and_evaluates_per_task(make_config, tmp_path, algorithm, episode):
+    trainer = Trainer(tiny(make_config, algorithm, f"episode={episode}"), tmp_path)
+    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    losses = [trainer.train_step(tasks)["loss"].item() for _ in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], losses  # it fits the batch it is trained on
+
+    episodes = trainer.samplers["test"].episodes(seed=0, start=0, count=3)
+    trainer.learner.eval()
+    with torch.no_grad():
+        loss, accuracy = trainer.learner.evaluate(episodes)
+        again = trainer.learner.evaluate(episodes)
+        alone = [trainer.learner.evaluate(episodes.task(i)) for i in range(3)]
+    assert loss.shape == accuracy.shape == (3,)
+    assert ((0 <= accuracy) & (accuracy <= 1)).all()
+    torch.testing.assert_close(again, (loss, accuracy), rtol=0, atol=0)  # deterministic
+    # Per task: an episode's result does not depend on the episodes evaluated beside it.
+    torch.testing.assert_close(torch.cat([a[0] for a in alone]), loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a[1] for a in alone]), accuracy)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_resumes_to_the_same_results(make_config, tmp_path, algorithm):
+    config = lambda steps: tiny(make_config, algorithm, f"train.steps={steps}", "train.val_every=2")  # noqa: E731
+    straight = Trainer(config(4), tmp_path / "straight").run()
+    Trainer(config(2), tmp_path / "resumed").run()
+    resumed = Trainer(config(4), tmp_path / "resumed").run()
+    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "steps"):
+        assert resumed[key] == straight[key], key
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_tests_on_another_episode_config_or_says_why_not(make_config, tmp_path, algorithm):
+    cfg = tiny(make_config, algorithm, "episode=5w1s", "eval.episode=20w1s")
+    try:
+        trainer = Trainer(cfg, tmp_path)
+    except MetarunError as e:  # a head built for 5 ways: one line naming the fix
+        assert "eval.n_way=5" in str(e) and "\n" not in str(e)
+        return
+    episodes = trainer.samplers["test"].episodes(seed=0, start=0, count=2)
+    assert episodes.n_way == 20 and episodes.support_x.shape[1] == 20
+    with torch.no_grad():
+        _, accuracy = trainer.learner.eval().evaluate(episodes)
+    assert accuracy.shape == (2,)
+
+
+@pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - WITHOUT_EXPERIMENT))
+def test_every_algorithm_has_a_paper_experiment_that_validates(algorithm):
+    cfg = compose_config(f"+experiment={algorithm}_omniglot_5w1s")
+    validate(cfg)
+    own = compose_config(f"algorithm={algorithm}")
+    assert cfg.algorithm._target_ == own.algorithm._target_
+    assert cfg.train.steps >= 1000  # the paper's length, not a smoke-test length
