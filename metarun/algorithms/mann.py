@@ -60,8 +60,8 @@ def lrua_write(memory: Tensor, keys: Tensor, write_gates: Tensor, prev_read_weig
     memory M_{t-1} `[..., slots, W]`, keys k_t `[..., H, W]`, write_gates alpha `[..., H]`,
     prev_read_weights w^r_{t-1} `[..., H, slots]`, prev_usage w^u_{t-1} `[..., slots]`.
     Head h interpolates between its own last read and the h-th least-used slot, so the heads'
-    least-used parts add up to the paper's w^lu (as in Santoro et al.'s multi-head setting and
-    tristandeleu/ntm-one-shot); only the least-used slot is zeroed before the write.
+    least-used parts add up to the paper's w^lu (the paper does not say which head writes where;
+    this is tristandeleu/ntm-one-shot's reading); only the least-used slot is zeroed before the write.
     """
     least_used = least_used_weights(prev_usage, keys.shape[-2])  # [..., H, slots]
     gate = torch.sigmoid(write_gates).unsqueeze(-1)  # [..., H, 1]
