@@ -2,7 +2,7 @@
 
 t = 1/N sum_n [mean_k f(x_nk), std_k f(x_nk)]               (task representation, unconditioned backbone f)
 gamma_l = 1 + gamma0_l * h_l(t),  beta_l = beta0_l * g_l(t)   (TEN h_l, g_l; scalar post-multipliers, 0 at init)
-f_t: batch norm l -> gamma_l * BN_l(h) + beta_l;  c_n = mean_k f_t(x_nk);  p(y=n|x) = softmax_n(-alpha ||f_t(x) - c_n||^2)
+f_t: BN_l -> gamma_l * BN_l + beta_l;  p(y=n|x) = softmax_n(-alpha ||f_t(x) - c_n||^2),  c_n = mean_k f_t(x_nk)
 loss = cross-entropy + film_l2 * sum_l (gamma0_l^2 + beta0_l^2) / 2
 
 What is TADAM's and what is not:
@@ -132,7 +132,9 @@ class TaskCond(MetaLearner):
                 f"algorithm.metric_scale_init={metric_scale_init} must be positive; set algorithm.metric_scale_init=1.0"
             )
         if ten_layers < 1:
-            raise MetarunError(f"algorithm.ten_layers={ten_layers} must be at least 1; set algorithm.ten_layers=3 (TADAM's)")
+            raise MetarunError(
+                f"algorithm.ten_layers={ten_layers} must be at least 1; set algorithm.ten_layers=3 (TADAM's)"
+            )
         if task_batching not in TASK_BATCHING:
             raise MetarunError(
                 f"algorithm.task_batching={task_batching!r} is not one of {', '.join(TASK_BATCHING)}; "
@@ -147,7 +149,9 @@ class TaskCond(MetaLearner):
                 f"{type(model).__name__} has none; use model=conv4"
             )
         if not hasattr(model, "out_features"):
-            raise MetarunError(f"algorithm=taskcond needs model.out_features on {type(model).__name__}; use model=conv4")
+            raise MetarunError(
+                f"algorithm=taskcond needs model.out_features on {type(model).__name__}; use model=conv4"
+            )
         channels = [model.get_submodule(name).weight.numel() for name in self.film_names]
         task_dim = 2 * model.out_features
         self.ten_gamma = nn.ModuleList(ResidualMLP(task_dim, c, ten_layers) for c in channels)
@@ -168,7 +172,8 @@ class TaskCond(MetaLearner):
             norm = self.model.get_submodule(name)
             gamma = 1 + self.gamma0[i] * self.ten_gamma[i](task)  # [T, C]
             beta = self.beta0[i] * self.ten_beta[i](task)  # [T, C]
-            params[f"{name}.weight"], params[f"{name}.bias"] = film_batch_norm_affine(norm.weight, norm.bias, gamma, beta)
+            weight, bias = film_batch_norm_affine(norm.weight, norm.bias, gamma, beta)  # [T, C] each
+            params[f"{name}.weight"], params[f"{name}.bias"] = weight, bias
         return params
 
     def conditioned_embedding(self, film: dict[str, Tensor], x: Tensor) -> Tensor:
