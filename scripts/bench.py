@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.maml import MAML, Classifier, resolve_task_batching
+from metarun.algorithms.maml import MAML, Classifier
+from metarun.algorithms.task_batching import resolve_task_batching
 from metarun.algorithms.protonet import ProtoNet
 from metarun.data.tasks import TaskBatch
 from metarun.device import resolve_device

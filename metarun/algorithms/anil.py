@@ -10,14 +10,14 @@ computed once per task and the inner loop runs on the linear head alone.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import accuracy
 from metarun.algorithms.inner_loop import inner_loop
-from metarun.algorithms.maml import MAML, detached, resolve_task_batching
+from metarun.algorithms.maml import MAML, detached
+from metarun.algorithms.task_batching import map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -132,10 +132,7 @@ class ANIL(MAML):
         def one_task(head, support_features, support_y, query_features, query_y):
             return self.head_task_loss(head, support_features, support_y, query_features, query_y, **settings)
 
-        if resolve_task_batching(self.task_batching, tasks.support_x.device) == "vmap":
-            return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(head, *data)
-        per_task = [one_task(head, *(t[i] for t in data)) for i in range(len(tasks))]
-        return tuple(torch.stack(outputs) for outputs in zip(*per_task))
+        return map_tasks(one_task, self.task_batching, head, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
 
     def check_n_way(self, n_way: int) -> None:
         if n_way != self.n_way:

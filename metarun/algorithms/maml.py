@@ -18,11 +18,9 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy
 from metarun.algorithms.inner_loop import inner_loop
+from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
-
-TASK_BATCHING = ("auto", "vmap", "loop")
-
 
 class Classifier(nn.Module):
     """Backbone embedding followed by a linear head: `[B, C, H, W] -> [B, n_way]` logits."""
@@ -60,11 +58,7 @@ class MAML(MetaLearner):
         first_order: bool = False,
         task_batching: str = "auto",
     ):
-        if task_batching not in TASK_BATCHING:
-            raise MetarunError(
-                f"algorithm.task_batching={task_batching!r} is not one of {', '.join(TASK_BATCHING)}; "
-                f"use auto (vmap on CUDA, loop on CPU)"
-            )
+        check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
         self.adaptation_steps = adaptation_steps
@@ -114,15 +108,11 @@ class MAML(MetaLearner):
         """`task_loss` for every task of the batch, each output stacked to `[T]`."""
         self.check_n_way(tasks.n_way)
         data = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-        use_vmap = resolve_task_batching(self.task_batching, tasks.support_x.device) == "vmap"
 
         def one_task(params, support_x, support_y, query_x, query_y):
             return self.task_loss(params, support_x, support_y, query_x, query_y, **settings)
 
-        if use_vmap:
-            return torch.func.vmap(one_task, in_dims=(None, 0, 0, 0, 0), randomness="different")(params, *data)
-        per_task = [one_task(params, *(t[i] for t in data)) for i in range(len(tasks))]
-        return tuple(torch.stack(outputs) for outputs in zip(*per_task))
+        return map_tasks(one_task, self.task_batching, params, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
 
     def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adaptation (two
@@ -173,14 +163,6 @@ class MAML(MetaLearner):
                 f"MAML's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
                 f"set eval.n_way={self.n_way} (MAML's head is fixed at episode.n_way)"
             )
-
-
-def resolve_task_batching(task_batching: str, device: torch.device) -> str:
-    """"auto" -> a loop on the CPU (scripts/bench.py: vmap ran at 0.3-0.4x its speed there) and vmap
-    on CUDA, where batching small convolutions usually pays (not yet measured here: no GPU)."""
-    if task_batching != "auto":
-        return task_batching
-    return "vmap" if device.type == "cuda" else "loop"
 
 
 def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:

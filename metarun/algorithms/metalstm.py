@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy
-from metarun.algorithms.maml import TASK_BATCHING, Classifier, resolve_task_batching
+from metarun.algorithms.maml import Classifier
+from metarun.algorithms.task_batching import check_task_batching, map_tasks, resolve_task_batching
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -176,11 +177,7 @@ class MetaLSTM(MetaLearner):
                 f"algorithm.support_batch_size={support_batch_size} must be at least 0; "
                 f"set algorithm.support_batch_size=0 (the whole support set) or a batch size"
             )
-        if task_batching not in TASK_BATCHING:
-            raise MetarunError(
-                f"algorithm.task_batching={task_batching!r} is not one of {', '.join(TASK_BATCHING)}; "
-                f"use auto (vmap on CUDA, loop on CPU)"
-            )
+        check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.meta_learner = MetaLearnerLSTM(hidden_size, forget_bias_init, input_bias_init)
         self.adaptation_steps = adaptation_steps
@@ -215,17 +212,8 @@ class MetaLSTM(MetaLearner):
 
         # The learner needs its gradient also where the caller evaluates under torch.no_grad().
         with torch.enable_grad():
-            if self.use_vmap(support_x):
-                grads, (losses, accs) = torch.func.vmap(torch.func.grad(scaled_loss, has_aux=True))(
-                    theta.detach(), support_x, support_y
-                )
-            else:
-                per_task = []
-                for flat, x, y in zip(theta, support_x, support_y):
-                    flat = flat.detach().requires_grad_()
-                    scaled, (loss, acc) = scaled_loss(flat, x, y)
-                    per_task.append((torch.autograd.grad(scaled, flat)[0], loss, acc))
-                grads, losses, accs = (torch.stack(out) for out in zip(*per_task))
+            grads, (losses, accs) = map_tasks(torch.func.grad(scaled_loss, has_aux=True), self.task_batching,
+                                              theta.detach(), support_x, support_y)
         if self.loss_scale != 1.0:
             grads = grads / self.loss_scale
         return grads, losses, accs
@@ -238,10 +226,7 @@ class MetaLSTM(MetaLearner):
             logits = functional_call(self.model, self.unflatten(flat), (x,))  # [M, N]
             return F.cross_entropy(logits, y), accuracy(logits, y)
 
-        if self.use_vmap(query_x):
-            return torch.func.vmap(one_task)(theta, query_x, query_y)
-        losses, accs = zip(*(one_task(*task) for task in zip(theta, query_x, query_y)))
-        return torch.stack(losses), torch.stack(accs)
+        return map_tasks(one_task, self.task_batching, theta, query_x, query_y)
 
     def support_batch(self, step: int, n_support: int) -> slice:
         """The support items of update `step`: consecutive mini-batches, cycling (items are shuffled)."""

@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
-from metarun.algorithms.maml import TASK_BATCHING, Classifier, detached, resolve_task_batching
+from metarun.algorithms.maml import Classifier, detached
+from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -159,16 +160,8 @@ class Reptile(MetaLearner):
         def one_task(theta, support_x, support_y, query_x, query_y, batch_indices):
             return self.adapt_task(theta, support_x, support_y, query_x, query_y, batch_indices, **settings)
 
-        if resolve_task_batching(self.task_batching, tasks.support_x.device) == "vmap":
-            in_dims = (None, 0, 0, 0, 0, None if batch_indices is None else 0)
-            return torch.func.vmap(one_task, in_dims=in_dims)(theta, *data, batch_indices)
-        per_task = [
-            one_task(theta, *(t[i] for t in data), None if batch_indices is None else batch_indices[i])
-            for i in range(len(tasks))
-        ]
-        phis, *rest = zip(*per_task)
-        phi = {name: torch.stack([p[name] for p in phis]) for name in theta}  # [T, ...] each
-        return (phi, *(torch.stack(outputs) for outputs in rest))
+        in_dims = (None, 0, 0, 0, 0, None if batch_indices is None else 0)
+        return map_tasks(one_task, self.task_batching, theta, *data, batch_indices, in_dims=in_dims)
 
     def batch_indices(self, n_tasks: int, n_items: int, batch_size: int, steps: int, device: torch.device,
                       training: bool) -> Tensor | None:
@@ -253,8 +246,4 @@ def check_settings(**settings) -> None:
             f"algorithm.inner_optimizer={settings['inner_optimizer']!r} is not one of {', '.join(INNER_OPTIMIZERS)}; "
             f"use adam (the paper's) or sgd"
         )
-    if settings["task_batching"] not in TASK_BATCHING:
-        raise MetarunError(
-            f"algorithm.task_batching={settings['task_batching']!r} is not one of {', '.join(TASK_BATCHING)}; "
-            f"use auto (vmap on CUDA, loop on CPU)"
-        )
+    check_task_batching(settings["task_batching"])

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy
-from metarun.algorithms.maml import TASK_BATCHING, resolve_task_batching
+from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
@@ -135,11 +135,7 @@ class TaskCond(MetaLearner):
             raise MetarunError(
                 f"algorithm.ten_layers={ten_layers} must be at least 1; set algorithm.ten_layers=3 (TADAM's)"
             )
-        if task_batching not in TASK_BATCHING:
-            raise MetarunError(
-                f"algorithm.task_batching={task_batching!r} is not one of {', '.join(TASK_BATCHING)}; "
-                f"use auto (vmap on CUDA, loop on CPU)"
-            )
+        check_task_batching(task_batching)
         super().__init__(model, n_way)
         # The batch norms to condition, by the names functional_call knows them under.
         self.film_names = [name for name, module in model.named_modules() if isinstance(module, TaskBatchNorm)]
@@ -180,11 +176,7 @@ class TaskCond(MetaLearner):
         """The backbone with task t's batch-norm parameters on task t's items: `[T, B, C, H, W] -> [T, B, D]`.
 
         The parameters not in `film` are the backbone's own (functional_call leaves them in place)."""
-        if resolve_task_batching(self.task_batching, x.device) == "vmap":
-            return torch.func.vmap(lambda p, xt: functional_call(self.model, p, (xt,)))(film, x)
-        return torch.stack(
-            [functional_call(self.model, {k: v[t] for k, v in film.items()}, (x[t],)) for t in range(x.shape[0])]
-        )
+        return map_tasks(lambda p, xt: functional_call(self.model, p, (xt,)), self.task_batching, film, x)
 
     def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
         """Query logits `[T, N*Q, N]`: -alpha * squared distance to the conditioned prototypes."""
