@@ -24,9 +24,12 @@ WITHOUT_EXPERIMENT = {"fomaml", "maml", "protonet"}
 
 
 def tiny(make_config, algorithm: str, *overrides: str):
-    """A few steps of `algorithm` on small meta-batches: contract checks, not accuracy."""
-    return make_config(f"algorithm={algorithm}", "episode.meta_batch_size=2", "episode.n_query=2",
-                       "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *overrides)
+    """A few steps of `algorithm` on small meta-batches, a 16-channel Conv4 and at most 2 inner
+    steps where the algorithm has them: contract checks, not accuracy."""
+    own = compose_config(f"algorithm={algorithm}").algorithm
+    fewer_steps = [f"algorithm.{key}=2" for key in ("adaptation_steps", "eval_adaptation_steps") if key in own]
+    return make_config(f"algorithm={algorithm}", "model.hidden=16", "episode.meta_batch_size=2", "episode.n_query=2",
+                       "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *fewer_steps, *overrides)
 
 
 @pytest.mark.parametrize("episode", EPISODES)
