@@ -112,7 +112,8 @@ class MAML(MetaLearner):
         def one_task(params, support_x, support_y, query_x, query_y):
             return self.task_loss(params, support_x, support_y, query_x, query_y, **settings)
 
-        return map_tasks(one_task, self.task_batching, params, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
+        return map_tasks(one_task, self.task_batching, params, *data, in_dims=(None, 0, 0, 0, 0),
+                         randomness="different")
 
     def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adaptation (two
