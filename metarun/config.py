@@ -57,6 +57,8 @@ class TrainConfig:
     val_every: int = 500
     val_episodes: int = 200
     log_every: int = 25
+    # Clip the meta-gradient's global norm to this (torch.nn.utils.clip_grad_norm_); None: no clipping.
+    grad_clip: Optional[float] = None
 
 
 @dataclass
@@ -107,7 +109,7 @@ OmegaConf.register_new_resolver("eval_episode", eval_episode, replace=True)
 # Keys that must be positive; the algorithm checks its own (inner_lr, adaptation_steps, ...).
 POSITIVE = (
     "episode.n_way", "episode.k_shot", "episode.n_query", "episode.meta_batch_size",
-    "train.steps", "train.val_every", "train.val_episodes", "train.log_every",
+    "train.steps", "train.val_every", "train.val_episodes", "train.log_every", "train.grad_clip",
     "eval.episodes", "eval.batch_size", "eval.n_way", "eval.k_shot", "eval.n_query", "optimizer.lr",
 )
 TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import clip_grad_norm_
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -120,6 +121,9 @@ class Trainer:
             loss, metrics = self.learner(tasks, diagnostics=diagnostics)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
+            metrics["grad_norm"] = clip_grad_norm_(self.learner.parameters(), self.cfg.train.grad_clip)  # before clipping
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:

@@ -131,6 +131,7 @@ def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, t
         (("device.amp=fp16",), r"device.amp=fp16 needs CUDA"),
         (("algorithm=maml", "algorithm.task_batching=vmapped"), r"task_batching='vmapped' is not one of"),
         (("algorithm=maml", "eval.n_way=20"), r"head was built for 5-way tasks but got 20-way tasks; set eval.n_way=5"),
+        (("train.grad_clip=0",), r"train.grad_clip=0.0 must be positive"),
     ],
 )
 def test_impossible_settings_fail_before_writing_anything(make_config, tmp_path, overrides, message):
@@ -171,3 +172,20 @@ def test_learning_rate_schedule_steps_once_per_meta_step_and_resumes(make_config
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**2)
     resumed.run()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+
+
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_grad_clip_bounds_the_global_norm_of_each_update(make_config, tmp_path, clip):
+    # Plain SGD at lr 1: the update is the gradient itself, so its global norm is the clipped norm.
+    cfg = make_config("algorithm=protonet", "model.hidden=16", "optimizer=sgd", "optimizer.lr=1.0",
+                      "optimizer.momentum=0.0", f"train.grad_clip={'null' if clip is None else clip}")
+    trainer = Trainer(cfg, tmp_path)
+    before = [p.detach().clone() for p in trainer.learner.parameters()]
+    metrics = trainer.train_step(trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0)))
+    step = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - b)
+                                                 for p, b in zip(trainer.learner.parameters(), before)]))
+    if clip is None:
+        assert "grad_norm" not in metrics and step > 0.1  # the unclipped gradient is far larger than 0.01
+    else:
+        assert metrics["grad_norm"] > 0.1  # it was clipped...
+        assert step == pytest.approx(clip, rel=1e-3)  # ...to exactly the requested norm

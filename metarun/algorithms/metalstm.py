@@ -25,7 +25,7 @@ Choices where the paper leaves room (the authors' code is github.com/twitter-res
   batch statistics while adapting and running statistics at test time.
 - The meta-learner runs in the parameters' dtype even under autocast: its cell state is the
   learner's weights, which bf16 gates (8 bits of mantissa) would blur at every step.
-- Not here: the authors' code clips the meta-gradient norm at 0.25; the trainer does not clip.
+- The authors' code clips the meta-gradient norm at 0.25: `train.grad_clip=0.25` (the experiment config).
 Memory grows with tasks x adaptation_steps x learner parameters x hidden_size (the LSTM's
 activations for every coordinate at every step), so keep `episode.meta_batch_size` small (the
 paper: 1) and the learner small (the paper: 32 filters).
