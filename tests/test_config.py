@@ -23,6 +23,7 @@ def test_default_config_validates():
         ("train.steps=0", r"train.steps=0 must be positive"),
         ("+algorithm.inner_lrr=0.1", r"algorithm.inner_lrr is not a parameter .*MAML; did you mean algorithm.inner_lr\?"),
         ("algorithm.inner_lr=fast", r"algorithm.inner_lr='fast' should be a float"),
+        ("algorithm.adaptation_steps=1.5", r"algorithm.adaptation_steps=1.5 should be an int"),
     ],
 )
 def test_invalid_values_are_one_line_errors(override, message):
