@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -18,25 +19,13 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import random_tasks
 
 F64 = torch.float64
 FINETUNE = dict(scale=2.0, epochs=5, lr=0.1, batch_size=2, momentum=0.9, dampening=0.9, weight_decay=1e-3)
 
 
-def make_tasks(T=3, n_way=5, k_shot=2, queries=3, n_classes=40, size=28, dtype=torch.float32, seed=0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(T)])
-    # Items shuffled within each task, as the sampler gives them.
-    support_y = torch.stack([torch.arange(n_way).repeat_interleave(k_shot)[torch.randperm(n_way * k_shot, generator=g)]
-                             for _ in range(T)])
-    return TaskBatch(
-        torch.rand(T, n_way * k_shot, 1, size, size, generator=g).to(dtype),
-        support_y,
-        torch.rand(T, n_way * queries, 1, size, size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-        classes,
-    )
+make_tasks = partial(random_tasks, k_shot=2, queries=3, n_classes=40, dtype=torch.float32)  # this file's defaults
 
 
 class FlatEmbedding(nn.Flatten):

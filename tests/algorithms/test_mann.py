@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ from metarun.algorithms.mann import (
     previous_labels,
     update_usage,
 )
-from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import random_tasks
 
 F64 = torch.float64
 
@@ -37,17 +38,7 @@ class PerItemLinear(nn.Module):
         return torch.tanh(self.linear(x.flatten(-3)))
 
 
-def make_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.float32, seed=0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    # Support labels shuffled per task, as the sampler delivers them.
-    support_y = torch.stack([torch.randperm(n_way * k_shot, generator=g) % n_way for _ in range(T)])
-    return TaskBatch(
-        torch.rand(T, n_way * k_shot, 1, image_size, image_size, generator=g).to(dtype),
-        support_y,
-        torch.rand(T, n_way * queries, 1, image_size, image_size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )
+make_tasks = partial(random_tasks, dtype=torch.float32)  # this file's defaults
 
 
 def make_mann(model=None, n_way=5, dtype=F64, seed=0, **kwargs) -> MANN:

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,30 +11,19 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 SMALL = dict(layers=2, image_size=8)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
 
 
-def make_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=F64, seed=0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(
-        torch.randn(T, n_way * k_shot, 1, image_size, image_size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(k_shot).repeat(T, 1),
-        torch.randn(T, n_way * queries, 1, image_size, image_size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )
+make_tasks = partial(random_tasks, shuffled=False)  # this file's defaults
 
 
 def make_metasgd(hidden=4, layers=4, image_size=28, dtype=F64, seed=0, **kwargs) -> MetaSGD:
     torch.manual_seed(seed)
     learner = MetaSGD(Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs).to(dtype)
-    # Non-trivial batch-norm affine parameters, so their gradients are exercised.
-    with torch.no_grad():
-        for name, p in learner.model.named_parameters():
-            if ".norm." in name:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_batch_norm(learner.model)
     return learner
 
 

@@ -1,27 +1,20 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.relationnet import RelationModule, RelationNet, class_feature_maps, relation_loss
-from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import random_tasks
 
 F64 = torch.float64
 
 
-def make_tasks(T=2, n_way=5, k_shot=1, queries=3, dtype=torch.float32, seed=0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    support_y = torch.stack([torch.randperm(n_way, generator=g).repeat(k_shot) for _ in range(T)])  # shuffled
-    return TaskBatch(
-        torch.rand(T, n_way * k_shot, 1, 28, 28, generator=g).to(dtype),
-        support_y,
-        torch.rand(T, n_way * queries, 1, 28, 28, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )
+make_tasks = partial(random_tasks, T=2, queries=3, dtype=torch.float32)  # this file's defaults
 
 
 class StubEmbedding(nn.Module):

@@ -1,4 +1,5 @@
 import copy
+from functools import partial
 import json
 
 import pytest
@@ -10,30 +11,19 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer, build
+from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
 from tests.conftest import compose_config
 
 F64 = torch.float64
 
 
-def make_tasks(T=3, n_way=5, k_shot=2, queries=2, image_size=28, dtype=F64, seed=0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    support_y = torch.stack([torch.randperm(n_way * k_shot, generator=g) % n_way for _ in range(T)])  # shuffled
-    return TaskBatch(
-        torch.randn(T, n_way * k_shot, 1, image_size, image_size, generator=g).to(dtype),
-        support_y,
-        torch.randn(T, n_way * queries, 1, image_size, image_size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )
+make_tasks = partial(random_tasks, k_shot=2)  # this file's defaults
 
 
 def make_reptile(hidden=4, dtype=F64, seed=0, **kwargs) -> Reptile:
     torch.manual_seed(seed)
     learner = Reptile(Conv4(hidden=hidden), n_way=5, **kwargs).to(dtype)
-    with torch.no_grad():  # non-trivial batch-norm affine parameters, so they adapt visibly
-        for name, p in learner.named_parameters():
-            if ".norm." in name:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_batch_norm(learner)
     return learner
 
 

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,26 +12,15 @@ from metarun.algorithms.taskcond import (
     safe_sqrt,
     task_representation,
 )
-from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4, task_batch_norm
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
 
-def make_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=F64, seed=0) -> TaskBatch:
-    """Random tasks with the support items shuffled, as the sampler gives them."""
-    g = torch.Generator().manual_seed(seed)
-    support_y = torch.stack([torch.arange(n_way).repeat_interleave(k_shot)[torch.randperm(n_way * k_shot, generator=g)]
-                             for _ in range(T)])
-    return TaskBatch(
-        torch.randn(T, n_way * k_shot, 1, image_size, image_size, generator=g).to(dtype),
-        support_y,
-        torch.randn(T, n_way * queries, 1, image_size, image_size, generator=g).to(dtype),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )
+make_tasks = partial(random_tasks)  # this file's defaults
 
 
 def make_taskcond(hidden=8, dtype=F64, seed=0, film_on=False, **kwargs) -> TaskCond:
@@ -37,11 +28,9 @@ def make_taskcond(hidden=8, dtype=F64, seed=0, film_on=False, **kwargs) -> TaskC
     post-multipliers off 0 so that the conditioning does something."""
     torch.manual_seed(seed)
     learner = TaskCond(Conv4(hidden=hidden), n_way=5, **kwargs).to(dtype)
-    with torch.no_grad():
-        for name, p in learner.model.named_parameters():
-            if ".norm." in name:
-                p.add_(0.3 * torch.randn_like(p))
-        if film_on:
+    perturb_batch_norm(learner.model)
+    if film_on:
+        with torch.no_grad():
             learner.gamma0.copy_(0.5 + torch.rand_like(learner.gamma0))
             learner.beta0.copy_(0.5 + torch.rand_like(learner.beta0))
     return learner
