@@ -11,7 +11,7 @@ computed once per task and the inner loop runs on the linear head alone.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from metarun.algorithms.base import accuracy
@@ -19,7 +19,6 @@ from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.maml import MAML, detached
 from metarun.algorithms.task_batching import map_tasks
 from metarun.data.tasks import TaskBatch
-from metarun.errors import MetarunError
 
 BODY, HEAD = "backbone.", "head."
 
@@ -41,32 +40,6 @@ class ANIL(MAML):
     Batch norm: support and query go through the body in separate calls, each task with its own
     statistics, as in MAML.
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        n_way: int,
-        inner_lr: float = 0.4,
-        adaptation_steps: int = 1,
-        eval_adaptation_steps: int = 3,
-        first_order: bool = False,
-        task_batching: str = "auto",
-    ):
-        if inner_lr <= 0:
-            raise MetarunError(
-                f"algorithm.inner_lr={inner_lr} must be positive; set algorithm.inner_lr=0.4 (MAML's Omniglot value)"
-            )
-        if adaptation_steps < 1:
-            raise MetarunError(
-                f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; "
-                f"set algorithm.adaptation_steps=1 or more"
-            )
-        if eval_adaptation_steps < 0:
-            raise MetarunError(
-                f"algorithm.eval_adaptation_steps={eval_adaptation_steps} must be 0 or more; "
-                f"set algorithm.eval_adaptation_steps=3 or another count of inner steps"
-            )
-        super().__init__(model, n_way, inner_lr, adaptation_steps, eval_adaptation_steps, first_order, task_batching)
 
     def features(self, body: dict[str, Tensor], x: Tensor) -> Tensor:
         """The body's embedding `[..., B, C, H, W] -> [..., B, D]`, one task's statistics per batch norm."""
@@ -134,9 +107,3 @@ class ANIL(MAML):
 
         return map_tasks(one_task, self.task_batching, head, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
 
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"ANIL's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
-                f"set eval.n_way={self.n_way} (the head is fixed at episode.n_way)"
-            )

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from metarun.data.tasks import TaskBatch
+from metarun.errors import MetarunError
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -32,8 +33,17 @@ class MetaLearner(nn.Module):
         self.model = model
         self.n_way = n_way
 
+    # What is sized for episode.n_way in learners with a fixed output layer ("head"), for
+    # check_n_way's message; None: the learner classifies any number of ways (metric learners).
+    fixed_for_n_way: str | None = None
+
     def check_n_way(self, n_way: int) -> None:
-        """Raise MetarunError if this learner cannot classify `n_way`-way tasks (default: any)."""
+        """Raise MetarunError if this learner cannot classify `n_way`-way tasks."""
+        if self.fixed_for_n_way is not None and n_way != self.n_way:
+            raise MetarunError(
+                f"{type(self).__name__} was built for {self.n_way}-way tasks (its {self.fixed_for_n_way}) but got "
+                f"{n_way}-way tasks; set eval.n_way={self.n_way} (fixed at episode.n_way)"
+            )
 
     def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

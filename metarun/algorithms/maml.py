@@ -48,6 +48,8 @@ class MAML(MetaLearner):
     the transductive setting of the paper's code.
     """
 
+    fixed_for_n_way = "head"
+
     def __init__(
         self,
         model: nn.Module,
@@ -58,6 +60,19 @@ class MAML(MetaLearner):
         first_order: bool = False,
         task_batching: str = "auto",
     ):
+        if inner_lr <= 0:
+            raise MetarunError(
+                f"algorithm.inner_lr={inner_lr} must be positive; set algorithm.inner_lr=0.4 (MAML's Omniglot value)"
+            )
+        if adaptation_steps < 1:
+            raise MetarunError(
+                f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; set algorithm.adaptation_steps=1 or more"
+            )
+        if eval_adaptation_steps < 0:
+            raise MetarunError(
+                f"algorithm.eval_adaptation_steps={eval_adaptation_steps} must be 0 or more; "
+                f"set algorithm.eval_adaptation_steps=3 or another count of inner steps"
+            )
         check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
@@ -158,12 +173,6 @@ class MAML(MetaLearner):
 
         return predict
 
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"MAML's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
-                f"set eval.n_way={self.n_way} (MAML's head is fixed at episode.n_way)"
-            )
 
 
 def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -188,6 +188,8 @@ class MANN(MetaLearner):
     The label input and the output layer are sized for `n_way`: `check_n_way` refuses other tasks.
     """
 
+    fixed_for_n_way = "label input and output layer"
+
     def __init__(
         self,
         model: nn.Module,
@@ -293,9 +295,3 @@ class MANN(MetaLearner):
 
         return predict
 
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"MANN's label input and output layer were built for {self.n_way}-way tasks but got {n_way}-way "
-                f"tasks; set eval.n_way={self.n_way} (MANN is fixed at episode.n_way)"
-            )

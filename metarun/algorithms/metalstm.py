@@ -153,6 +153,8 @@ class MetaLSTM(MetaLearner):
     `loss_scale` (set by the trainer from an fp16 GradScaler) scales the learner's support loss.
     """
 
+    fixed_for_n_way = "head"
+
     def __init__(
         self,
         model: nn.Module,
@@ -305,9 +307,3 @@ class MetaLSTM(MetaLearner):
 
         return predict
 
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"MetaLSTM's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
-                f"set eval.n_way={self.n_way} (the learner's head is fixed at episode.n_way)"
-            )

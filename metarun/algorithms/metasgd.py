@@ -50,6 +50,8 @@ class MetaSGD(MAML):
         as MAML.
     """
 
+    fixed_for_n_way = "head (with its learned rates)"
+
     def __init__(
         self,
         model: nn.Module,
@@ -66,7 +68,6 @@ class MetaSGD(MAML):
                 f"algorithm.inner_lr_min={inner_lr_min} and algorithm.inner_lr_max={inner_lr_max} are not a range "
                 f"of initial rates; set 0 <= inner_lr_min <= inner_lr_max with inner_lr_max > 0 (paper: 0.005, 0.1)"
             )
-        check_steps(adaptation_steps, eval_adaptation_steps)
         super().__init__(
             model,
             n_way,
@@ -100,24 +101,4 @@ class MetaSGD(MAML):
             inner_lr=self.rates(detach=no_meta_gradient),
             first_order=first_order,
             loss_scale=self.loss_scale,
-        )
-
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"Meta-SGD's head (and its learned rates) was built for {self.n_way}-way tasks but got {n_way}-way "
-                f"tasks; set eval.n_way={self.n_way} (the head is fixed at episode.n_way)"
-            )
-
-
-def check_steps(adaptation_steps: int, eval_adaptation_steps: int) -> None:
-    if adaptation_steps < 1:
-        raise MetarunError(
-            f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; "
-            f"set algorithm.adaptation_steps=1 or more"
-        )
-    if eval_adaptation_steps < 0:
-        raise MetarunError(
-            f"algorithm.eval_adaptation_steps={eval_adaptation_steps} must be 0 or more; "
-            f"set algorithm.eval_adaptation_steps=1 or more"
         )

@@ -81,6 +81,8 @@ class Reptile(MetaLearner):
     the query set plays no part in the update.
     """
 
+    fixed_for_n_way = "head"
+
     def __init__(
         self,
         model: nn.Module,
@@ -220,12 +222,6 @@ class Reptile(MetaLearner):
 
         return predict
 
-    def check_n_way(self, n_way: int) -> None:
-        if n_way != self.n_way:
-            raise MetarunError(
-                f"Reptile's head was built for {self.n_way}-way tasks but got {n_way}-way tasks; "
-                f"set eval.n_way={self.n_way} (Reptile's head is fixed at episode.n_way)"
-            )
 
 
 def check_settings(**settings) -> None:

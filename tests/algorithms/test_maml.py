@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.inner_loop import inner_loop
+from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.metasgd import MetaSGD
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
@@ -202,9 +204,22 @@ def test_maml_bf16_autocast_is_finite_and_close_to_float32():
     assert abs(loss16.item() - loss32) < 0.05 * loss32
 
 
-def test_invalid_task_batching_names_the_choices():
-    with pytest.raises(MetarunError, match="auto, vmap, loop"):
-        MAML(Conv4(hidden=4), n_way=5, task_batching="parallel")
+@pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])  # ANIL and Meta-SGD inherit MAML's checks
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(inner_lr=0.0), "inner_lr=0.0"),
+        (dict(adaptation_steps=0), "adaptation_steps=0"),
+        (dict(eval_adaptation_steps=-1), "eval_adaptation_steps=-1"),
+        (dict(task_batching="parallel"), "auto, vmap, loop"),
+    ],
+)
+def test_impossible_hyperparameters_name_the_key(learner, kwargs, key):
+    if learner is MetaSGD and "inner_lr" in kwargs:
+        kwargs = dict(inner_lr_min=0.0, inner_lr_max=0.0)  # its learned rates start in [min, max]
+        key = "inner_lr_max"
+    with pytest.raises(MetarunError, match=key):
+        learner(Conv4(hidden=4), n_way=5, **kwargs)
 
 
 def test_maml_rejects_tasks_with_another_n_way():
