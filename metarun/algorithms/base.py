@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.data.tasks import TaskBatch
@@ -53,3 +54,38 @@ class MetaLearner(nn.Module):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
+
+
+class EpisodeClassifier(MetaLearner):
+    """A learner that scores an episode's queries in one call, `episode_logits(support_x [T, N*K, ...],
+    support_y [T, N*K], query_x [T, M, ...], n_way) -> [T, M, N]`, with support and queries embedded
+    together (batch-norm statistics over the episode, in training and at test alike); `evaluate`
+    and `adapt` follow from it and from `query_losses`.
+    """
+
+    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+        raise NotImplementedError
+
+    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
+        """Per-query loss `[T, M]`: cross-entropy of the logits."""
+        return F.cross_entropy(logits.transpose(1, 2), query_y, reduction="none")
+
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean query loss over the batch's queries."""
+        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
+        loss = self.query_losses(logits, tasks.query_y).mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, tasks.query_y).mean()}
+
+    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
+        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
+        return self.query_losses(logits, tasks.query_y).mean(dim=1).detach(), accuracy(logits, tasks.query_y)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
+        """A predictor for one task; each call embeds the support set again together with the
+        queries, as in training."""
+        n_way = int(support_y.max()) + 1
+
+        def predict(query_x: Tensor) -> Tensor:
+            return self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
+
+        return predict

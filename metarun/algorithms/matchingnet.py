@@ -13,13 +13,12 @@ f(x_hat, S) = h_K of an attention LSTM run for K (`fce_steps`) steps on the quer
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import EpisodeClassifier, accuracy
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -87,7 +86,7 @@ class FullContextEmbedding(nn.Module):
         return h.view(n_tasks, n_query, dim)
 
 
-class MatchingNet(MetaLearner):
+class MatchingNet(EpisodeClassifier):
     """Matching Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task (Conv4 does).
 
     fce: full-context embeddings (bidirectional LSTM over the support set, attention LSTM over each
@@ -157,17 +156,6 @@ class MatchingNet(MetaLearner):
             metrics["cosine_scale"] = self.log_scale.detach().exp()
         return loss, metrics
 
-    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
-        log_probs = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        losses = F.nll_loss(log_probs.transpose(1, 2), tasks.query_y, reduction="none")  # [T, N*Q]
-        return losses.mean(dim=1).detach(), accuracy(log_probs, tasks.query_y)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """A predictor for one task; each call embeds the support set together with the queries,
-        as in training, so batch-norm statistics include the support set."""
-        n_way = int(support_y.max()) + 1
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
-
-        return predict
+    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
+        """Per-query loss `[T, M]`: `episode_logits` are already class log-probabilities."""
+        return F.nll_loss(logits.transpose(1, 2), query_y, reduction="none")

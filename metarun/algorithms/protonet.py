@@ -6,14 +6,11 @@ p(y = n | x) = softmax_n(-||f(x) - c_n||^2)              (logits: negative squar
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarun.algorithms.base import MetaLearner, accuracy
-from metarun.data.tasks import TaskBatch
+from metarun.algorithms.base import EpisodeClassifier
 
 
 def prototypes(support_emb: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -32,7 +29,7 @@ def squared_euclidean(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(-2) - b.unsqueeze(-3)).square().sum(dim=-1)
 
 
-class ProtoNet(MetaLearner):
+class ProtoNet(EpisodeClassifier):
     """Prototypical Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task (Conv4 does).
 
     `n_way` is taken from each task batch, so a network trained with more ways (the paper trains
@@ -46,24 +43,3 @@ class ProtoNet(MetaLearner):
         emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
         return -squared_euclidean(query_emb, prototypes(support_emb, support_y, n_way))  # [T, N*Q, N]
-
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        loss = F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten())
-        return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, tasks.query_y).mean()}
-
-    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
-        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        losses = F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none")  # [T, N*Q]
-        return losses.mean(dim=1).detach(), accuracy(logits, tasks.query_y)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """A predictor for one task; each call embeds the support set together with the queries,
-        as in training, so batch-norm statistics include the support set."""
-        n_way = int(support_y.max()) + 1
-
-        def predict(query_x: Tensor) -> Tensor:
-            logits = self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)
-            return logits[0]  # [M, N]
-
-        return predict

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import EpisodeClassifier, accuracy
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.data.tasks import TaskBatch
@@ -103,7 +103,7 @@ class ResidualMLP(nn.Module):
         return x
 
 
-class TaskCond(MetaLearner):
+class TaskCond(EpisodeClassifier):
     """TADAM's task-conditioned backbone (FiLM from a task embedding network) with a scaled metric.
 
     film_l2: weight of the L2 penalty on the post-multipliers gamma0, beta0 (TADAM: 0.01);
@@ -206,12 +206,6 @@ class TaskCond(MetaLearner):
             metrics["film_beta0"] = self.beta0.detach().abs().mean()
             metrics["film_penalty"] = penalty.detach()
         return loss, metrics
-
-    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Per-task query cross-entropy (no penalty) and accuracy."""
-        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        losses = F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none")  # [T, N*Q]
-        return losses.mean(dim=1).detach(), accuracy(logits, tasks.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         """The task's FiLM parameters are computed once; each prediction embeds the support set with
