@@ -157,9 +157,9 @@ def check_target_arguments(group: str, node: DictConfig) -> None:
             raise MetarunError(f"{group}.{key} is not a parameter of {node._target_}; {hint}")
         expected = hints.get(key)
         if expected in (int, float, bool, str) and not _is_instance(value, expected):
-            article = "an" if expected is int else "a"
+            name = expected.__name__
             raise MetarunError(
-                f"{group}.{key}={value!r} should be {article} {expected.__name__}; pass {group}.{key}=<{expected.__name__}>"
+                f"{group}.{key}={value!r} should be {'an' if name == 'int' else 'a'} {name}; pass {group}.{key}=<{name}>"
             )
 
 

@@ -123,7 +123,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
-            metrics["grad_norm"] = clip_grad_norm_(self.learner.parameters(), self.cfg.train.grad_clip)  # before clipping
+            # The norm before clipping, logged with the step's metrics.
+            metrics["grad_norm"] = clip_grad_norm_(self.learner.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:

@@ -130,7 +130,8 @@ def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, t
         (("device=cuda",), r"device=cuda but PyTorch .* sees no CUDA device"),
         (("device.amp=fp16",), r"device.amp=fp16 needs CUDA"),
         (("algorithm=maml", "algorithm.task_batching=vmapped"), r"task_batching='vmapped' is not one of"),
-        (("algorithm=maml", "eval.n_way=20"), r"MAML was built for 5-way tasks \(its head\) but got 20-way tasks; set eval.n_way=5"),
+        (("algorithm=maml", "eval.n_way=20"), r"MAML was built for 5-way tasks \(its head\) but got 20-way tasks; "
+                                              r"set eval.n_way=5"),
         (("train.grad_clip=0",), r"train.grad_clip=0.0 must be positive"),
     ],
 )

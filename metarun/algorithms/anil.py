@@ -106,4 +106,3 @@ class ANIL(MAML):
             return self.head_task_loss(head, support_features, support_y, query_features, query_y, **settings)
 
         return map_tasks(one_task, self.task_batching, head, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
-

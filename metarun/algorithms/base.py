@@ -29,14 +29,14 @@ class MetaLearner(nn.Module):
       logits for one task's queries.
     """
 
+    # What is sized for episode.n_way in learners with a fixed output layer ("head"), for
+    # check_n_way's message; None: the learner classifies any number of ways (metric learners).
+    fixed_for_n_way: str | None = None
+
     def __init__(self, model: nn.Module, n_way: int):
         super().__init__()
         self.model = model
         self.n_way = n_way
-
-    # What is sized for episode.n_way in learners with a fixed output layer ("head"), for
-    # check_n_way's message; None: the learner classifies any number of ways (metric learners).
-    fixed_for_n_way: str | None = None
 
     def check_n_way(self, n_way: int) -> None:
         """Raise MetarunError if this learner cannot classify `n_way`-way tasks."""

@@ -66,7 +66,8 @@ class MAML(MetaLearner):
             )
         if adaptation_steps < 1:
             raise MetarunError(
-                f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; set algorithm.adaptation_steps=1 or more"
+                f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; "
+                f"set algorithm.adaptation_steps=1 or more"
             )
         if eval_adaptation_steps < 0:
             raise MetarunError(
@@ -172,7 +173,6 @@ class MAML(MetaLearner):
             return functional_call(self.model, adapted, (query_x,))  # [M, n_way]
 
         return predict
-
 
 
 def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -294,4 +294,3 @@ class MANN(MetaLearner):
             return self.episode_logits(support_x[None], support_y[None], query_x[None])[2][0]  # [M, N]
 
         return predict
-

@@ -306,4 +306,3 @@ class MetaLSTM(MetaLearner):
             return functional_call(self.model, params, (query_x,))  # [M, n_way]
 
         return predict
-

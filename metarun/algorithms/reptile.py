@@ -223,7 +223,6 @@ class Reptile(MetaLearner):
         return predict
 
 
-
 def check_settings(**settings) -> None:
     """MetarunError, naming the key and the fix, for a hyperparameter Reptile cannot run with."""
     at_least = {"adaptation_steps": 1, "eval_adaptation_steps": 0, "inner_batch_size": 0, "eval_inner_batch_size": 0}

@@ -2,7 +2,8 @@
 
 `algorithm.task_batching` picks: "vmap" maps the function over the task dimension in one call,
 "loop" calls it once per task and stacks the outputs, "auto" is a loop on the CPU and vmap on CUDA.
-Both give the same numbers; which is faster depends on the device (scripts/bench.py).
+Both give the same numbers up to rounding (the algorithms' tests compare them); which is faster
+depends on the device (scripts/bench.py).
 """
 
 from __future__ import annotations

@@ -291,7 +291,8 @@ def test_mann_bf16_autocast_is_finite_and_close_to_float32():
 
 def test_mann_rejects_tasks_with_another_n_way():
     learner = make_mann(dtype=torch.float32)
-    with pytest.raises(MetarunError, match=r"built for 5-way tasks \(its label input and output layer\) but got 3-way tasks; set eval.n_way=5"):
+    message = r"built for 5-way tasks \(its label input and output layer\) but got 3-way tasks; set eval.n_way=5"
+    with pytest.raises(MetarunError, match=message):
         learner(make_tasks(n_way=3))
 
 
