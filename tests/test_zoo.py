@@ -14,6 +14,7 @@ import torch
 from metarun.config import validate
 from metarun.errors import MetarunError
 from metarun.trainer import Trainer
+from tests.algorithms.synthetic import random_tasks
 from tests.conftest import compose_config
 
 ALGORITHMS = sorted(p.name.removesuffix(".yaml") for p in (files("metarun.conf") / "algorithm").iterdir()
@@ -27,7 +28,8 @@ def tiny(make_config, algorithm: str, *overrides: str):
     """A few steps of `algorithm` on small meta-batches, a 16-channel Conv4 and at most 2 inner
     steps where the algorithm has them: contract checks, not accuracy."""
     own = compose_config(f"algorithm={algorithm}").algorithm
-    fewer_steps = [f"algorithm.{key}=2" for key in ("adaptation_steps", "eval_adaptation_steps") if key in own]
+    fewer_steps = [f"algorithm.{key}={min(own[key], 2)}" for key in ("adaptation_steps", "eval_adaptation_steps")
+                   if key in own]
     return make_config(f"algorithm={algorithm}", "model.hidden=16", "episode.meta_batch_size=2", "episode.n_query=2",
                        "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *fewer_steps, *overrides)
 
@@ -87,3 +89,41 @@ def test_every_algorithm_has_a_paper_experiment_that_validates(algorithm):
     own = compose_config(f"algorithm={algorithm}")
     assert cfg.algorithm._target_ == own.algorithm._target_
     assert cfg.train.steps >= 1000  # the paper's length, not a smoke-test length
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(make_config, tmp_path, algorithm):
+    trainer = Trainer(tiny(make_config, algorithm), tmp_path)
+    learner = trainer.learner
+    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    episodes = trainer.samplers["test"].episodes(seed=0, start=0, count=2)
+    results = {}
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            torch.manual_seed(0)  # the same random choices in both passes (MANN's support order)
+            loss, metrics = learner.train()(tasks)
+            with torch.no_grad():
+                eval_loss, _ = learner.eval().evaluate(episodes)
+        results[bf16] = metrics["loss"], eval_loss
+    loss.backward()  # the bf16 pass
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+    (train32, eval32), (train16, eval16) = results[False], results[True]
+    assert abs(train16 - train32) < 0.05 * train32
+    assert eval16.dtype == torch.float32 and (eval16 - eval32).abs().max() < 0.05 * eval32.abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(make_config, tmp_path, algorithm):
+    learner = Trainer(tiny(make_config, algorithm, "episode=5w1s"), tmp_path).learner
+    tasks = random_tasks(T=2, n_way=3, dtype=torch.float32, n_classes=40)
+    if learner.fixed_for_n_way is not None:  # a head built for 5 ways: refused in one line naming the fix
+        for call in (learner.train(), learner.eval().evaluate):
+            with pytest.raises(MetarunError, match="set eval.n_way=5") as error:
+                call(tasks)
+            assert "\n" not in str(error.value)
+        return
+    loss, _ = learner.train()(tasks)
+    with torch.no_grad():
+        eval_loss, accuracy = learner.eval().evaluate(tasks)
+    assert torch.isfinite(loss) and torch.isfinite(eval_loss).all() and accuracy.shape == (2,)

@@ -275,27 +275,6 @@ def test_score_support_adds_the_support_steps_to_the_loss():
     torch.testing.assert_close(both, (support_ce + query_only * 10) / 15)
 
 
-def test_mann_bf16_autocast_is_finite_and_close_to_float32():
-    learner = make_mann(Conv4(hidden=8), dtype=torch.float32)
-    tasks = make_tasks(T=2)
-    torch.manual_seed(0)
-    loss32 = learner(tasks)[0].item()
-    torch.manual_seed(0)  # the same support order
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss16, _ = learner(tasks)
-    loss16.backward()
-    assert torch.isfinite(loss16)
-    assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
-    assert abs(loss16.item() - loss32) < 0.05 * loss32
-
-
-def test_mann_rejects_tasks_with_another_n_way():
-    learner = make_mann(dtype=torch.float32)
-    message = r"built for 5-way tasks \(its label input and output layer\) but got 3-way tasks; set eval.n_way=5"
-    with pytest.raises(MetarunError, match=message):
-        learner(make_tasks(n_way=3))
-
-
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"read_heads": 0}, "algorithm.read_heads=0 must be at least 1"),
