@@ -10,7 +10,7 @@ from metarun.algorithms.inner_loop import inner_loop
 from metarun.data.tasks import TaskBatch
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 HEAD = ["head.weight", "head.bias"]
@@ -106,21 +106,10 @@ def test_anil_runs_the_body_once_per_set_however_many_inner_steps():
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmap_and_loop_task_batching_agree(steps, first_order):
-    tasks = make_tasks(image_size=8)
-    results = {}
-    for mode in ("loop", "vmap"):
-        learner = make_anil(adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL)
-        results[mode] = meta_gradient(learner, tasks) + learner.evaluate(tasks)
-    loss_l, grads_l, metrics_l, eval_loss_l, eval_acc_l = results["loop"]
-    loss_v, grads_v, metrics_v, eval_loss_v, eval_acc_v = results["vmap"]
-    diff = max_abs_diff(grads_l, grads_v)
-    print(f"ANIL vmap vs loop, {steps} steps, first_order={first_order}: max abs grad diff {diff:.2e}")
-    assert abs(loss_l.item() - loss_v.item()) < 1e-12
-    assert diff < 1e-10
-    for key in metrics_l:
-        torch.testing.assert_close(metrics_l[key], metrics_v[key])
-    torch.testing.assert_close(eval_loss_l, eval_loss_v, rtol=0, atol=1e-12)
-    torch.testing.assert_close(eval_acc_l, eval_acc_v)
+    def make(mode):
+        return make_anil(adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL)
+
+    assert_vmap_matches_loop(make, make_tasks(image_size=8))
 
 
 def test_evaluate_adapts_under_no_grad_and_matches_adapt():

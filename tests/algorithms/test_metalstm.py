@@ -10,7 +10,7 @@ from metarun.algorithms.metalstm import MetaLSTM, lstm_cell, meta_lstm_update, p
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
@@ -142,20 +142,10 @@ def test_meta_gradient_treats_the_learners_gradients_as_constants():
 
 @pytest.mark.parametrize("support_batch_size", [0, 2])
 def test_vmap_and_loop_task_batching_agree(support_batch_size):
-    tasks = make_tasks(T=3, dtype=F64)
-    results = {}
-    for mode in ("loop", "vmap"):
-        learner = make_learner(task_batching=mode, adaptation_steps=3, support_batch_size=support_batch_size)
-        loss, _ = learner(tasks)
-        loss.backward()
-        results[mode] = (loss.detach(), [p.grad for p in learner.parameters()], *learner.evaluate(tasks))
-    loop, vmap = results["loop"], results["vmap"]
-    diff = max((a - b).abs().max().item() for a, b in zip(loop[1], vmap[1]))
-    print(f"vmap vs loop: max abs meta-gradient diff {diff:.1e}")
-    assert abs(loop[0].item() - vmap[0].item()) < 1e-12
-    assert diff < 1e-10
-    torch.testing.assert_close(loop[2], vmap[2], rtol=0, atol=1e-12)
-    torch.testing.assert_close(loop[3], vmap[3])
+    def make(mode):
+        return make_learner(task_batching=mode, adaptation_steps=3, support_batch_size=support_batch_size)
+
+    assert_vmap_matches_loop(make, make_tasks(T=3, dtype=F64))
 
 
 def test_evaluate_is_per_task_deterministic_and_matches_adapt():

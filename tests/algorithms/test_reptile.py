@@ -11,7 +11,7 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer, build
-from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
 from tests.conftest import compose_config
 
 F64 = torch.float64
@@ -114,24 +114,11 @@ def test_one_trainer_sgd_step_on_the_surrogate_is_the_papers_reptile_update(inne
 @pytest.mark.parametrize("inner_batch_size", [0, 3])
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
 def test_vmap_and_loop_task_batching_agree(inner_optimizer, inner_batch_size):
-    tasks = make_tasks()
-    results = {}
-    for mode in ("loop", "vmap"):
-        learner = make_reptile(inner_optimizer=inner_optimizer, inner_lr=0.05, inner_batch_size=inner_batch_size,
-                               eval_adaptation_steps=4, eval_inner_batch_size=inner_batch_size, task_batching=mode)
-        torch.manual_seed(0)
-        loss, metrics = learner(tasks, diagnostics=True)
-        loss.backward()
-        with torch.no_grad():
-            results[mode] = (loss.detach(), [p.grad for p in learner.parameters()], metrics, learner.evaluate(tasks))
-    (loss_l, grads_l, metrics_l, eval_l), (loss_v, grads_v, metrics_v, eval_v) = results["loop"], results["vmap"]
-    diff = max_abs_diff(grads_l, grads_v)
-    print(f"vmap vs loop ({inner_optimizer}, batch {inner_batch_size}): max abs grad diff {diff:.2e}")
-    assert diff < 1e-12
-    torch.testing.assert_close(loss_l, loss_v, rtol=1e-12, atol=0)
-    for key in metrics_l:
-        torch.testing.assert_close(metrics_l[key], metrics_v[key], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(eval_l, eval_v, rtol=0, atol=1e-12)
+    def make(mode):
+        return make_reptile(inner_optimizer=inner_optimizer, inner_lr=0.05, inner_batch_size=inner_batch_size,
+                            eval_adaptation_steps=4, eval_inner_batch_size=inner_batch_size, task_batching=mode)
+
+    assert_vmap_matches_loop(make, make_tasks(), grad_tol=1e-12)
 
 
 def test_forward_reports_query_metrics_of_the_adapted_parameters_and_diagnostics():

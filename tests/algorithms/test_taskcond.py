@@ -15,7 +15,7 @@ from metarun.algorithms.taskcond import (
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4, task_batch_norm
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
@@ -183,18 +183,7 @@ def test_loss_is_query_cross_entropy_plus_film_penalty_and_diagnostics_are_detac
 
 
 def test_vmap_and_loop_task_batching_agree():
-    tasks = make_tasks(k_shot=2)
-    results = {}
-    for mode in ("loop", "vmap"):
-        learner = make_taskcond(film_on=True, task_batching=mode)
-        loss, _ = learner(tasks)
-        loss.backward()
-        results[mode] = (loss.detach(), [p.grad for p in learner.parameters()], learner.evaluate(tasks)[0])
-    (loss_l, grads_l, eval_l), (loss_v, grads_v, eval_v) = results["loop"], results["vmap"]
-    diff = max(max_abs_diff(a, b) for a, b in zip(grads_l, grads_v))
-    print(f"vmap vs loop: max abs grad diff {diff:.2e}")
-    assert abs(loss_l.item() - loss_v.item()) < 1e-12 and diff < 1e-10
-    assert max_abs_diff(eval_l, eval_v) < 1e-12
+    assert_vmap_matches_loop(lambda mode: make_taskcond(film_on=True, task_batching=mode), make_tasks(k_shot=2))
 
 
 def test_evaluate_is_per_task_and_adapt_predicts_the_same_logits():
