@@ -1,5 +1,5 @@
-"""The functional inner loop shared by gradient-based meta-learners (MAML, first-order MAML, and
-later Meta-SGD, ANIL, Reptile).
+"""The functional inner loop shared by gradient-based meta-learners (MAML, first-order MAML,
+Meta-SGD, ANIL and Reptile).
 
 theta'_0 = theta;  theta'_{s+1} = theta'_s - alpha * grad_theta' L_support(theta'_s)   (s < adaptation_steps)
 

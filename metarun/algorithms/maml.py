@@ -22,6 +22,7 @@ from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
+
 class Classifier(nn.Module):
     """Backbone embedding followed by a linear head: `[B, C, H, W] -> [B, n_way]` logits."""
 
