@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy
-from metarun.algorithms.inner_loop import inner_loop
+from metarun.algorithms.inner_loop import InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
@@ -84,6 +84,10 @@ class MAML(MetaLearner):
         self.task_batching = task_batching
         self.loss_scale = 1.0
 
+    def inner_rates(self, params: dict[str, Tensor]) -> InnerLR:
+        """The inner step size for adapting `params`: alpha (Meta-SGD learns one per coordinate)."""
+        return self.inner_lr
+
     def adapted_params(
         self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool
     ) -> dict[str, Tensor]:
@@ -93,7 +97,7 @@ class MAML(MetaLearner):
             support_x,
             support_y,
             adaptation_steps=steps,
-            inner_lr=self.inner_lr,
+            inner_lr=self.inner_rates(params),
             first_order=first_order,
             loss_scale=self.loss_scale,
         )

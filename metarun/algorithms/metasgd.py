@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.maml import MAML
 from metarun.errors import MetarunError
 
@@ -79,26 +78,12 @@ class MetaSGD(MAML):
         del self.inner_lr  # MAML's scalar; the learned rates below replace it
         self.inner_lrs = init_inner_lrs(dict(self.model.named_parameters()), inner_lr_min, inner_lr_max)
 
-    def rates(self, detach: bool = False) -> dict[str, Tensor]:
-        """alpha by parameter name of `self.model`, as `inner_loop` takes it."""
+    def inner_rates(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """alpha by parameter name of `self.model`, as `inner_loop` takes it. Evaluation and `adapt`
+        pass detached parameters: no meta-gradient is wanted, so the rates are detached too and no
+        graph is kept through them."""
+        detach = not any(p.requires_grad for p in params.values())
         return {
             name: self.inner_lrs[rate_key(name)].detach() if detach else self.inner_lrs[rate_key(name)]
             for name, _ in self.model.named_parameters()
         }
-
-    def adapted_params(
-        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool
-    ) -> dict[str, Tensor]:
-        # Evaluation and `adapt` pass detached parameters: no meta-gradient is wanted, so the rates
-        # are detached too and no graph is kept through them.
-        no_meta_gradient = not any(p.requires_grad for p in params.values())
-        return inner_loop(
-            self.model,
-            params,
-            support_x,
-            support_y,
-            adaptation_steps=steps,
-            inner_lr=self.rates(detach=no_meta_gradient),
-            first_order=first_order,
-            loss_scale=self.loss_scale,
-        )
