@@ -58,8 +58,9 @@ class MetaLearner(nn.Module):
 
 class EpisodeClassifier(MetaLearner):
     """A learner that scores an episode's queries in one call, `episode_logits(support_x [T, N*K, ...],
-    support_y [T, N*K], query_x [T, M, ...], n_way) -> [T, M, N]`, with support and queries embedded
-    together (batch-norm statistics over the episode, in training and at test alike); `evaluate`
+    support_y [T, N*K], query_x [T, M, ...], n_way) -> [T, M, N]` (logits, log-probabilities or
+    relation scores: argmax is the prediction), with support and queries embedded together
+    (batch-norm statistics over the episode, in training and at test alike); `forward`, `evaluate`
     and `adapt` follow from it and from `query_losses`.
     """
 

@@ -10,13 +10,12 @@ classifies the queries.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import EpisodeClassifier, accuracy
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -109,7 +108,7 @@ def finetune_heads(
     return weight.detach(), None if bias is None else bias.detach()
 
 
-class Baseline(MetaLearner):
+class Baseline(EpisodeClassifier):
     """Baseline (`cosine=False`) and Baseline++ (`cosine=True`) over a backbone `model` (`[B, C, H, W] -> [B, D]`).
 
     Training: the trainer gives episodes; support and query images of all T tasks are flattened into one
@@ -218,22 +217,6 @@ class Baseline(MetaLearner):
         )
         with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
             return classifier_logits(query_emb, weight, bias, self.cosine, self.finetune_scale)  # [T, N*Q, N]
-
-    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
-        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        losses = F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none")  # [T, N*Q]
-        return losses.mean(dim=1), accuracy(logits, tasks.query_y)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """A predictor for one task. The head is fine-tuned when the queries arrive, because the support
-        is embedded together with them (the episode's batch-norm statistics, as in `evaluate`); each call
-        gives exactly `evaluate`'s logits for that episode."""
-        n_way = int(support_y.max()) + 1
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
-
-        return predict
 
 
 def check_positive(key: str, value: float) -> None:

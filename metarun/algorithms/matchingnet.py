@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, accuracy
+from metarun.algorithms.base import EpisodeClassifier
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -149,9 +149,7 @@ class MatchingNet(EpisodeClassifier):
         return class_log_probs(attention_logits, support_y, n_way)
 
     def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        log_probs = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        loss = F.nll_loss(log_probs.flatten(0, 1), tasks.query_y.flatten())
-        metrics = {"loss": loss.detach(), "accuracy": accuracy(log_probs, tasks.query_y).mean()}
+        loss, metrics = super().forward(tasks, diagnostics)
         if diagnostics and self.log_scale is not None:
             metrics["cosine_scale"] = self.log_scale.detach().exp()
         return loss, metrics

@@ -8,14 +8,11 @@ L = mean_{j,n} (r_{j,n} - 1[y_j = n])^2                  (MSE against one-hot ta
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaLearner, accuracy
-from metarun.data.tasks import TaskBatch
+from metarun.algorithms.base import EpisodeClassifier
 from metarun.errors import MetarunError
 from metarun.models.conv4 import TaskBatchNorm
 
@@ -28,13 +25,13 @@ def class_feature_maps(support_maps: Tensor, support_y: Tensor, n_way: int) -> T
 
 
 def relation_loss(scores: Tensor, query_y: Tensor) -> Tensor:
-    """Mean squared error of the relation scores against one-hot targets, per task: `[T, M, N], [T, M] -> [T]`.
+    """Mean squared error of the relation scores against one-hot targets, per query: `[T, M, N], [T, M] -> [T, M]`.
 
     Computed in at least float32, so a bf16 autocast does not round the small squared errors.
     """
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     targets = F.one_hot(query_y, scores.shape[-1]).to(scores.dtype)  # [T, M, N]
-    return (scores - targets).square().mean(dim=(1, 2))
+    return (scores - targets).square().mean(dim=-1)
 
 
 class RelationModule(nn.Module):
@@ -97,7 +94,7 @@ class RelationModule(nn.Module):
         return F.max_pool2d(h, 2) if pool else h
 
 
-class RelationNet(MetaLearner):
+class RelationNet(EpisodeClassifier):
     """Relation Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task and name its
     feature map's shape in `out_shape` (Conv4 does; `model.pool_layers=2` is the paper's embedding).
 
@@ -122,7 +119,7 @@ class RelationNet(MetaLearner):
         self.out_shape = tuple(out_shape)
         self.relation = RelationModule(self.out_shape, relation_channels, relation_hidden)
 
-    def episode_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
         """Relation scores `[T, N*Q, N]` of every query with every class of its task."""
         n_support = support_x.shape[1]
         emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
@@ -130,21 +127,6 @@ class RelationNet(MetaLearner):
         class_maps = class_feature_maps(maps[:, :n_support], support_y, n_way)  # [T, N, C, h, w]
         return self.relation(class_maps, maps[:, n_support:])  # [T, N*Q, N]
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        scores = self.episode_scores(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        loss = relation_loss(scores, tasks.query_y).mean()
-        return loss, {"loss": loss.detach(), "accuracy": accuracy(scores, tasks.query_y).mean()}
-
-    def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
-        scores = self.episode_scores(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        return relation_loss(scores, tasks.query_y).detach(), accuracy(scores, tasks.query_y)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        """A predictor of relation scores `[M, N]` for one task (argmax = the predicted class); each
-        call embeds the support set together with the queries, as in training."""
-        n_way = int(support_y.max()) + 1
-
-        def predict(query_x: Tensor) -> Tensor:
-            return self.episode_scores(support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
-
-        return predict
+    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
+        """Per-query loss `[T, M]`: the relation scores' squared error against one-hot targets."""
+        return relation_loss(logits, query_y)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import EpisodeClassifier, accuracy
+from metarun.algorithms.base import EpisodeClassifier
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.data.tasks import TaskBatch
@@ -196,10 +196,10 @@ class TaskCond(EpisodeClassifier):
         """Mean query cross-entropy plus the post-multipliers' L2 penalty; `diagnostics` adds alpha,
         the mean |gamma0| and |beta0| (how far the conditioning has moved from the plain network) and
         the penalty."""
-        logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
+        query_loss, metrics = super().forward(tasks, diagnostics)
         penalty = film_penalty(self.gamma0, self.beta0, self.film_l2)
-        loss = F.cross_entropy(logits.flatten(0, 1), tasks.query_y.flatten()) + penalty
-        metrics = {"loss": loss.detach(), "accuracy": accuracy(logits, tasks.query_y).mean()}
+        loss = query_loss + penalty
+        metrics["loss"] = loss.detach()
         if diagnostics:
             metrics["metric_scale"] = self.metric_scale.detach().clone()
             metrics["film_gamma0"] = self.gamma0.detach().abs().mean()

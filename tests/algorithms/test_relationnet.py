@@ -85,7 +85,7 @@ def test_relation_net_scores_queries_against_the_hand_summed_support_maps_of_a_s
     support_x = torch.randn(2, 12, 2, 3, 3, generator=g, dtype=F64)  # [T, N*K, C, h, w]: K = 4 shots
     support_y = torch.stack([torch.randperm(12, generator=g) % 3 for _ in range(2)])  # shuffled labels
     query_x = torch.randn(2, 6, 2, 3, 3, generator=g, dtype=F64)
-    scores = learner.episode_scores(support_x, support_y, query_x, 3)
+    scores = learner.episode_logits(support_x, support_y, query_x, 3)
     assert scores.shape == (2, 6, 3)
     by_hand = torch.zeros(2, 3, 2, 3, 3, dtype=F64)
     for t in range(2):
@@ -123,19 +123,19 @@ def test_relation_module_pools_only_while_the_map_is_at_least_2x2():
     assert RelationModule((64, 8, 8), hidden=8).fc1.in_features == 64 * 2 * 2
 
 
-def test_relation_loss_is_the_per_task_mse_against_one_hot_targets():
+def test_relation_loss_over_a_tasks_queries_is_its_mse_against_one_hot_targets():
     scores = torch.tensor([[[0.9, 0.2, 0.1], [0.3, 0.4, 0.8]], [[0.5, 0.5, 0.0], [1.0, 0.0, 0.25]]], dtype=F64)
     query_y = torch.tensor([[0, 1], [2, 0]])
     # Task 0: (0.1^2 + 0.2^2 + 0.1^2 + 0.3^2 + 0.6^2 + 0.8^2) / 6; task 1: (0.25 + 0.25 + 1 + 0 + 0 + 0.0625) / 6.
     expected = torch.tensor([(0.01 + 0.04 + 0.01 + 0.09 + 0.36 + 0.64) / 6, (0.25 + 0.25 + 1 + 0.0625) / 6], dtype=F64)
-    torch.testing.assert_close(relation_loss(scores, query_y), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(relation_loss(scores, query_y).mean(dim=1), expected, rtol=0, atol=1e-15)
 
 
 def test_relation_net_loss_accuracy_evaluate_and_adapt_agree_with_the_scores():
     torch.manual_seed(0)
     learner = RelationNet(Conv4(hidden=4, pool_layers=2), n_way=5).double()
     tasks = make_tasks(T=3, dtype=F64)
-    scores = learner.episode_scores(tasks.support_x, tasks.support_y, tasks.query_x, 5)
+    scores = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
     assert scores.shape == (3, 15, 5)  # [T, N*Q, N]
     targets = F.one_hot(tasks.query_y, 5).to(F64)
     loss, metrics = learner(tasks)
