@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metarun.data.tasks import TaskBatch
+from metarun.models.conv4 import TaskBatchNorm
 
 
 def random_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.float64, seed=0, shuffled=True,
@@ -31,13 +32,33 @@ def random_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.f
 
 
 def perturb_batch_norm(module: nn.Module, scale: float = 0.3) -> nn.Module:
-    """Batch-norm affine parameters moved off their initial 1 and 0 (global torch RNG), so that the
-    tests exercise their gradients and updates."""
+    """Batch-norm affine parameters (every TaskBatchNorm's) moved off their initial 1 and 0 (global
+    torch RNG), so that the tests exercise their gradients and updates."""
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if ".norm." in name:
-                p.add_(scale * torch.randn_like(p))
+        for norm in module.modules():
+            if isinstance(norm, TaskBatchNorm):
+                for p in norm.parameters():
+                    p.add_(scale * torch.randn_like(p))
     return module
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest |a - b| over two tensors, two sequences of tensors, or two dicts of them by name."""
+    if isinstance(a, Tensor):
+        return (a - b).abs().max().item()
+    if isinstance(a, Mapping):
+        assert a.keys() == b.keys()
+        a, b = list(a.values()), [b[name] for name in a]
+    assert len(a) == len(b)
+    return max(max_abs_diff(x, y) for x, y in zip(a, b))
+
+
+def meta_gradient(learner: nn.Module, tasks: TaskBatch) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    """The learner's loss, the gradient of each of its parameters (in order), and its metrics."""
+    learner.zero_grad()
+    loss, metrics = learner(tasks)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in learner.parameters()], metrics
 
 
 def assert_vmap_matches_loop(make_learner: Callable[[str], nn.Module], tasks: TaskBatch,
@@ -55,7 +76,7 @@ def assert_vmap_matches_loop(make_learner: Callable[[str], nn.Module], tasks: Ta
             results[mode] = loss.detach(), [p.grad for p in learner.parameters()], metrics, learner.evaluate(tasks)
     (loss_l, grads_l, metrics_l, eval_l), (loss_v, grads_v, metrics_v, eval_v) = results["loop"], results["vmap"]
     assert [g is None for g in grads_l] == [g is None for g in grads_v]
-    diff = max((a - b).abs().max().item() for a, b in zip(grads_l, grads_v) if a is not None)
+    diff = max_abs_diff([g for g in grads_l if g is not None], [g for g in grads_v if g is not None])
     print(f"vmap vs loop: max abs meta-gradient difference {diff:.1e}")
     torch.testing.assert_close(loss_l, loss_v, rtol=0, atol=1e-12)
     assert diff < grad_tol

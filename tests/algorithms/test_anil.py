@@ -10,7 +10,7 @@ from metarun.algorithms.inner_loop import inner_loop
 from metarun.data.tasks import TaskBatch
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, meta_gradient, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 HEAD = ["head.weight", "head.bias"]
@@ -39,18 +39,6 @@ def reference_meta_loss(learner: ANIL, tasks: TaskBatch, steps: int, first_order
         losses.append(F.cross_entropy(logits, tasks.query_y[t]))
     meta_loss = torch.stack(losses).mean()
     return meta_loss, torch.autograd.grad(meta_loss, list(params.values()))
-
-
-def meta_gradient(learner: ANIL, tasks: TaskBatch):
-    learner.zero_grad()
-    loss, metrics = learner(tasks)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in learner.parameters()], metrics
-
-
-def max_abs_diff(xs, ys) -> float:
-    assert len(xs) == len(ys)
-    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
 def test_anil_body_receives_no_inner_loop_update():

@@ -11,6 +11,7 @@ from torch.func import functional_call
 from metarun.algorithms.inner_loop import adam_step, inner_loop
 from metarun.algorithms.maml import Classifier
 from metarun.models.conv4 import Conv4
+from tests.algorithms.synthetic import max_abs_diff, perturb_batch_norm
 
 F64 = torch.float64
 
@@ -18,11 +19,7 @@ F64 = torch.float64
 def make_model(seed=0):
     torch.manual_seed(seed)
     model = Classifier(Conv4(hidden=3, layers=2, image_size=8), n_way=5).to(F64)
-    with torch.no_grad():  # non-trivial batch-norm affine parameters
-        for name, p in model.named_parameters():
-            if ".norm." in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return perturb_batch_norm(model)
 
 
 def make_support(n_items=10, seed=1):
@@ -50,10 +47,6 @@ def hand_adam(model, params, x, y, steps, lr, betas, eps=1e-8, indices=None, cre
             w - lr * (mi / (1 - beta1**t)) / (torch.sqrt(vi / (1 - beta2**t)) + eps) for w, mi, vi in zip(fast, m, v)
         ]
     return dict(zip(names, fast))
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
 @pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.99)])

@@ -11,7 +11,7 @@ from metarun.algorithms.metasgd import MetaSGD
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
-from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, meta_gradient, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
@@ -54,17 +54,6 @@ def reference_meta_loss(learner: MAML, tasks: TaskBatch, layers: int, steps: int
         losses.append(F.cross_entropy(query_logits, tasks.query_y[t]))
     meta_loss = torch.stack(losses).mean()
     return meta_loss, torch.autograd.grad(meta_loss, params)
-
-
-def meta_gradient(learner: MAML, tasks: TaskBatch):
-    learner.zero_grad()
-    loss, metrics = learner(tasks)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in learner.parameters()], metrics
-
-
-def max_abs_diff(xs, ys) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
 @pytest.mark.parametrize("task_batching", ["loop", "vmap"])

@@ -11,7 +11,7 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 SMALL = dict(layers=2, image_size=8)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
@@ -53,11 +53,6 @@ def meta_gradient(learner, tasks):
     theta = [p.grad.clone() for p in learner.model.parameters()]
     rates = [p.grad.clone() for p in learner.inner_lrs.values()] if isinstance(learner, MetaSGD) else []
     return loss.detach(), theta, rates, metrics
-
-
-def max_abs_diff(xs, ys) -> float:
-    assert len(xs) == len(ys)
-    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
 @pytest.mark.parametrize("task_batching", ["loop", "vmap"])

@@ -56,14 +56,3 @@ def test_protonet_embeds_support_and_query_in_one_call():
     learner = ProtoNet(Recorder(start_dim=-3), n_way=2)
     learner(_hand_task())
     assert shapes == [(1, 6, 1, 1, 2)]  # [T, N*K + N*Q, C, H, W]
-
-
-def _random_tasks(T=2, n_way=5, k_shot=1, queries=2, generator=None) -> TaskBatch:
-    g = generator or torch.Generator().manual_seed(0)
-    return TaskBatch(
-        torch.randn(T, n_way * k_shot, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(k_shot).repeat(T, 1),
-        torch.randn(T, n_way * queries, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
-        n_way,
-    )

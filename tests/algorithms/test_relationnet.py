@@ -9,7 +9,7 @@ from metarun.algorithms.relationnet import RelationModule, RelationNet, class_fe
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import random_tasks
+from tests.algorithms.synthetic import perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
@@ -58,10 +58,7 @@ def reference_scores(module: RelationModule, class_maps, query_maps):
 def randomize_norms(module: nn.Module) -> None:
     """Non-trivial batch-norm affine parameters, so they take part in the comparisons."""
     torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_batch_norm(module)
 
 
 def test_class_feature_map_is_the_sum_of_its_support_maps():

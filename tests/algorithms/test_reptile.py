@@ -11,7 +11,7 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer, build
-from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
 from tests.conftest import compose_config
 
 F64 = torch.float64
@@ -63,10 +63,6 @@ def reference_reptile_step(learner, tasks, epsilon, indices, inner_optimizer, be
         deltas.append([p.detach() - th for p, th in zip(params, theta)])
     mean_delta = [torch.stack(d).mean(dim=0) for d in zip(*deltas)]
     return [th + epsilon * d for th, d in zip(theta, mean_delta)]
-
-
-def max_abs_diff(xs, ys) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
 def test_reptile_surrogate_gradient_is_theta_minus_target():

@@ -1,5 +1,3 @@
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,12 +13,12 @@ from metarun.algorithms.taskcond import (
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4, task_batch_norm
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
 
 F64 = torch.float64
 
 
-make_tasks = partial(random_tasks)  # this file's defaults
+make_tasks = random_tasks
 
 
 def make_taskcond(hidden=8, dtype=F64, seed=0, film_on=False, **kwargs) -> TaskCond:
@@ -34,10 +32,6 @@ def make_taskcond(hidden=8, dtype=F64, seed=0, film_on=False, **kwargs) -> TaskC
             learner.gamma0.copy_(0.5 + torch.rand_like(learner.gamma0))
             learner.beta0.copy_(0.5 + torch.rand_like(learner.beta0))
     return learner
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 # -- the pure functions ----------------------------------------------------------------------------
