@@ -11,6 +11,20 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
 
+def check_at_least(key: str, value: float, minimum: float, fix: str | None = None) -> None:
+    """MetarunError `algorithm.KEY=VALUE must be at least MINIMUM; FIX` (default fix: MINIMUM or more)."""
+    if value < minimum:
+        raise MetarunError(
+            f"algorithm.{key}={value} must be at least {minimum}; {fix or f'set algorithm.{key}={minimum} or more'}"
+        )
+
+
+def check_positive(key: str, value: float, fix: str | None = None) -> None:
+    """MetarunError `algorithm.KEY=VALUE must be positive; FIX` (default fix: any value > 0)."""
+    if not value > 0:
+        raise MetarunError(f"algorithm.{key}={value} must be positive; {fix or f'pass algorithm.{key}=<a value > 0>'}")
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of correct argmax predictions over the last item dim: `[..., M, N], [..., M] -> [...]`."""
     return (logits.detach().argmax(dim=-1) == labels).float().mean(dim=-1)

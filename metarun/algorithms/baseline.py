@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, accuracy
+from metarun.algorithms.base import EpisodeClassifier, accuracy, check_at_least, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -217,13 +217,3 @@ class Baseline(EpisodeClassifier):
         )
         with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
             return classifier_logits(query_emb, weight, bias, self.cosine, self.finetune_scale)  # [T, N*Q, N]
-
-
-def check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise MetarunError(f"algorithm.{key}={value} must be positive; pass algorithm.{key}=<a value > 0>")
-
-
-def check_at_least(key: str, value: int, minimum: int, fix: str) -> None:
-    if value < minimum:
-        raise MetarunError(f"algorithm.{key}={value} must be at least {minimum}; {fix}")

@@ -4,8 +4,8 @@ Meta-SGD, ANIL and Reptile).
 theta'_0 = theta;  theta'_{s+1} = theta'_s - alpha * grad_theta' L_support(theta'_s)   (s < adaptation_steps)
 
 Built on `torch.func` (`functional_call`, and `grad` under vmap), so it runs for one task or under
-`torch.func.vmap` over the tasks of a batch, and the adapted parameters stay differentiable with respect to `params` (second order)
-unless `first_order=True`, which detaches each inner gradient.
+`torch.func.vmap` over the tasks of a batch, and the adapted parameters stay differentiable with
+respect to `params` (second order) unless `first_order=True`, which detaches each inner gradient.
 
 Options (Reptile's inner loop, Nichol et al., 2018): `inner_optimizer="adam"` replaces the plain
 gradient step by Adam (Kingma & Ba, 2015) with fresh moments for every call, and `batch_indices`

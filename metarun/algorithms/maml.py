@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
 from metarun.algorithms.inner_loop import InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
-from metarun.errors import MetarunError
 
 
 class Classifier(nn.Module):
@@ -61,20 +60,10 @@ class MAML(MetaLearner):
         first_order: bool = False,
         task_batching: str = "auto",
     ):
-        if inner_lr <= 0:
-            raise MetarunError(
-                f"algorithm.inner_lr={inner_lr} must be positive; set algorithm.inner_lr=0.4 (MAML's Omniglot value)"
-            )
-        if adaptation_steps < 1:
-            raise MetarunError(
-                f"algorithm.adaptation_steps={adaptation_steps} must be at least 1; "
-                f"set algorithm.adaptation_steps=1 or more"
-            )
-        if eval_adaptation_steps < 0:
-            raise MetarunError(
-                f"algorithm.eval_adaptation_steps={eval_adaptation_steps} must be 0 or more; "
-                f"set algorithm.eval_adaptation_steps=3 or another count of inner steps"
-            )
+        check_positive("inner_lr", inner_lr, "set algorithm.inner_lr=0.4 (MAML's Omniglot value)")
+        check_at_least("adaptation_steps", adaptation_steps, 1)
+        check_at_least("eval_adaptation_steps", eval_adaptation_steps, 0,
+                       "set algorithm.eval_adaptation_steps=3 or another count of inner steps")
         check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr

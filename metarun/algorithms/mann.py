@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -204,8 +204,7 @@ class MANN(MetaLearner):
     ):
         for key, value in (("controller_size", controller_size), ("memory_slots", memory_slots),
                            ("memory_size", memory_size), ("read_heads", read_heads)):
-            if value < 1:
-                raise MetarunError(f"algorithm.{key}={value} must be at least 1; set algorithm.{key}=1 or more")
+            check_at_least(key, value, 1)
         if read_heads > memory_slots:
             raise MetarunError(
                 f"algorithm.read_heads={read_heads} exceeds algorithm.memory_slots={memory_slots} (each head writes "
@@ -213,10 +212,7 @@ class MANN(MetaLearner):
             )
         if not 0.0 <= gamma <= 1.0:
             raise MetarunError(f"algorithm.gamma={gamma} must be in [0, 1] (usage decay); the paper uses algorithm.gamma=0.95")
-        if key_strength <= 0:
-            raise MetarunError(
-                f"algorithm.key_strength={key_strength} must be positive; set algorithm.key_strength=1 (the paper) or more"
-            )
+        check_positive("key_strength", key_strength, "set algorithm.key_strength=1 (the paper) or more")
         super().__init__(model, n_way)
         self.score_support = score_support
         self.memory = LRUAController(model.out_features + n_way, controller_size, memory_slots, memory_size,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier
+from metarun.algorithms.base import EpisodeClassifier, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -116,11 +116,8 @@ class MatchingNet(EpisodeClassifier):
                 f"algorithm.fce_steps={fce_steps} must be at least 1 with algorithm.fce=true; "
                 f"set algorithm.fce_steps=1 or more"
             )
-        if not cosine_scale > 0:
-            raise MetarunError(
-                f"algorithm.cosine_scale={cosine_scale} must be positive; "
-                f"set algorithm.cosine_scale=1.0 (the paper's plain cosine) or larger"
-            )
+        check_positive("cosine_scale", cosine_scale,
+                       "set algorithm.cosine_scale=1.0 (the paper's plain cosine) or larger")
         super().__init__(model, n_way)
         if fce:
             dim = getattr(model, "out_features", None)

@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import MetaLearner, accuracy, check_at_least
 from metarun.algorithms.maml import Classifier
 from metarun.algorithms.task_batching import check_task_batching, map_tasks, resolve_task_batching
 from metarun.data.tasks import TaskBatch
-from metarun.errors import MetarunError
 
 PREPROCESS_P = 10.0
 INIT_RANGE = 0.01  # meta-learner weights start in U(-0.01, 0.01), as in the authors' code
@@ -172,13 +171,9 @@ class MetaLSTM(MetaLearner):
             ("adaptation_steps", adaptation_steps),
             ("eval_adaptation_steps", eval_adaptation_steps),
         ]:
-            if value < 1:
-                raise MetarunError(f"algorithm.{key}={value} must be at least 1; set algorithm.{key}=1 or more")
-        if support_batch_size < 0:
-            raise MetarunError(
-                f"algorithm.support_batch_size={support_batch_size} must be at least 0; "
-                f"set algorithm.support_batch_size=0 (the whole support set) or a batch size"
-            )
+            check_at_least(key, value, 1)
+        check_at_least("support_batch_size", support_batch_size, 0,
+                       "set algorithm.support_batch_size=0 (the whole support set) or a batch size")
         check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.meta_learner = MetaLearnerLSTM(hidden_size, forget_bias_init, input_bias_init)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier
+from metarun.algorithms.base import EpisodeClassifier, check_at_least
 from metarun.errors import MetarunError
 from metarun.models.conv4 import TaskBatchNorm
 
@@ -107,8 +107,7 @@ class RelationNet(EpisodeClassifier):
 
     def __init__(self, model: nn.Module, n_way: int, relation_channels: int = 64, relation_hidden: int = 8):
         for key, value in (("relation_channels", relation_channels), ("relation_hidden", relation_hidden)):
-            if value < 1:
-                raise MetarunError(f"algorithm.{key}={value} must be at least 1; set algorithm.{key}=1 or more")
+            check_at_least(key, value, 1)
         out_shape = getattr(model, "out_shape", None)
         if out_shape is None or len(out_shape) != 3:
             raise MetarunError(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
 from metarun.algorithms.maml import Classifier, detached
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
@@ -227,12 +227,8 @@ def check_settings(**settings) -> None:
     """MetarunError, naming the key and the fix, for a hyperparameter Reptile cannot run with."""
     at_least = {"adaptation_steps": 1, "eval_adaptation_steps": 0, "inner_batch_size": 0, "eval_inner_batch_size": 0}
     for key, low in at_least.items():
-        if settings[key] < low:
-            raise MetarunError(
-                f"algorithm.{key}={settings[key]} must be at least {low}; set algorithm.{key}={low} or more"
-            )
-    if settings["inner_lr"] <= 0:
-        raise MetarunError(f"algorithm.inner_lr={settings['inner_lr']} must be positive; e.g. algorithm.inner_lr=0.001")
+        check_at_least(key, settings[key], low)
+    check_positive("inner_lr", settings["inner_lr"], "e.g. algorithm.inner_lr=0.001")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= settings[key] < 1:
             raise MetarunError(f"algorithm.{key}={settings[key]} must be in [0, 1); e.g. algorithm.{key}=0.9")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import EpisodeClassifier
+from metarun.algorithms.base import EpisodeClassifier, check_at_least, check_positive
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.data.tasks import TaskBatch
@@ -125,16 +125,9 @@ class TaskCond(EpisodeClassifier):
         ten_layers: int = 3,
         task_batching: str = "auto",
     ):
-        if film_l2 < 0:
-            raise MetarunError(f"algorithm.film_l2={film_l2} must be at least 0; set algorithm.film_l2=0.01 (TADAM's)")
-        if not metric_scale_init > 0:
-            raise MetarunError(
-                f"algorithm.metric_scale_init={metric_scale_init} must be positive; set algorithm.metric_scale_init=1.0"
-            )
-        if ten_layers < 1:
-            raise MetarunError(
-                f"algorithm.ten_layers={ten_layers} must be at least 1; set algorithm.ten_layers=3 (TADAM's)"
-            )
+        check_at_least("film_l2", film_l2, 0, "set algorithm.film_l2=0.01 (TADAM's)")
+        check_positive("metric_scale_init", metric_scale_init, "set algorithm.metric_scale_init=1.0")
+        check_at_least("ten_layers", ten_layers, 1, "set algorithm.ten_layers=3 (TADAM's)")
         check_task_batching(task_batching)
         super().__init__(model, n_way)
         # The batch norms to condition, by the names functional_call knows them under.
