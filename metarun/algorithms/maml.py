@@ -41,7 +41,7 @@ class MAML(MetaLearner):
     eval_adaptation_steps: inner steps for `evaluate` and `adapt` (the paper adapts longer at test);
     task_batching: "vmap" maps the per-task computation over the tasks with `torch.func.vmap`,
         "loop" runs the tasks one after another, "auto" picks vmap on CUDA and loop on CPU
-        (scripts/bench.py on 2 CPU cores: vmapped Conv4 MAML at 0.4-0.5x the loop's speed and
+        (scripts/bench.py on 2 CPU cores: vmapped Conv4 MAML at 0.3-0.45x the loop's speed and
         1.5-1.6x its memory; both give the same loss and gradients).
     `loss_scale` (set by the trainer from an fp16 GradScaler) scales the inner support loss too.
     Batch norm uses each set's own statistics (support while adapting, query when predicting):

@@ -28,7 +28,7 @@ def check_task_batching(task_batching: str) -> None:
 
 
 def resolve_task_batching(task_batching: str, device: torch.device) -> str:
-    """"auto" -> a loop on the CPU (scripts/bench.py: vmap ran at 0.3-0.4x its speed there) and vmap
+    """"auto" -> a loop on the CPU (scripts/bench.py: vmap ran at 0.3-0.45x its speed there) and vmap
     on CUDA, where batching small convolutions usually pays (not yet measured here: no GPU)."""
     if task_batching != "auto":
         return task_batching
