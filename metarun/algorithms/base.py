@@ -81,14 +81,16 @@ class EpisodeClassifier(MetaLearner):
     def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
         raise NotImplementedError
 
-    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
-        """Per-query loss `[T, M]`: cross-entropy of the logits."""
-        return F.cross_entropy(logits.transpose(1, 2), query_y, reduction="none")
+    def query_losses(self, logits: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
+        """Cross-entropy of the logits: per query `[T, M]` ("none") or its mean over the batch
+        ("mean", in one fused call: the gradient of training's loss keeps its summation order)."""
+        losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction=reduction)
+        return losses.view_as(query_y) if reduction == "none" else losses
 
     def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean query loss over the batch's queries."""
         logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        loss = self.query_losses(logits, tasks.query_y).mean()
+        loss = self.query_losses(logits, tasks.query_y, reduction="mean")
         return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, tasks.query_y).mean()}
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:

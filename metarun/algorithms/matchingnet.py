@@ -151,6 +151,7 @@ class MatchingNet(EpisodeClassifier):
             metrics["cosine_scale"] = self.log_scale.detach().exp()
         return loss, metrics
 
-    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
-        """Per-query loss `[T, M]`: `episode_logits` are already class log-probabilities."""
-        return F.nll_loss(logits.transpose(1, 2), query_y, reduction="none")
+    def query_losses(self, logits: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
+        """As EpisodeClassifier's, but `episode_logits` are already class log-probabilities."""
+        losses = F.nll_loss(logits.flatten(0, 1), query_y.flatten(), reduction=reduction)
+        return losses.view_as(query_y) if reduction == "none" else losses

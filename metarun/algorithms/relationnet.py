@@ -24,14 +24,16 @@ def class_feature_maps(support_maps: Tensor, support_y: Tensor, n_way: int) -> T
     return sums.unflatten(2, support_maps.shape[2:])  # [T, N, C, h, w]
 
 
-def relation_loss(scores: Tensor, query_y: Tensor) -> Tensor:
-    """Mean squared error of the relation scores against one-hot targets, per query: `[T, M, N], [T, M] -> [T, M]`.
+def relation_loss(scores: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
+    """Mean squared error of the relation scores `[T, M, N]` against one-hot targets: per query
+    `[T, M]` ("none") or over the batch ("mean", the mean of the tasks' means).
 
     Computed in at least float32, so a bf16 autocast does not round the small squared errors.
     """
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     targets = F.one_hot(query_y, scores.shape[-1]).to(scores.dtype)  # [T, M, N]
-    return (scores - targets).square().mean(dim=-1)
+    squared = (scores - targets).square()
+    return squared.mean(dim=-1) if reduction == "none" else squared.mean(dim=(1, 2)).mean()
 
 
 class RelationModule(nn.Module):
@@ -126,6 +128,6 @@ class RelationNet(EpisodeClassifier):
         class_maps = class_feature_maps(maps[:, :n_support], support_y, n_way)  # [T, N, C, h, w]
         return self.relation(class_maps, maps[:, n_support:])  # [T, N*Q, N]
 
-    def query_losses(self, logits: Tensor, query_y: Tensor) -> Tensor:
-        """Per-query loss `[T, M]`: the relation scores' squared error against one-hot targets."""
-        return relation_loss(logits, query_y)
+    def query_losses(self, logits: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
+        """The relation scores' squared error against one-hot targets (`relation_loss`)."""
+        return relation_loss(logits, query_y, reduction)
