@@ -20,7 +20,7 @@ from hydra.utils import get_object
 from importlib.resources import files
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from metarun.errors import MetarunError
 
@@ -73,6 +73,9 @@ class EvalConfig:
     n_way: int = "${eval_episode:${eval.episode},n_way,${episode.n_way}}"  # type: ignore[assignment]
     k_shot: int = "${eval_episode:${eval.episode},k_shot,${episode.k_shot}}"  # type: ignore[assignment]
     n_query: int = "${eval_episode:${eval.episode},n_query,${episode.n_query}}"  # type: ignore[assignment]
+    # M augmented copies of each support image at validation and test time (the augment group's
+    # settings, or the dataset's standard augmentation with augment=none); 0: none.
+    support_augment: int = 0
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Config:
     model: Any = None
     optimizer: Any = None
     scheduler: Optional[Any] = None
+    augment: Optional[Any] = None
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -112,7 +116,8 @@ POSITIVE = (
     "train.steps", "train.val_every", "train.val_episodes", "train.log_every", "train.grad_clip",
     "eval.episodes", "eval.batch_size", "eval.n_way", "eval.k_shot", "eval.n_query", "optimizer.lr",
 )
-TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler")
+NON_NEGATIVE = ("eval.support_augment",)
+TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler", "augment")
 # Arguments the trainer passes itself rather than the config; an algorithm receives
 # n_train_classes (the training split's class count) only if its constructor names it.
 PASSED_BY_TRAINER = {"algorithm": {"model", "n_way", "n_train_classes"}, "optimizer": {"params"},
@@ -121,20 +126,32 @@ PASSED_BY_TRAINER = {"algorithm": {"model", "n_way", "n_train_classes"}, "optimi
 
 def validate(cfg: DictConfig) -> None:
     """Raise MetarunError (one line, with the fix) for any value the run could not start with."""
+    check_resolves(cfg)
+    for keys, words, wanted in ((POSITIVE, "positive", "> 0"), (NON_NEGATIVE, "0 or more", ">= 0")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MetarunError(f"{key}={value!r} should be a number; pass {key}=<a number {wanted}>")
+            if value < 0 or (value == 0 and wanted == "> 0"):
+                raise MetarunError(f"{key}={value} must be {words}; pass {key}=<a value {wanted}>")
+    for group in TARGET_GROUPS:
+        node = cfg.get(group)
+        if node:  # augment=none is an empty node
+            check_target_arguments(group, node)
+
+
+def check_resolves(cfg: DictConfig) -> None:
+    """Every interpolation resolves and every mandatory value (`???`) is set."""
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except InterpolationResolutionError as e:
         # OmegaConf rewraps a resolver's exception; keep our own message without its prefix.
         message = str(e).splitlines()[0].removeprefix(f"{MetarunError.__name__} raised while resolving interpolation: ")
         raise MetarunError(message) from None
-    for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise MetarunError(f"{key}={value} must be positive; pass {key}=<a value > 0>")
-    for group in TARGET_GROUPS:
-        node = cfg.get(group)
-        if node is not None:
-            check_target_arguments(group, node)
+    except MissingMandatoryValue as e:
+        raise MetarunError(f"{e.full_key} must be set; pass {e.full_key}=<value> (metarun --cfg job shows the config)") from None
 
 
 def check_target_arguments(group: str, node: DictConfig) -> None:

@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 
 @contextmanager
-def one_line_composition_errors() -> Iterator[None]:
+def one_line_composition_errors(prog: str = "metarun") -> Iterator[None]:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         yield
         return
@@ -26,7 +26,7 @@ def one_line_composition_errors() -> Iterator[None]:
     try:
         yield
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"metarun: error: {describe(e)}", file=sys.stderr)
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]

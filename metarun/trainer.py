@@ -23,6 +23,7 @@ from tqdm import tqdm
 from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.config import accepted_arguments, validate
+from metarun.data.augment import Augment
 from metarun.data.sampler import EpisodeSampler
 from metarun.device import autocast, check_amp, resolve_device
 from metarun.errors import MetarunError
@@ -30,8 +31,9 @@ from metarun.evaluation import evaluate
 from metarun.run_log import RunLog
 
 PARTS = ("train", "val", "test")
-# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs and reads.
-RESUMABLE_CHANGES = ("train.steps", "eval.", "device.", "dataset.root", "dataset.cache_dir", "dataset.download")
+# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs; and the
+# dataset's machine-local keys (where it reads from), which the dataset declares.
+RESUMABLE_CHANGES = ("train.steps", "eval.", "device.")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -55,17 +57,10 @@ class Trainer:
         self.amp = cfg.device.amp.value
         check_amp(self.device, self.amp)
 
-        dataset = build(cfg.dataset)
-        self.samplers = {
-            part: EpisodeSampler(
-                dataset.images(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
-                config_key=episode_key(cfg, part),
-            )
-            for part in PARTS
-        }
+        self.dataset = dataset = build(cfg.dataset)
+        self.samplers = {part: self.episode_sampler(part) for part in PARTS}
         torch.manual_seed(cfg.seed)
-        offered = {"model": build(cfg.model), "n_way": cfg.episode.n_way,
-                   "n_train_classes": self.samplers["train"].images.shape[0]}
+        offered = {"model": build(cfg.model), "n_way": cfg.episode.n_way, "n_train_classes": dataset.n_classes("train")}
         self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
@@ -76,6 +71,20 @@ class Trainer:
         self.best_val_accuracy = -math.inf
         if (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
+
+    def episode_sampler(self, part: str) -> EpisodeSampler:
+        """`part`'s episodes on the device, normalized as the dataset declares; training episodes
+        augmented by the augment group, evaluation ones given eval.support_augment copies."""
+        dataset, cfg = self.dataset, self.cfg
+        augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
+        copies = 0 if part == "train" else cfg.eval.support_augment
+        if copies and augment is None:  # augment=none: the copies use the dataset's standard augmentation
+            augment = Augment().resolve(dataset.standard_augment)
+        return EpisodeSampler(
+            dataset.part(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
+            config_key=episode_key(cfg, part), mean=dataset.mean, std=dataset.std,
+            augment=augment if part == "train" or copies else None, support_copies=copies,
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -181,7 +190,8 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         path = self.checkpoint_dir / "last.pt"
-        changed = config_changes(state.get("config", {}), config_container(self.cfg))
+        machine_local = tuple(f"dataset.{key}" for key in self.dataset.machine_local)
+        changed = config_changes(state.get("config", {}), config_container(self.cfg), machine_local)
         if changed:
             raise MetarunError(
                 f"{self.run_dir} holds a run with a different config ({changed[0]}); "
@@ -243,17 +253,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], also_allowed: tuple[str, ...] = ()) -> list[str]:
     """Keys whose values differ between two configs, except those a resumed run may change."""
     old, new = flatten(old), flatten(new)
+    allowed = RESUMABLE_CHANGES + also_allowed
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        if old.get(key) != new.get(key) and not key.startswith(allowed)
     ]
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters as TensorBoard wants them: flat, scalar values only."""
     flat = flatten(config_container(cfg))
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("dataset.root")}
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))
+            and not k.startswith(("dataset.root", "dataset.path"))}

@@ -38,7 +38,7 @@ def test_invalid_values_are_one_line_errors(override, message):
     [
         ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
         ("algorithm=mamll", "Could not find 'algorithm/mamll'; choose one of: "),
-        ("dataset=omniglott", "choose one of: omniglot"),
+        ("dataset=omniglott", "choose one of: cifarfs, fc100, folder, miniimagenet, omniglot"),
         ("episode.n_way=five", "episode.n_way: Value 'five'"),
         ("device.amp=fp32", "expected one of [none, bf16, fp16]"),
     ],

@@ -5,21 +5,23 @@ program induction", Science 350(6266): 1,623 handwritten characters from 50 alph
 of each. The few-shot split of Vinyals et al. (2016), "Matching Networks for One Shot Learning",
 adds rotations by 90, 180 and 270 degrees as classes of their own (4112 train / 688 val / 1692 test).
 
-All 32,460 PNGs are decoded once into one uint8 tensor `[1623, 20, 1, S, S]` and cached on disk;
-the parts (train / val / test) index that tensor.
+All 32,460 PNGs are decoded once into one uint8 tensor `[1623, 20, 1, S, S]` and cached on disk
+(metarun.data.cache); the parts (train / val / test) index that tensor. Strokes are 1 on a 0
+background after scaling to [0, 1], and no further normalization is applied (mean 0, std 1), as in
+the MAML and Prototypical Networks pipelines.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from metarun.atomic import write_atomically
+from metarun.data.cache import cache_file, files_under, load_or_build, source_fingerprint
+from metarun.data.contract import ClassDataset, ClassImages, check_channels, check_image_size, to_channels
+from metarun.data.download import download_and_extract
 from metarun.errors import MetarunError
 
 IMAGES_PER_CHARACTER = 20
@@ -39,34 +41,20 @@ SPLIT_LISTS = Path(__file__).resolve().parent.parent / "splits" / "omniglot-viny
 VAL_EVERY = 5
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("METARUN_CACHE") or Path.home() / ".cache" / "metarun")
-
-
 def ensure_image_folders(root: str | Path, download: bool) -> Path:
     """Return `root/omniglot-py`, downloading torchvision's zips into it if a folder is missing."""
     base = Path(root).expanduser() / "omniglot-py"
     for folder in FOLDERS:
         if (base / folder).is_dir():
             continue
+        missing = f"Omniglot folder {base / folder} is missing"
         fix = (
             f"set dataset.root to a folder holding omniglot-py/{folder} "
             "(e.g. $METARUN_DATA/omniglot with METARUN_DATA set), or dataset.download=true"
         )
         if not download:
-            raise MetarunError(f"Omniglot folder {base / folder} is missing; {fix}")
-        try:
-            # Imported here: torchvision is only needed when there is something to download.
-            from torchvision.datasets.utils import download_and_extract_archive
-
-            download_and_extract_archive(
-                f"{URL_PREFIX}/{folder}.zip", str(base), filename=f"{folder}.zip", md5=ZIP_MD5[folder]
-            )
-        except Exception as e:  # offline, proxy, bad checksum: all end the same way for the user
-            reason = " ".join(str(e).split())[:200]
-            raise MetarunError(
-                f"Omniglot folder {base / folder} is missing and downloading it failed ({reason}); {fix}"
-            ) from None
+            raise MetarunError(f"{missing}; {fix}")
+        download_and_extract(f"{URL_PREFIX}/{folder}.zip", base, ZIP_MD5[folder], missing, fix)
     return base
 
 
@@ -121,25 +109,12 @@ def decode_omniglot(root: str | Path, image_size: int) -> dict:
     return {"images": torch.from_numpy(images), "names": names, "folders": folders}
 
 
-def cache_path(root: str | Path, image_size: int, cache_dir: str | Path | None) -> Path:
-    """One cache file per (root folder, image size); the fingerprint tells two roots apart."""
-    fingerprint = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:10]
-    return Path(cache_dir or default_cache_dir()).expanduser() / f"omniglot-{image_size}px-{fingerprint}.pt"
-
-
 def load_or_decode(root: str | Path, image_size: int, cache_dir: str | Path | None) -> dict:
-    """The decoded payload from the cache file if it is readable, else decoded and cached."""
-    path = cache_path(root, image_size, cache_dir)
-    if path.is_file():
-        try:
-            payload = torch.load(path, weights_only=True)
-            if tuple(payload["images"].shape[1:]) == (IMAGES_PER_CHARACTER, 1, image_size, image_size):
-                return payload
-        except Exception:
-            pass  # a truncated or foreign file: decode again and overwrite it
-    payload = decode_omniglot(root, image_size)
-    write_atomically(path, lambda f: torch.save(payload, f))
-    return payload
+    """The decoded payload from the shared cache, decoded again when a PNG changed."""
+    base = Path(root).expanduser() / "omniglot-py"
+    source = source_fingerprint([p for folder in FOLDERS for p in files_under(base / folder)], image_size)
+    path = cache_file(cache_dir, "omniglot", root, f"{image_size}px")
+    return load_or_build(path, source, lambda: decode_omniglot(root, image_size))
 
 
 def read_split_list(part: str) -> list[str]:
@@ -147,7 +122,7 @@ def read_split_list(part: str) -> list[str]:
     return (SPLIT_LISTS / f"{part}.txt").read_text().split()
 
 
-class Omniglot:
+class Omniglot(ClassDataset):
     """Omniglot's images grouped by class for each part of a split.
 
     split="vinyals": the Vinyals et al. (2016) classes listed in metarun/splits/omniglot-vinyals;
@@ -160,23 +135,31 @@ class Omniglot:
     """
 
     name = "omniglot"
+    parts = PARTS
+    # A small affine, as stroke images allow: flips and strong crops would change the character.
+    standard_augment = {"rotate": 10.0, "translate": 0.1, "scale": 0.1}
 
     def __init__(
         self,
         root: str,
         split: str = "vinyals",
         image_size: int = 28,
+        channels: int = 1,
         download: bool = True,
         cache_dir: str | None = None,
     ):
+        """`channels=3` repeats the grey image, for models built for colour images."""
         if split not in SPLITS:
             raise MetarunError(f"dataset.split={split!r} is not an Omniglot split; use one of {', '.join(SPLITS)}")
-        if image_size < 1:
-            raise MetarunError(f"dataset.image_size={image_size} must be positive; use e.g. 28 or 84")
+        check_image_size(image_size, 28)
+        check_channels(self.name, channels)
         ensure_image_folders(root, download)
         payload = load_or_decode(root, image_size, cache_dir)
+        self.root, self.cache_dir = Path(root), cache_dir
         self.split = split
         self.image_size = image_size
+        self.channels = channels
+        self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self._characters = payload["images"]  # [1623, 20, 1, S, S] uint8
         self._names = list(payload["names"])
         self._folders = list(payload["folders"])
@@ -184,18 +167,23 @@ class Omniglot:
         self._parts: dict[str, tuple[list[str], torch.Tensor]] = {}
 
     def images(self, part: str) -> torch.Tensor:
-        """uint8 `[n_classes, 20, 1, S, S]`, strokes 255 on background 0."""
+        """uint8 `[n_classes, 20, channels, S, S]`, strokes 255 on background 0."""
         return self._part(part)[1]
 
-    def class_names(self, part: str) -> list[str]:
-        return list(self._part(part)[0])
+    def part(self, part: str) -> ClassImages:
+        names, images = self._part(part)
+        return ClassImages.uniform(images, names)
+
+    def layout(self) -> dict[str, str]:
+        return {"layout": f"torchvision's omniglot-py folders, split={self.split}", "root": str(self.root),
+                "cache": str(cache_file(self.cache_dir, self.name, self.root, f"{self.image_size}px").parent)}
 
     def _part(self, part: str) -> tuple[list[str], torch.Tensor]:
-        if part not in PARTS:
-            raise MetarunError(f"Omniglot has no part {part!r}; use one of {', '.join(PARTS)}")
+        self.check_part(part)
         if part not in self._parts:  # built on first use: train alone is 64 MB at 28x28
             build = self._vinyals_part if self.split == "vinyals" else self._background_part
-            self._parts[part] = build(part)
+            names, images = build(part)
+            self._parts[part] = names, to_channels(images, self.channels)
         return self._parts[part]
 
     def _vinyals_part(self, part: str) -> tuple[list[str], torch.Tensor]:

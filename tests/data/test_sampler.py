@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metarun.data.augment import Augment
+from metarun.data.contract import ClassImages
 from metarun.data.sampler import EpisodeSampler
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
@@ -28,7 +30,8 @@ def ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sampler(n_way=5, k_shot=2, n_query=3, n_classes=20, per_class=20, first_class=0):
-    return EpisodeSampler(id_images(n_classes, per_class, first_class), n_way, k_shot, n_query, part="val")
+    return EpisodeSampler(id_images(n_classes, per_class, first_class), n_way, k_shot, n_query, part="val",
+                          dataset_name="omniglot")
 
 
 def assert_same(a: TaskBatch, b: TaskBatch) -> None:
@@ -153,3 +156,86 @@ def test_real_omniglot_five_way_one_shot(omniglot):
     tasks = s.sample(2, torch.Generator().manual_seed(0))
     assert tasks.support_x.shape == (2, 5, 1, 28, 28) and tasks.query_x.shape == (2, 75, 1, 28, 28)
     assert tasks.support_x.max() == 1.0
+
+
+def ragged(counts: list[int]) -> ClassImages:
+    """Classes of the given sizes; pixel (0, 0) holds the class id, pixel (0, 1) the item id."""
+    per_class = [id_images(1, n, first_class=c)[0] for c, n in enumerate(counts)]
+    return ClassImages.from_classes(per_class, [f"class{c}" for c in range(len(counts))])
+
+
+def test_ragged_classes_give_distinct_items_of_each_class_and_never_an_item_past_its_count():
+    counts = [3, 9, 4, 12, 5, 3]
+    s = EpisodeSampler(ragged(counts), n_way=4, k_shot=1, n_query=2, part="train")
+    tasks = s.sample(200, torch.Generator().manual_seed(0))
+    classes = torch.cat([ids(tasks.support_x)[0], ids(tasks.query_x)[0]], dim=1)  # [T, 12]
+    items = torch.cat([ids(tasks.support_x)[1], ids(tasks.query_x)[1]], dim=1)
+    assert (items < torch.tensor(counts)[classes]).all()  # no padding position was drawn
+    for t in range(200):
+        pairs = set(zip(classes[t].tolist(), items[t].tolist()))
+        assert len(pairs) == 12  # no image twice
+    # every item of the largest class is reached
+    assert set(items[classes == 3].tolist()) == set(range(12))
+
+
+def test_classes_with_too_few_images_are_named_in_a_warning_and_never_drawn():
+    with pytest.warns(UserWarning, match=r"train: 2 classes hold fewer than episode.k_shot \+ episode.n_query = 4 "
+                                         r"images and are left out: class0, class5"):
+        s = EpisodeSampler(ragged([3, 9, 4, 12, 5, 3]), n_way=3, k_shot=1, n_query=3, part="train")
+    assert s.n_classes == 4
+    classes = ids(s.sample(100, torch.Generator().manual_seed(0)).support_x)[0]
+    assert set(classes.unique().tolist()) == {1, 2, 3, 4}
+
+
+def test_too_few_usable_classes_for_n_way_is_one_line():
+    with pytest.raises(MetarunError, match=r"episode.n_way=5 but only 4 of dataset/train's 6 classes hold") as error:
+        EpisodeSampler(ragged([3, 9, 4, 12, 5, 3]), n_way=5, k_shot=1, n_query=3, part="train")
+    assert "\n" not in str(error.value)
+
+
+def test_episodes_are_normalized_with_the_given_mean_and_std():
+    plain = sampler().episodes(seed=0, start=0, count=2)
+    s = EpisodeSampler(id_images(20, 20), 5, 2, 3, part="val", mean=[0.5], std=[0.25])
+    normalized = s.episodes(seed=0, start=0, count=2)
+    torch.testing.assert_close(normalized.support_x, (plain.support_x - 0.5) / 0.25)
+    torch.testing.assert_close(normalized.query_x, (plain.query_x - 0.5) / 0.25)
+
+
+def standard_augment() -> Augment:
+    return Augment().resolve({"crop_padding": 1, "flip": True, "color_jitter": 0.4})
+
+
+def test_augmentation_changes_support_images_but_not_which_images_labels_or_queries():
+    images = torch.randint(0, 256, (20, 20, 3, 8, 8), dtype=torch.uint8)
+    plain = EpisodeSampler(images, 5, 2, 3, part="train").sample(4, torch.Generator().manual_seed(0))
+    augmented = EpisodeSampler(images, 5, 2, 3, part="train", augment=standard_augment()).sample(
+        4, torch.Generator().manual_seed(0))
+    # Indices are drawn before the augmentation's parameters: the same episode, other pixels.
+    for name in ("support_y", "query_y", "classes", "query_x"):
+        assert torch.equal(getattr(plain, name), getattr(augmented, name)), name
+    changed = (plain.support_x != augmented.support_x).flatten(2).any(-1)  # [T, N*K]
+    assert changed.float().mean() > 0.9
+    assert augmented.support_x.min() >= 0 and augmented.support_x.max() <= 1
+
+
+def test_augmented_episodes_repeat_for_one_seed_and_differ_for_another():
+    images = torch.randint(0, 256, (20, 20, 3, 8, 8), dtype=torch.uint8)
+    s = EpisodeSampler(images, 5, 2, 3, part="train", augment=standard_augment())
+    a, b = (s.sample(4, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert_same(a, b)
+    c = EpisodeSampler(images, 5, 2, 3, part="train").sample(4, torch.Generator().manual_seed(7))
+    assert not torch.equal(a.support_x, c.support_x)
+
+
+def test_support_copies_add_m_augmented_copies_per_episode_independent_of_the_batch():
+    images = torch.randint(0, 256, (20, 20, 3, 8, 8), dtype=torch.uint8)
+    plain = EpisodeSampler(images, 5, 2, 3, part="test").episodes(seed=0, start=0, count=4)
+    s = EpisodeSampler(images, 5, 2, 3, part="test", augment=standard_augment(), support_copies=3)
+    batch = s.episodes(seed=0, start=0, count=4)
+    assert batch.support_x.shape == (4, 10 * 4, 3, 8, 8)
+    assert torch.equal(batch.support_x[:, :10], plain.support_x)  # the originals first
+    assert torch.equal(batch.support_y, torch.cat([plain.support_y, plain.support_y.repeat_interleave(3, 1)], 1))
+    assert torch.equal(batch.query_x, plain.query_x)
+    copies = batch.support_x[:, 10:].unflatten(1, (10, 3))  # [T, N*K, M, C, H, W]
+    assert not torch.equal(copies[:, :, 0], copies[:, :, 1])
+    assert_same(stack([s.episode(seed=0, index=i) for i in range(4)]), batch)
