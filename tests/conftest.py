@@ -1,4 +1,8 @@
-"""Fixtures shared by the whole suite: where the real Omniglot lives and how to compose a config."""
+"""Fixtures shared by the whole suite: where the data lives and how to compose a config.
+
+Omniglot is the real dataset ($METARUN_DATA). The other datasets are small fixtures written in
+their real formats (tests/fixtures/), with class-dependent synthetic images a model can learn.
+"""
 
 from __future__ import annotations
 
@@ -36,15 +40,54 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-@pytest.fixture
-def make_config(omniglot_root, omniglot_cache):
-    """compose_config on the real data with a test-sized default run: CPU, few steps, few episodes."""
+# Test-sized runs: CPU, few steps, few episodes.
+SMALL_RUN = ("device=cpu", "train.steps=20", "train.val_every=10", "train.val_episodes=20", "train.log_every=5",
+             "eval.episodes=50", "eval.batch_size=25")
+COLOUR_DATASETS = ("miniimagenet", "cifarfs", "fc100", "folder")
+FIXTURE_IMAGE_SIZE = 16  # the fixtures' images are decoded at 16x16: fast, and enough to tell classes apart
 
-    def make(*overrides: str) -> DictConfig:
-        return compose_config(
-            f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false",
-            "device=cpu", "train.steps=20", "train.val_every=10", "train.val_episodes=20", "train.log_every=5",
-            "eval.episodes=50", "eval.batch_size=25", *overrides,
-        )
+
+@pytest.fixture(scope="session")
+def colour_datasets(tmp_path_factory) -> dict[str, tuple[str, ...]]:
+    """{dataset: the overrides that read its fixture}: each colour dataset written once per session.
+
+    torchvision checks CIFAR-100's files against the real release's md5s; for the session it is
+    told the fixture's md5s instead, so its real integrity check still runs.
+    """
+    from tests.fixtures.cifar import accept_fixture_md5s, write_cifar100
+    from tests.fixtures.folder import write_folder
+    from tests.fixtures.miniimagenet import write_ravi
+
+    root = tmp_path_factory.mktemp("colour-data")
+    cache = f"dataset.cache_dir={root / 'cache'}"
+    size = f"dataset.image_size={FIXTURE_IMAGE_SIZE}"
+    write_ravi(root / "miniimagenet", n_classes_per_part=(10, 5, 5), per_class=8)
+    write_cifar100(root / "cifar100", per_class_train=6, per_class_test=2)
+    write_folder(root / "folder", n_classes=25)  # 15 / 5 / 5 classes of 5 to 11 images
+    patch = pytest.MonkeyPatch()
+    for name, value in accept_fixture_md5s(root / "cifar100").items():
+        patch.setattr(f"torchvision.datasets.CIFAR100.{name}", value)
+    yield {
+        "miniimagenet": ("dataset=miniimagenet", f"dataset.root={root / 'miniimagenet'}", size, cache),
+        "cifarfs": ("dataset=cifarfs", f"dataset.root={root / 'cifar100'}", "dataset.download=false", size, cache),
+        "fc100": ("dataset=fc100", f"dataset.root={root / 'cifar100'}", "dataset.download=false", size, cache),
+        "folder": ("dataset=folder", f"dataset.path={root / 'folder'}", size, cache),
+    }
+    patch.undo()
+
+
+@pytest.fixture
+def make_config(request, omniglot_cache):
+    """compose_config for a test-sized run on a dataset: Omniglot (the real data) unless `dataset=`
+    names one of COLOUR_DATASETS, whose fixture is then used."""
+
+    def make(*overrides: str, dataset: str = "omniglot") -> DictConfig:
+        if dataset == "omniglot":
+            root = request.getfixturevalue("omniglot_root")
+            data = ("dataset=omniglot", f"dataset.root={root}", f"dataset.cache_dir={omniglot_cache}",
+                    "dataset.download=false")
+        else:
+            data = request.getfixturevalue("colour_datasets")[dataset]
+        return compose_config(*data, *SMALL_RUN, *overrides)
 
     return make

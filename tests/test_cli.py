@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import COLOUR_DATASETS
+
 
 def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
@@ -75,3 +77,30 @@ def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path, omniglot_root
     inner_lrs = [json.loads(p.read_text())["config"]["algorithm"]["inner_lr"] for p in runs]
     assert inner_lrs == [0.1, 0.4]
     assert ["algorithm.inner_lr=0.4" in (p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs] == [False, True]
+
+
+def metarun_in_process(monkeypatch, *args: str) -> int:
+    """`metarun ARGS` in this process (so that the session's fixtures, CIFAR's md5s, apply)."""
+    from metarun.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["metarun", *args])
+    try:
+        main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("dataset", COLOUR_DATASETS)
+def test_every_colour_dataset_trains_from_the_cli_well_above_chance(colour_datasets, dataset, tmp_path, monkeypatch):
+    # ProtoNet, 5-way 1-shot, 40 episodes on 16x16 fixture images with the standard augmentation:
+    # chance is 20%.
+    code = metarun_in_process(
+        monkeypatch, *colour_datasets[dataset], f"hydra.run.dir={tmp_path / 'run'}", "device=cpu", "algorithm=protonet",
+        "augment=standard", "model.hidden=16", "episode.meta_batch_size=2", "episode.n_query=3", "train.steps=40",
+        "train.val_every=20", "train.val_episodes=10", "eval.episodes=40", "eval.batch_size=40",
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["dataset"]["channels"] == 3
+    assert results["test_accuracy"] >= 0.6, results["test_accuracy"]

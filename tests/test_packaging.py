@@ -12,7 +12,13 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    assert (target / "metarun" / "splits" / "omniglot-vinyals" / "test.txt").read_text().count("\n") == 1692
+    splits = target / "metarun" / "splits"
+    assert (splits / "omniglot-vinyals" / "test.txt").read_text().count("\n") == 1692
+    assert (splits / "miniimagenet-ravi" / "train.csv").read_text().count("\n") == 1 + 64 * 600
+    assert [len((splits / "cifar-fs" / f"{part}.txt").read_text().split()) for part in ("train", "val", "test")] == [64, 16, 20]
+    assert len((splits / "fc100" / "train.txt").read_text().split()) == 12
+    assert (target / "metarun" / "conf" / "augment" / "standard.yaml").is_file()
+    assert (target / "metarun" / "conf" / "dataset" / "miniimagenet.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = subprocess.run(
@@ -24,3 +30,4 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "_target_: metarun.algorithms.protonet.ProtoNet" in result.stdout and "_target_: torch.optim.SGD" in result.stdout
     assert "n_way: 20" in result.stdout
+    assert "metarun-data = metarun.data_check:main" in next(target.glob("metarun-*.dist-info/entry_points.txt")).read_text()

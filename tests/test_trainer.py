@@ -85,15 +85,21 @@ def test_short_runs_learn_well_above_chance(make_config, tmp_path, overrides, ch
         assert len(train) == 8 and all(line["support_acc_after"] > line["support_acc_before"] for line in train)
 
 
-def small_run(make_config, *overrides):
+def small_run(make_config, *overrides, dataset="omniglot"):
     return make_config("algorithm=protonet", "episode.meta_batch_size=2", "episode.n_query=3", "eval.episodes=30",
-                       *overrides)
+                       *overrides, dataset=dataset)
 
 
-def test_resumed_run_ends_with_the_same_results_as_an_uninterrupted_one(make_config, tmp_path):
-    straight = run(small_run(make_config, "train.steps=20"), tmp_path / "straight")
-    run(small_run(make_config, "train.steps=10"), tmp_path / "resumed")  # stops after its first checkpoint
-    resumed = run(small_run(make_config, "train.steps=20"), tmp_path / "resumed")
+@pytest.mark.parametrize(
+    "dataset, overrides",
+    [("omniglot", ()), ("folder", ("augment=standard", "augment.query=true", "eval.support_augment=2"))],
+    ids=["omniglot", "folder-augmented"],
+)
+def test_resumed_run_ends_with_the_same_results_as_an_uninterrupted_one(make_config, tmp_path, dataset, overrides):
+    config = lambda steps: small_run(make_config, f"train.steps={steps}", *overrides, dataset=dataset)  # noqa: E731
+    straight = run(config(20), tmp_path / "straight")
+    run(config(10), tmp_path / "resumed")  # stops after its first checkpoint
+    resumed = run(config(20), tmp_path / "resumed")
     drop_config = lambda r: {k: v for k, v in r.items() if k != "config"}  # noqa: E731
     assert drop_config(resumed) == drop_config(straight)
     logs = [
@@ -190,3 +196,15 @@ def test_grad_clip_bounds_the_global_norm_of_each_update(make_config, tmp_path, 
     else:
         assert metrics["grad_norm"] > 0.1  # it was clipped...
         assert step == pytest.approx(clip, rel=1e-3)  # ...to exactly the requested norm
+
+
+def test_augment_standard_takes_the_datasets_own_settings_for_training_episodes_only(make_config, tmp_path):
+    trainer = Trainer(small_run(make_config, "augment=standard", "augment.flip=false", dataset="miniimagenet"), tmp_path)
+    augment = trainer.samplers["train"].augment
+    # mini-ImageNet's 8-pixel padding of 84x84, in proportion at the fixture's 16x16; flip overridden.
+    assert (augment.crop_padding, augment.flip, augment.color_jitter) == (2, False, 0.4)
+    assert augment.support and not augment.query
+    assert trainer.samplers["val"].augment is None and trainer.samplers["test"].augment is None
+    copies = Trainer(small_run(make_config, "eval.support_augment=2", dataset="miniimagenet"), tmp_path / "copies")
+    assert copies.samplers["train"].augment is None  # augment=none: training episodes as drawn
+    assert copies.samplers["test"].episodes(0, 0, 1).support_x.shape[1] == 5 * 3
