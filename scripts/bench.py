@@ -17,8 +17,14 @@ fork and exec into the child's `ru_maxrss`, which would hide the growth); on CUD
 model and data, and absolute). Before timing, the script checks that metarun's second-order
 1-step meta-gradient equals the plain loop's, so the table compares equal computations.
 
+Then, in one more process, episode sampling from a mini-ImageNet-shaped uint8 tensor (64 classes x
+600 images x 3x84x84, 0.8 GB, as `dataset=miniimagenet` holds its training part): episodes per
+second drawn on the device (gather, scale, normalize; and with `augment=standard` on the support
+set), and sampling's share of a Conv4 ProtoNet training step on those episodes. Sampling and the
+step alternate in `--rounds` rounds; the table gives medians and the spread (min-max) over rounds.
+
     python scripts/bench.py [--device cpu|cuda|auto] [--iters N] [--warmup N] [--meta-batch 32]
-                            [--out results.json] [--quick]
+                            [--image-shape 1 28 28] [--out results.json] [--quick] [--skip-sampling]
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ from torch.func import functional_call
 from metarun.algorithms.maml import MAML, Classifier
 from metarun.algorithms.task_batching import resolve_task_batching
 from metarun.algorithms.protonet import ProtoNet
+from metarun.data.augment import Augment
+from metarun.data.contract import ClassImages
+from metarun.data.miniimagenet import MEAN, STD
+from metarun.data.sampler import EpisodeSampler
 from metarun.data.tasks import TaskBatch
 from metarun.device import resolve_device
 from metarun.models.conv4 import Conv4
 
 N_WAY, K_SHOT, N_QUERY = 5, 1, 15
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = [1, 28, 28]  # --image-shape; the default is Omniglot's
+SAMPLING_SHAPE = (64, 600, 3, 84, 84)  # mini-ImageNet's training part: classes, images each, C, H, W
 INNER_LR, META_LR = 0.4, 1e-3
 SEED = 0
 GRAD_TOLERANCE = 1e-4  # relative, float32: ||g - g_plain|| / ||g_plain||
@@ -97,10 +108,14 @@ def synthetic_tasks(meta_batch: int, device: torch.device) -> TaskBatch:
     return TaskBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), N_WAY).to(device)
 
 
+def conv4(shape: list[int]) -> Conv4:
+    return Conv4(in_channels=shape[0], image_size=shape[-1])
+
+
 def initial_model(method: str) -> nn.Module:
     """The seeded network whose state every implementation of `method` starts from."""
     torch.manual_seed(SEED)
-    return Classifier(Conv4(), N_WAY) if method == "MAML" else Conv4()
+    return Classifier(conv4(IMAGE_SHAPE), N_WAY) if method == "MAML" else conv4(IMAGE_SHAPE)
 
 
 def plain_maml_loss(model: nn.Module, tasks: TaskBatch, adaptation_steps: int, first_order: bool) -> Tensor:
@@ -144,7 +159,7 @@ def build(config: Config, tasks: TaskBatch, device: torch.device) -> tuple[nn.Mo
         return model, lambda: plain_protonet_loss(model, tasks)
     if config.method == "MAML":
         learner = MAML(
-            Conv4(),
+            conv4(IMAGE_SHAPE),
             N_WAY,
             inner_lr=INNER_LR,
             adaptation_steps=config.adaptation_steps,
@@ -152,7 +167,7 @@ def build(config: Config, tasks: TaskBatch, device: torch.device) -> tuple[nn.Mo
             task_batching=config.implementation,
         )
     else:
-        learner = ProtoNet(Conv4(), N_WAY)
+        learner = ProtoNet(conv4(IMAGE_SHAPE), N_WAY)
     learner.model.load_state_dict(initial_model(config.method).state_dict())
     learner.to(device)
     return learner.model, lambda: learner(tasks)[0]
@@ -232,10 +247,70 @@ def measure(config: Config, device: torch.device, meta_batch: int, iters: int, w
     }
 
 
+def measure_sampling(device: torch.device, rounds: int, meta_batch: int) -> dict:
+    """Episodes/s from a mini-ImageNet-shaped tensor on `device`, plain and with the standard support
+    augmentation, against the time of one Conv4 ProtoNet training step on such episodes."""
+    generator = torch.Generator(device).manual_seed(SEED)
+    images = torch.randint(0, 256, SAMPLING_SHAPE, dtype=torch.uint8, generator=generator, device=device)
+    data = ClassImages.uniform(images)
+    augment = Augment().resolve({"crop_padding": 8, "flip": True, "color_jitter": 0.4})
+    samplers = {
+        "plain": EpisodeSampler(data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD),
+        "augmented": EpisodeSampler(data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD, augment=augment),
+    }
+    torch.manual_seed(SEED)
+    learner = ProtoNet(conv4(list(SAMPLING_SHAPE[2:])), N_WAY).to(device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=META_LR)
+
+    def timed(fn) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        learner(samplers["plain"].sample(meta_batch, generator))[0].backward()
+        optimizer.step()
+
+    train_step()  # warm-up
+    seconds: dict[str, list[float]] = {"plain": [], "augmented": [], "step": []}
+    for r in range(rounds):
+        # Rotating order, so that neither variant always runs right after the expensive step.
+        for name in (["plain", "augmented", "step"][r % 3:] + ["plain", "augmented", "step"][: r % 3]):
+            fn = train_step if name == "step" else lambda s=samplers[name]: s.sample(meta_batch, generator)
+            seconds[name].append(timed(fn))
+    return {"rounds": rounds, "meta_batch": meta_batch, "seconds": seconds}
+
+
+def sampling_table(result: dict) -> str:
+    seconds, meta_batch = result["seconds"], result["meta_batch"]
+    step = statistics.median(seconds["step"])
+    lines = [
+        f"Episode sampling, {'x'.join(map(str, SAMPLING_SHAPE[2:]))} images ({SAMPLING_SHAPE[0]} classes x "
+        f"{SAMPLING_SHAPE[1]}), {N_WAY}-way {K_SHOT}-shot {N_QUERY} queries, meta-batch {meta_batch}, "
+        f"{result['rounds']} interleaved rounds (median, min-max):",
+        "| sampling | episodes/s | spread | ms per meta-batch | share of a Conv4 ProtoNet step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in ("plain", "augmented"):
+        s = seconds[name]
+        label = "gather + normalize" if name == "plain" else "gather + standard support augmentation + normalize"
+        lines.append(f"| {label} | {meta_batch / statistics.median(s):.0f} | {meta_batch / max(s):.0f}-"
+                     f"{meta_batch / min(s):.0f} | {1000 * statistics.median(s):.1f} "
+                     f"| {100 * statistics.median(s) / (statistics.median(s) + step):.1f}% |")
+    lines.append(f"
+Conv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
+                 f"{1000 * step:.0f} ms (min-max {1000 * min(seconds['step']):.0f}-{1000 * max(seconds['step']):.0f})")
+    return "\n".join(lines)
+
+
 def run_isolated(config: Config, device: torch.device, args: argparse.Namespace) -> dict:
     """`measure` in a fresh Python process."""
     command = [sys.executable, __file__, "--one", config.name, "--device", device.type,
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--meta-batch", str(args.meta_batch)]
+               "--iters", str(args.iters), "--warmup", str(args.warmup), "--meta-batch", str(args.meta_batch),
+               "--image-shape", *map(str, IMAGE_SHAPE)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{config.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -289,6 +364,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, help="timed steps (default 5 on CPU, 20 on CUDA, 1 with --quick)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
+    parser.add_argument("--image-shape", type=int, nargs=3, default=IMAGE_SHAPE, metavar=("C", "H", "W"),
+                        help="image shape of the synthetic meta-batch (default: Omniglot's 1 28 28)")
+    parser.add_argument("--rounds", type=int, help="interleaved sampling rounds (default 7, 2 with --quick)")
+    parser.add_argument("--skip-sampling", action="store_true", help="skip the 84x84x3 sampling measurement")
     parser.add_argument("--out", help="write the raw numbers to this JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 iteration, 1-step configs only")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config, print JSON
@@ -300,6 +379,12 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.iters is None:
         args.iters = 1 if args.quick else (20 if device.type == "cuda" else 5)
+    IMAGE_SHAPE[:] = args.image_shape
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 7
+    if args.one == "sampling":
+        print(json.dumps(measure_sampling(device, args.rounds, min(args.meta_batch, 4 if device.type == "cpu" else 32))))
+        return
     if args.one:
         config = {c.name: c for c in all_configs(quick=False)}[args.one]
         print(json.dumps(measure(config, device, args.meta_batch, args.iters, args.warmup)))
@@ -309,7 +394,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| load average {load:.1f} at start")
-    print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, meta-batch {args.meta_batch}, "
+    print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, {'x'.join(map(str, IMAGE_SHAPE))} images, "
+          f"meta-batch {args.meta_batch}, "
           f"{args.warmup} warmup + {args.iters} timed steps per config (median step), each in a fresh process\n")
     grad_diffs = check_gradients(synthetic_tasks(args.meta_batch, device), device)
     results = []
@@ -318,6 +404,16 @@ def main() -> None:
         print(f"  {config.name}: {results[-1]['tasks_per_s']:.1f} tasks/s", flush=True)
     print()
     print(markdown_table(results, device))
+    sampling = None
+    if not args.skip_sampling:
+        command = [sys.executable, __file__, "--one", "sampling", "--device", device.type, "--rounds", str(args.rounds),
+                   "--meta-batch", str(args.meta_batch)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"sampling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        sampling = json.loads(proc.stdout.strip().splitlines()[-1])
+        print()
+        print(sampling_table(sampling))
     total = time.perf_counter() - started
     print(f"\ntotal runtime {total:.0f} s")
     if args.out:
@@ -332,6 +428,7 @@ def main() -> None:
             "grad_check_relative_diff": grad_diffs,
             "total_seconds": total,
             "results": results,
+            "sampling": sampling,
         }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
