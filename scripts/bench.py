@@ -300,8 +300,7 @@ def sampling_table(result: dict) -> str:
         lines.append(f"| {label} | {meta_batch / statistics.median(s):.0f} | {meta_batch / max(s):.0f}-"
                      f"{meta_batch / min(s):.0f} | {1000 * statistics.median(s):.1f} "
                      f"| {100 * statistics.median(s) / (statistics.median(s) + step):.1f}% |")
-    lines.append(f"
-Conv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
+    lines.append(f"\nConv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
                  f"{1000 * step:.0f} ms (min-max {1000 * min(seconds['step']):.0f}-{1000 * max(seconds['step']):.0f})")
     return "\n".join(lines)
 

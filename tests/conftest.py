@@ -91,3 +91,14 @@ def make_config(request, omniglot_cache):
         return compose_config(*data, *SMALL_RUN, *overrides)
 
     return make
+
+
+def one_line_error(call) -> str:
+    """The message of the MetarunError that `call()` raises, checked to be one line: problem; fix."""
+    from metarun.errors import MetarunError
+
+    with pytest.raises(MetarunError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and ";" in message
+    return message

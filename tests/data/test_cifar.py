@@ -15,8 +15,7 @@ from torchvision.datasets import CIFAR100
 
 from metarun.config import validate
 from metarun.data.cifar import CIFARFS, FC100
-from metarun.errors import MetarunError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, one_line_error
 from tests.fixtures.cifar import (COARSE_NAMES, FINE_NAMES, SUPERCLASSES, accept_fixture_md5s, read_fixture,
                                    write_cifar100)
 
@@ -68,14 +67,6 @@ def pooled_release(root) -> tuple[np.ndarray, np.ndarray]:
     train, test = read_fixture(root, "train"), read_fixture(root, "test")
     images = np.concatenate([train["data"], test["data"]]).reshape(-1, 3, 32, 32)
     return images, np.array(train["fine_labels"] + test["fine_labels"])
-
-
-def one_line_error(make) -> str:
-    with pytest.raises(MetarunError) as error:
-        make()
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize("cls, sizes", [(CIFARFS, (64, 16, 20)), (FC100, (60, 20, 20))])

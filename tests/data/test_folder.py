@@ -14,9 +14,9 @@ from PIL import Image
 import metarun.data.folder as folder_module
 from metarun.data.contract import PARTS
 from metarun.data.folder import ImageFolder
-from metarun.errors import MetarunError
 from tests.conftest import compose_config
-from tests.fixtures.folder import class_image, write_folder
+from tests.fixtures.folder import folder_image, write_folder
+from tests.conftest import one_line_error
 
 
 @pytest.fixture
@@ -30,14 +30,6 @@ def load(root: Path, cache: Path, **kwargs) -> ImageFolder:
 
 def all_counts(data: ImageFolder) -> dict[str, int]:
     return {name: int(n) for part in PARTS for name, n in zip(data.part(part).names, data.part(part).counts)}
-
-
-def single_line_error(call) -> str:
-    with pytest.raises(MetarunError) as error:
-        call()
-    message = str(error.value)
-    assert "\n" not in message and ";" in message  # the problem; the fix
-    return message
 
 
 def test_ragged_class_sizes_are_kept_exactly_as_written(tmp_path, cache):
@@ -158,7 +150,7 @@ def test_cache_is_reused_then_rebuilt_when_a_file_is_added(tmp_path, cache, monk
     second = load(written.root, cache)
     assert len(calls) == 1 and all_counts(second) == all_counts(first)
     assert len(list(cache.iterdir())) == 1  # one cache file for the whole folder
-    Image.fromarray(class_image(0, 99, 20, 20, seed=0)).save(written.root / "train" / "class00" / "new.png")
+    Image.fromarray(folder_image(0, 99, 20, 20, seed=0)).save(written.root / "train" / "class00" / "new.png")
     third = load(written.root, cache)
     assert len(calls) == 2 and calls[1] == calls[0] + 1
     assert all_counts(third)["class00"] == written.counts["class00"] + 1
@@ -183,25 +175,25 @@ def test_hydra_config_builds_the_dataset_with_a_list_split(tmp_path, cache):
 
 
 def test_missing_path_is_one_line_error(tmp_path, cache):
-    assert "does not exist" in single_line_error(lambda: load(tmp_path / "nowhere", cache))
+    assert "does not exist" in one_line_error(lambda: load(tmp_path / "nowhere", cache))
     (tmp_path / "file.txt").write_text("x")
-    assert "not a directory" in single_line_error(lambda: load(tmp_path / "file.txt", cache))
+    assert "not a directory" in one_line_error(lambda: load(tmp_path / "file.txt", cache))
 
 
 def test_folder_without_class_folders_is_one_line_error(tmp_path, cache):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "loose.png").write_bytes(b"")
-    assert "no class folders" in single_line_error(lambda: load(tmp_path / "empty", cache))
+    assert "no class folders" in one_line_error(lambda: load(tmp_path / "empty", cache))
 
 
 def test_split_leaving_a_part_without_classes_says_what_would_work(tmp_path, cache):
     written = write_folder(tmp_path / "images", n_classes=3)
-    message = single_line_error(lambda: load(written.root, cache))
+    message = one_line_error(lambda: load(written.root, cache))
     assert "3 class folders" in message and "leaves val with none" in message
     assert "dataset.split=[0.32,0.34,0.34]" in message
     assert [load(written.root, cache, split=[0.32, 0.34, 0.34]).n_classes(p) for p in PARTS] == [1, 1, 1]
     written = write_folder(tmp_path / "more", n_classes=10)
-    assert "dataset.split=[0.6,0.2,0.2]" in single_line_error(lambda: load(written.root, cache, split=[1, 0, 0]))
+    assert "dataset.split=[0.6,0.2,0.2]" in one_line_error(lambda: load(written.root, cache, split=[1, 0, 0]))
 
 
 def test_missing_part_of_a_pre_split_folder_is_one_line_error(tmp_path, cache):
@@ -210,28 +202,28 @@ def test_missing_part_of_a_pre_split_folder_is_one_line_error(tmp_path, cache):
         for file in class_folder.iterdir():
             file.unlink()
         class_folder.rmdir()
-    assert "holds no class folders" in single_line_error(lambda: load(written.root, cache))
+    assert "holds no class folders" in one_line_error(lambda: load(written.root, cache))
 
 
 @pytest.mark.parametrize("split", [[0.5, 0.5], [0.6, 0.3, 0.3], [1.2, -0.1, -0.1], ["a", "b", "c"], 0.6])
 def test_bad_split_values_are_one_line_error(tmp_path, cache, split):
     written = write_folder(tmp_path / "images", n_classes=5, sizes=[1] * 5)
-    assert "summing to 1" in single_line_error(lambda: load(written.root, cache, split=split))
+    assert "summing to 1" in one_line_error(lambda: load(written.root, cache, split=split))
 
 
 def test_split_given_for_a_pre_split_folder_says_to_drop_it(tmp_path, cache):
     written = write_folder(tmp_path / "images", n_classes=4, sizes=[1] * 4, pre_split=True)
-    assert "drop dataset.split" in single_line_error(lambda: load(written.root, cache, split=[0.6, 0.2, 0.2]))
+    assert "drop dataset.split" in one_line_error(lambda: load(written.root, cache, split=[0.6, 0.2, 0.2]))
 
 
 def test_mean_of_the_wrong_length_is_one_line_error(tmp_path, cache):
     written = write_folder(tmp_path / "images", n_classes=5, sizes=[1] * 5)
-    assert "one per channel" in single_line_error(lambda: load(written.root, cache, mean=[0.5]))
+    assert "one per channel" in one_line_error(lambda: load(written.root, cache, mean=[0.5]))
 
 
 def test_folder_too_large_for_the_cache_disk_stops_before_decoding(tmp_path, cache, monkeypatch):
     written = write_folder(tmp_path / "images", n_classes=5, sizes=[2] * 5)
     monkeypatch.setattr(folder_module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     monkeypatch.setattr(folder_module, "read_images", lambda *a, **k: pytest.fail("decoded anyway"))
-    message = single_line_error(lambda: load(written.root, cache, image_size=84))
+    message = one_line_error(lambda: load(written.root, cache, image_size=84))
     assert "dataset.image_size" in message and "dataset.cache_dir" in message

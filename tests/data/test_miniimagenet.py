@@ -16,7 +16,7 @@ from PIL import Image
 import metarun.data.miniimagenet as miniimagenet_module
 from metarun.data.cache import cache_file
 from metarun.data.miniimagenet import MiniImageNet
-from metarun.errors import MetarunError
+from tests.conftest import one_line_error
 from tests.fixtures.miniimagenet import (
     class_colour, shipped_rows, write_foreign_pickle, write_malicious_pickle, write_pickles, write_ravi,
     write_shipped_part,
@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def load(root: Path, tmp_path: Path, **kwargs) -> MiniImageNet:
     return MiniImageNet(str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
-
-
-def error_of(call) -> str:
-    with pytest.raises(MetarunError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def assert_class_colours(data: MiniImageNet, part: str, tolerance: float = 12) -> None:
@@ -102,7 +94,7 @@ def test_shipped_csvs_are_used_when_root_has_only_images(tmp_path):
 
 def test_images_missing_from_the_shipped_csvs_are_named_and_counted(tmp_path):
     written = write_ravi(tmp_path / "mini", n_classes_per_part=(1, 2, 1), per_class=3, with_csvs=False)
-    message = error_of(lambda: load(tmp_path / "mini", tmp_path).part("val"))
+    message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("val"))
     first_missing = shipped_rows("val")[next(iter(written["val"]))][3]
     assert f"{9600 - 2 * 3} files" in message and first_missing in message and "missing" in message
 
@@ -167,7 +159,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     write_pickles(tmp_path / "mini", per_class=2)
     marker = tmp_path / "pwned"
     write_malicious_pickle(tmp_path / "mini" / "mini-imagenet-cache-train.pkl", marker)
-    message = error_of(lambda: load(tmp_path / "mini", tmp_path).part("train"))
+    message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("train"))
     assert not marker.exists()
     assert "mini-imagenet-cache-train.pkl" in message and f"{os.system.__module__}.system" in message
     assert "Ravi & Larochelle layout" in message
@@ -176,7 +168,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
 def test_pickle_of_a_custom_class_is_refused(tmp_path):
     write_pickles(tmp_path / "mini", per_class=2)
     write_foreign_pickle(tmp_path / "mini" / "mini-imagenet-cache-test.pkl")
-    message = error_of(lambda: load(tmp_path / "mini", tmp_path).part("test"))
+    message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("test"))
     assert "tests.fixtures.miniimagenet.NotAnArray" in message and "refuses" in message
 
 
@@ -184,16 +176,16 @@ def test_malformed_or_truncated_pickle_is_one_line(tmp_path):
     write_pickles(tmp_path / "mini", per_class=2)
     with open(tmp_path / "mini" / "mini-imagenet-cache-val.pkl", "wb") as f:
         pickle.dump({"data": np.zeros((2, 84, 84, 3), np.uint8), "labels": [0, 1]}, f)
-    message = error_of(lambda: load(tmp_path / "mini", tmp_path).part("val"))
+    message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("val"))
     assert "mini-imagenet-cache-val.pkl" in message and "image_data" in message and "class_dict" in message
     train = tmp_path / "mini" / "mini-imagenet-cache-train.pkl"
     train.write_bytes(train.read_bytes()[:1000])
-    assert "mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in error_of(
+    assert "mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in one_line_error(
         lambda: load(tmp_path / "mini", tmp_path).part("train"))
 
 
 def test_missing_root_names_both_layouts(tmp_path):
-    message = error_of(lambda: load(tmp_path / "nowhere", tmp_path))
+    message = one_line_error(lambda: load(tmp_path / "nowhere", tmp_path))
     assert f"{tmp_path / 'nowhere' / 'images'}/" in message
     assert "mini-imagenet-cache-{train,val,test}.pkl" in message and "dataset.root" in message
     assert not (tmp_path / "cache").exists()
@@ -202,17 +194,17 @@ def test_missing_root_names_both_layouts(tmp_path):
 def test_missing_pickle_part_and_partial_csvs_are_one_line(tmp_path):
     write_pickles(tmp_path / "pkl", per_class=1)
     (tmp_path / "pkl" / "mini-imagenet-cache-test.pkl").unlink()
-    assert "mini-imagenet-cache-test.pkl is missing" in error_of(lambda: load(tmp_path / "pkl", tmp_path))
+    assert "mini-imagenet-cache-test.pkl is missing" in one_line_error(lambda: load(tmp_path / "pkl", tmp_path))
     write_ravi(tmp_path / "csv", per_class=1)
     (tmp_path / "csv" / "val.csv").unlink()
-    assert "but not val.csv" in error_of(lambda: load(tmp_path / "csv", tmp_path))
+    assert "but not val.csv" in one_line_error(lambda: load(tmp_path / "csv", tmp_path))
 
 
 def test_unreadable_jpeg_is_named(tmp_path):
     written = write_ravi(tmp_path / "mini", per_class=3)
     broken = tmp_path / "mini" / "images" / list(written["test"].values())[1][2]
     broken.write_bytes(b"not a jpeg at all")
-    message = error_of(lambda: load(tmp_path / "mini", tmp_path).part("test"))
+    message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("test"))
     assert "1 file:" in message and str(broken) in message
 
 
@@ -226,8 +218,8 @@ def test_normalization_and_augmentation_follow_channels_and_size(tmp_path):
     assert len(grey.mean) == len(grey.std) == 1 and 0.45 < grey.mean[0] < 0.46
     assert grey.standard_augment["crop_padding"] == 3
     assert load(tmp_path / "mini", tmp_path, image_size=5).standard_augment["crop_padding"] == 1
-    assert "no part 'trainval'" in error_of(lambda: colour.part("trainval"))
-    assert "dataset.channels=2" in error_of(lambda: load(tmp_path / "mini", tmp_path, channels=2))
+    assert "no part 'trainval'" in one_line_error(lambda: colour.part("trainval"))
+    assert "dataset.channels=2" in one_line_error(lambda: load(tmp_path / "mini", tmp_path, channels=2))
 
 
 def test_config_builds_the_dataset(tmp_path):
