@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from metarun import config  # noqa: F401  (registers the schema that conf/config.yaml names)
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, warnings_as_lines
 from metarun.hydra_errors import one_line_composition_errors
 from metarun.trainer import Trainer
 
@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    warnings_as_lines("metarun")
     with one_line_composition_errors():
         run()
 

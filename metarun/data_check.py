@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from metarun import config  # noqa: F401  (registers the schema that conf/config.yaml names)
 from metarun.config import check_resolves, check_target_arguments
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, warnings_as_lines
 from metarun.hydra_errors import one_line_composition_errors
 from metarun.trainer import build
 
@@ -59,6 +59,7 @@ def fmt(values) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    warnings_as_lines("metarun-data")
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if args else 2)

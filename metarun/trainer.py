@@ -24,6 +24,7 @@ from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.config import accepted_arguments, validate
 from metarun.data.augment import Augment
+from metarun.data.contract import ClassDataset
 from metarun.data.sampler import EpisodeSampler
 from metarun.device import autocast, check_amp, resolve_device
 from metarun.errors import MetarunError
@@ -60,7 +61,9 @@ class Trainer:
         self.dataset = dataset = build(cfg.dataset)
         self.samplers = {part: self.episode_sampler(part) for part in PARTS}
         torch.manual_seed(cfg.seed)
-        offered = {"model": build(cfg.model), "n_way": cfg.episode.n_way, "n_train_classes": dataset.n_classes("train")}
+        model = build(cfg.model)
+        check_model_input(model, dataset)
+        offered = {"model": model, "n_way": cfg.episode.n_way, "n_train_classes": dataset.n_classes("train")}
         self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
@@ -225,6 +228,18 @@ class Trainer:
             hydra_cfg = HydraConfig.get()
             OmegaConf.save(hydra_cfg, record / "hydra.yaml")
             OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+
+
+def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
+    """A backbone that declares its input (in_channels, image_size) must take the dataset's images."""
+    for key, wanted in (("in_channels", dataset.channels), ("image_size", dataset.image_size)):
+        have = getattr(model, key, wanted)
+        if have != wanted:
+            source = "channels" if key == "in_channels" else key
+            raise MetarunError(
+                f"model.{key}={have} but {dataset.name}'s images have {source}={wanted}; "
+                f"set model.{key}=${{dataset.{source}}} (the default) or dataset.{source}={have}"
+            )
 
 
 def episode_key(cfg: DictConfig, part: str) -> str:

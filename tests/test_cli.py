@@ -36,10 +36,11 @@ def existing_run(tmp_path):
     [
         (("episode.n_way=700",), "episode.n_way=700 but omniglot/val has 688 classes; lower episode.n_way"),
         (("optimizer.lr=0",), "optimizer.lr=0 must be positive"),
+        (("optimizer.lr=abc",), "optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>"),
         (("train.stepz=5",), "unknown config key train.stepz; did you mean train.steps?"),
         ((), "cannot read checkpoint"),
     ],
-    ids=["too-many-ways", "zero-lr", "typo", "truncated-checkpoint"],
+    ids=["too-many-ways", "zero-lr", "lr-not-a-number", "typo", "truncated-checkpoint"],
 )
 def test_bad_input_exits_2_with_one_line_and_leaves_the_run_directory_untouched(
     existing_run, omniglot_root, omniglot_cache, overrides, message

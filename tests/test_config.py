@@ -24,6 +24,9 @@ def test_default_config_validates():
         ("+algorithm.inner_lrr=0.1", r"algorithm.inner_lrr is not a parameter .*MAML; did you mean algorithm.inner_lr\?"),
         ("algorithm.inner_lr=fast", r"algorithm.inner_lr='fast' should be a float"),
         ("algorithm.adaptation_steps=1.5", r"algorithm.adaptation_steps=1.5 should be an int"),
+        ("optimizer.lr=abc", r"optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>"),
+        ("eval.support_augment=-1", r"eval.support_augment=-1 must be 0 or more"),
+        ("dataset=folder", r"dataset.path must be set; pass dataset.path=<value>"),
     ],
 )
 def test_invalid_values_are_one_line_errors(override, message):
@@ -41,6 +44,7 @@ def test_invalid_values_are_one_line_errors(override, message):
         ("dataset=omniglott", "choose one of: cifarfs, fc100, folder, miniimagenet, omniglot"),
         ("episode.n_way=five", "episode.n_way: Value 'five'"),
         ("device.amp=fp32", "expected one of [none, bf16, fp16]"),
+        ("augment=strong", "Could not find 'augment/strong'; choose one of: none, standard"),
     ],
 )
 def test_cli_composition_errors_are_one_line_with_exit_2(override, message, tmp_path):

@@ -139,6 +139,8 @@ def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, t
         (("algorithm=maml", "eval.n_way=20"), r"MAML was built for 5-way tasks \(its head\) but got 20-way tasks; "
                                               r"set eval.n_way=5"),
         (("train.grad_clip=0",), r"train.grad_clip=0.0 must be positive"),
+        (("model.in_channels=3",), r"model.in_channels=3 but omniglot's images have channels=1; "
+                                   r"set model.in_channels=\$\{dataset.channels\} \(the default\)"),
     ],
 )
 def test_impossible_settings_fail_before_writing_anything(make_config, tmp_path, overrides, message):
@@ -208,3 +210,37 @@ def test_augment_standard_takes_the_datasets_own_settings_for_training_episodes_
     copies = Trainer(small_run(make_config, "eval.support_augment=2", dataset="miniimagenet"), tmp_path / "copies")
     assert copies.samplers["train"].augment is None  # augment=none: training episodes as drawn
     assert copies.samplers["test"].episodes(0, 0, 1).support_x.shape[1] == 5 * 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("episode.k_shot=12",), r"episode.k_shot=12 \+ episode.n_query=3 = 15 but folder/train has at most 11 images "
+                                 r"in a class; lower episode.k_shot or episode.n_query to sum to at most 11"),
+        (("episode.k_shot=7",), r"episode.n_way=5 but only 3 of folder/train's 15 classes hold episode.k_shot \+ "
+                                r"episode.n_query = 10 images; lower episode.n_way, episode.k_shot or episode.n_query"),
+    ],
+)
+def test_too_small_folder_classes_fail_before_writing_anything(make_config, tmp_path, overrides, message):
+    with pytest.raises(MetarunError, match=message) as error:
+        Trainer(small_run(make_config, *overrides, dataset="folder"), tmp_path / "run")
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
+
+
+def test_folder_classes_too_small_for_the_episode_are_named_and_left_out(make_config, tmp_path):
+    with pytest.warns(UserWarning, match=r"folder/train: \d+ classes hold fewer than episode.k_shot \+ "
+                                         r"episode.n_query = 7 images and are left out: class"):
+        trainer = Trainer(small_run(make_config, "episode.k_shot=4", "eval.k_shot=1", dataset="folder"), tmp_path)
+    sampler = trainer.samplers["train"]
+    assert 5 <= sampler.n_classes < trainer.dataset.n_classes("train")
+    assert set(sampler.sample(50, torch.Generator().manual_seed(0)).classes.unique().tolist()) <= set(
+        sampler.classes.tolist())
+
+
+def test_a_resumed_run_may_move_its_data_but_not_change_it(make_config, tmp_path):
+    run(small_run(make_config, "train.steps=10", dataset="folder"), tmp_path)
+    moved = Trainer(small_run(make_config, "train.steps=20", f"dataset.cache_dir={tmp_path / 'elsewhere'}",
+                              dataset="folder"), tmp_path)
+    assert moved.step == 10  # dataset.cache_dir is machine-local: the folder dataset declares it
+    with pytest.raises(MetarunError, match=r"different config \(dataset.image_size: 16 -> 32\)"):
+        Trainer(small_run(make_config, "train.steps=20", "dataset.image_size=32", dataset="folder"), tmp_path)

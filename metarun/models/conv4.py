@@ -116,7 +116,7 @@ class Conv4(nn.Module):
                 f"model.layers={layers} pools a {image_size}x{image_size} image down to nothing; "
                 f"lower model.layers (or model.pool_layers) or set model.image_size to the dataset's image size"
             )
-        self.image_size = image_size
+        self.in_channels, self.image_size = in_channels, image_size
         self.pool_layers = pool_layers
         self.out_shape = (hidden, size, size)
         self.out_features = hidden * size * size
