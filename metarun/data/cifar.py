@@ -118,7 +118,7 @@ class CIFAR100Split(ClassDataset):
         return {
             "layout": "CIFAR-100 python release, train+test pooled",
             "root": str(Path(self.root).expanduser() / FOLDER),
-            "cache": str(self._cache_file("{" + ",".join(self.parts) + "}")),
+            "cache": str(self._cache_file("train").parent),
         }
 
     def _cache_file(self, part: str) -> Path:

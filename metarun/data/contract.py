@@ -11,7 +11,8 @@ here. A new dataset is one subclass of `ClassDataset` (and one YAML in `conf/dat
     machine_local     config keys that may differ when a run resumes elsewhere (root, cache, ...)
     standard_augment  the `augment=standard` settings for this kind of image (metarun.data.augment)
     part(name)        a `ClassImages` of uint8 images, classes of any sizes
-    layout()          what was found on disk, for `metarun-data` (a few "key: value" lines)
+    layout()          what was found on disk, for `metarun-data`: "layout", the data folder
+                      under its config key ("root" or "path"), and the "cache" folder
 
 `n_classes(part)` and `class_names(part)` follow from `part`.
 """

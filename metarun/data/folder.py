@@ -166,7 +166,7 @@ class ImageFolder(ClassDataset):
     def layout(self) -> dict[str, str]:
         how = ("pre-split train/val/test folders" if self.pre_split
                else f"class folders split {list(self.split)} with seed {self.seed}")
-        return {"layout": how, "path": str(self.path), "cache": str(self.cache)}
+        return {"layout": how, "path": str(self.path), "cache": str(self.cache.parent)}
 
     def _classes_per_part(self) -> dict[str, Classes]:
         """The class folders of each part, every part holding at least one (else a one-line error)."""

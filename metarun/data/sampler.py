@@ -62,6 +62,9 @@ class EpisodeSampler:
         self.images = images.images  # [I, C, H, W] uint8
         self.offsets = images.offsets.to(images.images.device)  # [n_classes]
         self.counts = images.counts  # [n_classes], on the CPU
+        self.ragged = bool((self.counts != self.counts[0]).any())
+        self.max_count = int(self.counts.max())
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (classes, counts) per generator device
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.part, self.dataset_name = part, dataset_name
         identity = mean is None or (all(m == 0 for m in mean) and all(s == 1 for s in std))
@@ -117,15 +120,17 @@ class EpisodeSampler:
         T, N, K, Q = n_tasks, self.n_way, self.k_shot, self.n_query
         device = generator.device
         rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+        if device not in self._on_device:  # copied once, not at every step
+            self._on_device[device] = self.classes.to(device), self.counts.to(device)
+        usable, counts = self._on_device[device]
         # argsort of uniform noise = a uniform random permutation; its first N entries are N distinct
         # classes in random order, so label j -> classes[:, j] is also a random assignment.
-        classes = self.classes.to(device)[rand(T, len(self.classes)).argsort(dim=1)[:, :N]]  # [T, N]
-        counts = self.counts.to(device)[classes]  # [T, N]
-        noise = rand(T, N, int(self.counts.max()))  # [T, N, max images in a class]
-        if not bool((self.counts == self.counts[0]).all()):
+        classes = usable[rand(T, len(usable)).argsort(dim=1)[:, :N]]  # [T, N]
+        noise = rand(T, N, self.max_count)  # [T, N, images of the largest class]
+        if self.ragged:
             # Ragged classes: positions past a class's own count sort last, so the first K + Q of
             # the permutation are distinct images of that class.
-            noise.masked_fill_(torch.arange(noise.shape[-1], device=device) >= counts[..., None], 2.0)
+            noise.masked_fill_(torch.arange(self.max_count, device=device) >= counts[classes][..., None], 2.0)
         items = noise.argsort(dim=2)[:, :, : K + Q]  # [T, N, K+Q], distinct per class
         images = self.offsets[classes.to(self.offsets.device)][..., None] + items.to(self.offsets.device)  # [T, N, K+Q]
         labels = torch.arange(N, device=device).expand(T, N)  # [T, N]
