@@ -63,7 +63,8 @@ def colour_datasets(tmp_path_factory) -> dict[str, tuple[str, ...]]:
     size = f"dataset.image_size={FIXTURE_IMAGE_SIZE}"
     write_ravi(root / "miniimagenet", n_classes_per_part=(10, 5, 5), per_class=8)
     write_cifar100(root / "cifar100", per_class_train=6, per_class_test=2)
-    write_folder(root / "folder", n_classes=25)  # 15 / 5 / 5 classes of 5 to 11 images
+    # 15 / 5 / 5 classes of 6 to 12 images: ragged, and enough for MANN's 5-shot 1-query recipe
+    write_folder(root / "folder", n_classes=25, sizes=lambda c: 6 + (3 * c) % 7)
     patch = pytest.MonkeyPatch()
     for name, value in accept_fixture_md5s(root / "cifar100").items():
         patch.setattr(f"torchvision.datasets.CIFAR100.{name}", value)

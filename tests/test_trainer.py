@@ -215,9 +215,9 @@ def test_augment_standard_takes_the_datasets_own_settings_for_training_episodes_
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("episode.k_shot=12",), r"episode.k_shot=12 \+ episode.n_query=3 = 15 but folder/train has at most 11 images "
-                                 r"in a class; lower episode.k_shot or episode.n_query to sum to at most 11"),
-        (("episode.k_shot=7",), r"episode.n_way=5 but only 3 of folder/train's 15 classes hold episode.k_shot \+ "
+        (("episode.k_shot=12",), r"episode.k_shot=12 \+ episode.n_query=3 = 15 but folder/train has at most 12 images "
+                                 r"in a class; lower episode.k_shot or episode.n_query to sum to at most 12"),
+        (("episode.k_shot=7",), r"episode.n_way=5 but only 4 of folder/train's 15 classes hold episode.k_shot \+ "
                                 r"episode.n_query = 10 images; lower episode.n_way, episode.k_shot or episode.n_query"),
     ],
 )
