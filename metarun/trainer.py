@@ -168,13 +168,16 @@ class Trainer:
         results = {
             "test_accuracy": test["accuracy"], "ci95": test["ci95"], "episodes": test["episodes"],
             "test_loss": test["loss"], "best_val_accuracy": self.best_val_accuracy, "steps": self.step,
+            # Which batch norm produced the number: transductive (task) or inductive (running).
+            "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="task"),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
         write_atomically(self.run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
         self.log.scalars("test", self.step, {"loss": test["loss"], "accuracy": test["accuracy"]})
         self.log.hparams(hparams(self.cfg), {"hparam/test_accuracy": test["accuracy"],
                                              "hparam/best_val_accuracy": self.best_val_accuracy})
-        print(f"test acc {100 * test['accuracy']:.1f}% +- {100 * test['ci95']:.1f} ({test['episodes']} episodes)")
+        print(f"test acc {100 * test['accuracy']:.1f}% +- {100 * test['ci95']:.1f} ({test['episodes']} episodes, "
+              f"batch_norm={results['batch_norm']})")
         return results
 
     # -- state ----------------------------------------------------------------------------------

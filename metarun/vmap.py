@@ -15,3 +15,10 @@ def is_vmapped(x: Tensor) -> bool:
             return True
         x = functorch.get_unwrapped(x)
     return False
+
+
+
+def is_transformed(x: Tensor) -> bool:
+    """Whether `x` is inside a `torch.func` transform (grad, vmap, ...), where buffers cannot be
+    updated in place."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)

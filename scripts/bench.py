@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.maml import MAML, Classifier
+from metarun.algorithms.maml import MAML
+from metarun.models.layers import Classifier
 from metarun.algorithms.task_batching import resolve_task_batching
 from metarun.algorithms.protonet import ProtoNet
 from metarun.data.augment import Augment

@@ -11,9 +11,11 @@ from importlib.resources import files
 
 import pytest
 import torch
+from torch import Tensor
 
 from metarun.config import validate
 from metarun.errors import MetarunError
+from metarun.models.layers import TaskBatchNorm
 from metarun.trainer import Trainer
 from tests.algorithms.synthetic import random_tasks
 from tests.conftest import COLOUR_DATASETS, compose_config
@@ -156,3 +158,36 @@ def test_every_algorithm_learns_each_colour_dataset_well_above_chance(make_confi
     assert cfg.model.in_channels == 3
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.4, results["test_accuracy"]
+
+
+def predictions_alone_and_together(learner, episode) -> tuple[Tensor, Tensor]:
+    """Query logits of one test episode scored all together, and each query scored on its own."""
+    predict = learner.eval().adapt(episode.support_x[0], episode.support_y[0])
+    with torch.no_grad():
+        together = predict(episode.query_x[0])  # [M, N]
+        alone = torch.cat([predict(query[None]) for query in episode.query_x[0]])  # [M, N]
+    return together, alone
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_in_running_batch_norm_a_querys_prediction_depends_only_on_the_support_set_and_itself(
+    make_config, tmp_path, algorithm
+):
+    trainer = Trainer(tiny(make_config, algorithm, "model.batch_norm=running"), tmp_path)
+    norms = [m for m in trainer.learner.modules() if isinstance(m, TaskBatchNorm)]
+    assert norms and all(norm.mode == "running" for norm in norms)
+    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    trainer.train_step(tasks)
+    trainer.train_step(tasks)
+    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))  # they moved
+    episode = trainer.samplers["test"].episodes(seed=0, start=0, count=1)
+    together, alone = predictions_alone_and_together(trainer.learner, episode)
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
+
+
+def test_in_task_batch_norm_a_querys_prediction_depends_on_the_other_queries(make_config, tmp_path):
+    # The transductive setting, documented: each query batch is normalized with its own statistics.
+    trainer = Trainer(tiny(make_config, "protonet"), tmp_path)
+    episode = trainer.samplers["test"].episodes(seed=0, start=0, count=1)
+    together, alone = predictions_alone_and_together(trainer.learner, episode)
+    assert (alone - together).abs().max() > 1e-2

@@ -16,7 +16,8 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import accuracy
 from metarun.algorithms.inner_loop import inner_loop
-from metarun.algorithms.maml import MAML, detached
+from metarun.algorithms.maml import MAML
+from metarun.models.layers import detached
 from metarun.algorithms.task_batching import map_tasks
 from metarun.data.tasks import TaskBatch
 

@@ -20,18 +20,7 @@ from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check
 from metarun.algorithms.inner_loop import InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
-
-
-class Classifier(nn.Module):
-    """Backbone embedding followed by a linear head: `[B, C, H, W] -> [B, n_way]` logits."""
-
-    def __init__(self, backbone: nn.Module, n_way: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.out_features, n_way)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
+from metarun.models.layers import Classifier, detached
 
 
 class MAML(MetaLearner):
@@ -64,13 +53,12 @@ class MAML(MetaLearner):
         check_at_least("adaptation_steps", adaptation_steps, 1)
         check_at_least("eval_adaptation_steps", eval_adaptation_steps, 0,
                        "set algorithm.eval_adaptation_steps=3 or another count of inner steps")
-        check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
         self.adaptation_steps = adaptation_steps
         self.eval_adaptation_steps = eval_adaptation_steps
         self.first_order = first_order
-        self.task_batching = task_batching
+        self.task_batching = check_task_batching(task_batching, model)
         self.loss_scale = 1.0
 
     def inner_rates(self, params: dict[str, Tensor]) -> InnerLR:
@@ -167,7 +155,3 @@ class MAML(MetaLearner):
             return functional_call(self.model, adapted, (query_x,))  # [M, n_way]
 
         return predict
-
-
-def detached(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: p.detach() for name, p in params.items()}

@@ -124,7 +124,8 @@ class MatchingNet(EpisodeClassifier):
             if not isinstance(dim, int):
                 raise MetarunError(
                     f"algorithm.fce=true sizes its LSTMs from model.out_features, which "
-                    f"{type(model).__name__} does not have; use model=conv4 or set algorithm.fce=false"
+                    f"{type(model).__name__} does not have; use a backbone of metarun.models (they declare "
+                    f"it: conv4, resnet12, resnet18) or set algorithm.fce=false"
                 )
             self.full_context = FullContextEmbedding(dim, fce_steps)
         else:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy, check_at_least
-from metarun.algorithms.maml import Classifier
+from metarun.models.layers import Classifier
 from metarun.algorithms.task_batching import check_task_batching, map_tasks, resolve_task_batching
 from metarun.data.tasks import TaskBatch
 
@@ -174,13 +174,12 @@ class MetaLSTM(MetaLearner):
             check_at_least(key, value, 1)
         check_at_least("support_batch_size", support_batch_size, 0,
                        "set algorithm.support_batch_size=0 (the whole support set) or a batch size")
-        check_task_batching(task_batching)
         super().__init__(Classifier(model, n_way), n_way)
         self.meta_learner = MetaLearnerLSTM(hidden_size, forget_bias_init, input_bias_init)
         self.adaptation_steps = adaptation_steps
         self.eval_adaptation_steps = eval_adaptation_steps
         self.support_batch_size = support_batch_size
-        self.task_batching = task_batching
+        self.task_batching = check_task_batching(task_batching, model)
         self.loss_scale = 1.0
 
     # -- the learner's parameters as one flat cell state ---------------------------------------

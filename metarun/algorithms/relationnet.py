@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import EpisodeClassifier, check_at_least
 from metarun.errors import MetarunError
-from metarun.models.conv4 import TaskBatchNorm
+from metarun.models.layers import TaskBatchNorm
 
 
 def class_feature_maps(support_maps: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -42,18 +42,18 @@ class RelationModule(nn.Module):
 
     A block pools only while its map is at least 2x2, so any map size works (Conv4's default 64x1x1
     as well as the paper's 64x5x5 or our 64x7x7); the first FC's input size follows from the shape.
-    Batch norm takes the statistics of all relation pairs of one task, with no running statistics.
+    Batch norm takes the statistics of all relation pairs of one task, in the backbone's mode.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], channels: int = 64, hidden: int = 8):
+    def __init__(self, in_shape: tuple[int, int, int], channels: int = 64, hidden: int = 8, batch_norm: str = "task"):
         super().__init__()
         in_channels, height, width = in_shape
         self.in_channels = in_channels
         # No conv biases: the batch-norm mean subtraction cancels them (as in Conv4).
         self.conv1 = nn.Conv2d(2 * in_channels, channels, kernel_size=3, padding=1, bias=False)
-        self.norm1 = TaskBatchNorm(channels)
+        self.norm1 = TaskBatchNorm(channels, batch_norm)
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
-        self.norm2 = TaskBatchNorm(channels)
+        self.norm2 = TaskBatchNorm(channels, batch_norm)
         pools = []
         for _ in range(2):
             pools.append(min(height, width) >= 2)
@@ -114,11 +114,14 @@ class RelationNet(EpisodeClassifier):
         if out_shape is None or len(out_shape) != 3:
             raise MetarunError(
                 f"RelationNet needs the backbone's feature map shape, but {type(model).__name__} has no "
-                f"out_shape (channels, height, width); use model=conv4"
+                f"out_shape (channels, height, width); use a backbone that keeps a spatial map and declares "
+                f"it: model=conv4 or model=resnet12"
             )
         super().__init__(model, n_way)
         self.out_shape = tuple(out_shape)
-        self.relation = RelationModule(self.out_shape, relation_channels, relation_hidden)
+        # Its batch norms in the backbone's mode: a running-mode backbone makes the whole learner inductive.
+        self.relation = RelationModule(self.out_shape, relation_channels, relation_hidden,
+                                       getattr(model, "batch_norm", "task"))
 
     def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
         """Relation scores `[T, N*Q, N]` of every query with every class of its task."""

@@ -11,20 +11,29 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metarun.errors import MetarunError
 
 CHOICES = ("auto", "vmap", "loop")
 
 
-def check_task_batching(task_batching: str) -> None:
-    """MetarunError naming the key and the fix when `task_batching` is not one of CHOICES."""
+def check_task_batching(task_batching: str, model: nn.Module | None = None) -> str:
+    """The task batching to use: `task_batching`, except that a backbone keeping running batch-norm
+    statistics (model.batch_norm=running) runs its tasks in a loop, since vmap cannot update them.
+    MetarunError naming the key and the fix when `task_batching` is not one of CHOICES."""
     if task_batching not in CHOICES:
         raise MetarunError(
             f"algorithm.task_batching={task_batching!r} is not one of {', '.join(CHOICES)}; "
             f"use auto (vmap on CUDA, loop on CPU)"
         )
+    if getattr(model, "batch_norm", "task") == "running":
+        if task_batching == "vmap":
+            raise MetarunError("algorithm.task_batching=vmap cannot update the running statistics of "
+                               "model.batch_norm=running; use algorithm.task_batching=loop (auto picks it) "
+                               "or model.batch_norm=task")
+        return "loop"
+    return task_batching
 
 
 def resolve_task_batching(task_batching: str, device: torch.device) -> str:

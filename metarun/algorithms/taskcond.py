@@ -47,7 +47,7 @@ from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
-from metarun.models.conv4 import TaskBatchNorm
+from metarun.models.layers import TaskBatchNorm
 
 
 def task_representation(support_emb: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -128,18 +128,19 @@ class TaskCond(EpisodeClassifier):
         check_at_least("film_l2", film_l2, 0, "set algorithm.film_l2=0.01 (TADAM's)")
         check_positive("metric_scale_init", metric_scale_init, "set algorithm.metric_scale_init=1.0")
         check_at_least("ten_layers", ten_layers, 1, "set algorithm.ten_layers=3 (TADAM's)")
-        check_task_batching(task_batching)
         super().__init__(model, n_way)
         # The batch norms to condition, by the names functional_call knows them under.
         self.film_names = [name for name, module in model.named_modules() if isinstance(module, TaskBatchNorm)]
         if not self.film_names:
             raise MetarunError(
                 f"algorithm=taskcond conditions the backbone's batch norms (TaskBatchNorm), but "
-                f"{type(model).__name__} has none; use model=conv4"
+                f"{type(model).__name__} has none; use a backbone built from metarun.models.layers (model=conv4, "
+                f"resnet12 or resnet18)"
             )
         if not hasattr(model, "out_features"):
             raise MetarunError(
-                f"algorithm=taskcond needs model.out_features on {type(model).__name__}; use model=conv4"
+                f"algorithm=taskcond needs model.out_features on {type(model).__name__}; use a backbone that "
+                f"declares it (model=conv4, resnet12 or resnet18)"
             )
         channels = [model.get_submodule(name).weight.numel() for name in self.film_names]
         task_dim = 2 * model.out_features
@@ -149,7 +150,7 @@ class TaskCond(EpisodeClassifier):
         self.beta0 = nn.Parameter(torch.zeros(len(channels)))
         self.metric_scale = nn.Parameter(torch.tensor(float(metric_scale_init)), requires_grad=learn_metric_scale)
         self.film_l2 = film_l2
-        self.task_batching = task_batching
+        self.task_batching = check_task_batching(task_batching, model)
 
     # -- the model ---------------------------------------------------------------------------------
     def film_params(self, support_x: Tensor, support_y: Tensor, n_way: int) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.data.tasks import TaskBatch
-from metarun.models.conv4 import TaskBatchNorm
+from metarun.models.layers import TaskBatchNorm
 
 
 def random_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.float64, seed=0, shuffled=True,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metarun.algorithms.inner_loop import adam_step, inner_loop
-from metarun.algorithms.maml import Classifier
+from metarun.models.layers import Classifier
 from metarun.models.conv4 import Conv4
 from tests.algorithms.synthetic import max_abs_diff, perturb_batch_norm
 

@@ -171,7 +171,7 @@ def test_relation_net_works_with_the_default_conv4_1x1_maps_and_other_n_way():
 def test_relation_net_names_the_fix_for_bad_settings():
     with pytest.raises(MetarunError, match="algorithm.relation_hidden=0 must be at least 1"):
         RelationNet(Conv4(hidden=4), n_way=5, relation_hidden=0)
-    with pytest.raises(MetarunError, match="has no out_shape .* use model=conv4"):
+    with pytest.raises(MetarunError, match="has no out_shape .* model=conv4 or model=resnet12"):
         RelationNet(nn.Flatten(), n_way=5)
 
 

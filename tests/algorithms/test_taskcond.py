@@ -11,7 +11,8 @@ from metarun.algorithms.taskcond import (
     task_representation,
 )
 from metarun.errors import MetarunError
-from metarun.models.conv4 import Conv4, task_batch_norm
+from metarun.models.conv4 import Conv4
+from metarun.models.layers import task_batch_norm
 from metarun.trainer import Trainer
 from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
 
@@ -218,7 +219,7 @@ def test_impossible_hyperparameters_name_the_key_and_the_fix(kwargs, message):
 
 
 def test_a_backbone_without_batch_norm_is_refused():
-    with pytest.raises(MetarunError, match="has none; use model=conv4"):
+    with pytest.raises(MetarunError, match="has none; use a backbone built from metarun.models.layers"):
         TaskCond(torch.nn.Flatten(), n_way=5)
 
 

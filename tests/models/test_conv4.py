@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from metarun.errors import MetarunError
-from metarun.models.conv4 import Conv4, plain_task_batch_norm, task_batch_norm
+from metarun.models.conv4 import Conv4
+from metarun.models.layers import plain_task_batch_norm, task_batch_norm
 from metarun.vmap import is_vmapped
 
 
