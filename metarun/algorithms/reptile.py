@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
-from metarun.algorithms.maml import Classifier, detached
+from metarun.models.layers import Classifier, detached
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
@@ -75,8 +75,10 @@ class Reptile(MetaLearner):
         at evaluation come from a fixed generator, the same for every task.
     task_batching: as MAML's ("auto": loop on the CPU, vmap on CUDA).
     The inner loop runs first order on detached parameters: Reptile needs no second derivatives.
-    Batch norm uses each set's own statistics (the support mini-batch while adapting, the query set
-    when predicting): the transductive setting of the paper's Omniglot results.
+    transductive: batch norm uses each set's own statistics (the support mini-batch while adapting,
+        the query set when predicting): the transductive setting of the paper's main results. False:
+        at evaluation each query is scored alone beside the support set (the paper's other numbers).
+        With model.batch_norm=running evaluation is inductive either way.
     `forward`'s metrics "loss" and "accuracy" are the query loss and accuracy of the adapted phi;
     the query set plays no part in the update.
     """
@@ -96,6 +98,7 @@ class Reptile(MetaLearner):
         adam_beta1: float = 0.0,
         adam_beta2: float = 0.999,
         task_batching: str = "auto",
+        transductive: bool = True,
     ):
         check_settings(
             inner_lr=inner_lr, adaptation_steps=adaptation_steps, inner_batch_size=inner_batch_size,
@@ -110,7 +113,8 @@ class Reptile(MetaLearner):
         self.eval_inner_batch_size = eval_inner_batch_size
         self.inner_optimizer = inner_optimizer
         self.adam_betas = (adam_beta1, adam_beta2)
-        self.task_batching = task_batching
+        self.task_batching = check_task_batching(task_batching, model)
+        self.transductive = transductive
         self.loss_scale = 1.0
 
     def adapted_params(
@@ -146,7 +150,7 @@ class Reptile(MetaLearner):
         """One task: phi, then the query loss and accuracy of phi (and, if asked, support accuracy
         before and after adaptation). Nothing here is differentiable: theta comes in detached."""
         phi = self.adapted_params(theta, support_x, support_y, steps, batch_indices)
-        query_logits = functional_call(self.model, phi, (query_x,))  # [N*Q, N]
+        query_logits = self.score_queries(phi, support_x, query_x)  # [N*Q, N]
         out = (phi, F.cross_entropy(query_logits, query_y), accuracy(query_logits, query_y))
         if support_metrics:
             before = functional_call(self.model, theta, (support_x,))  # [N*K, N]
@@ -218,9 +222,19 @@ class Reptile(MetaLearner):
             )
 
         def predict(query_x: Tensor) -> Tensor:
-            return functional_call(self.model, phi, (query_x,))  # [M, n_way]
+            return self.score_queries(phi, support_x, query_x)  # [M, n_way]
 
         return predict
+
+    def score_queries(self, phi: dict[str, Tensor], support_x: Tensor, query_x: Tensor) -> Tensor:
+        """Query logits `[M, N]` with the adapted weights. Transductive: the queries in one batch
+        (batch-norm statistics of the query set). Not transductive (in evaluation): each query alone
+        beside the support set, so its statistics are those of the support set and that query, as in
+        the paper's non-transductive results."""
+        if self.transductive or self.training:  # the query set plays no part in training's update
+            return functional_call(self.model, phi, (query_x,))
+        alone = torch.cat([support_x.expand(len(query_x), *support_x.shape), query_x[:, None]], dim=1)  # [M, N*K+1, ...]
+        return functional_call(self.model, phi, (alone,))[:, -1]  # [M, N]: each query's own batch
 
 
 def check_settings(**settings) -> None:

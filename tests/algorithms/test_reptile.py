@@ -195,3 +195,21 @@ def test_short_reptile_run_learns_well_above_chance_and_anneals_epsilon_to_zero(
     assert results["test_accuracy"] >= 0.5
     train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if '"train"' in line]
     assert train[0]["lr"] < 1.0 and train[-1]["lr"] == 0.0 == trainer.optimizer.param_groups[0]["lr"]
+
+
+def test_non_transductive_evaluation_scores_each_query_alone_beside_the_support_set():
+    torch.manual_seed(0)
+    learner = Reptile(Conv4(hidden=4), 5, eval_adaptation_steps=2, transductive=False).eval()
+    support_x, support_y = torch.randn(5, 1, 28, 28), torch.arange(5)
+    query_x = torch.randn(6, 1, 28, 28)
+    predict = learner.adapt(support_x, support_y)
+    together = predict(query_x)
+    # Each query's logits depend on the support set and itself only...
+    torch.testing.assert_close(predict(query_x[:2]), together[:2])
+    # ...and are what the adapted network gives for that query in a batch with the support set.
+    phi = learner.adapted_params(dict(learner.model.named_parameters()), support_x, support_y, 2, None)
+    with_support = torch.func.functional_call(learner.model, phi, (torch.cat([support_x, query_x[3:4]]),))
+    torch.testing.assert_close(together[3], with_support[-1], rtol=1e-4, atol=1e-5)
+    transductive = Reptile(Conv4(hidden=4), 5, eval_adaptation_steps=2).eval()
+    transductive.load_state_dict(learner.state_dict())
+    assert (transductive.adapt(support_x, support_y)(query_x) - together).abs().max() > 1e-3
