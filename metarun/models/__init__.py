@@ -1,5 +1,12 @@
-"""Backbones that embed images: `[B, C, H, W] -> [B, D]` and `[T, B, C, H, W] -> [T, B, D]`."""
+"""Backbones that embed images: `[B, C, H, W] -> [B, D]` and `[T, B, C, H, W] -> [T, B, D]`.
 
-from metarun.models.conv4 import Conv4, task_batch_norm
+Every backbone meets `metarun.models.layers.Backbone`'s protocol and takes its batch norm and
+other shared layers from `metarun.models.layers`; one backbone a file.
+"""
 
-__all__ = ["Conv4", "task_batch_norm"]
+from metarun.models.conv4 import Conv4
+from metarun.models.layers import Backbone, Classifier, TaskBatchNorm
+from metarun.models.resnet12 import ResNet12
+from metarun.models.resnet18 import ResNet18
+
+__all__ = ["Backbone", "Classifier", "Conv4", "ResNet12", "ResNet18", "TaskBatchNorm"]
