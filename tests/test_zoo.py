@@ -32,12 +32,13 @@ FIXED_N_WAY = {"anil", "fomaml", "maml", "mann", "metalstm", "metasgd", "reptile
 
 
 def tiny(make_config, algorithm: str, *overrides: str, dataset: str = "omniglot"):
-    """A few steps of `algorithm` on small meta-batches, a 16-channel Conv4 and at most 2 inner
-    steps where the algorithm has them: contract checks, not accuracy."""
+    """A few steps of `algorithm` on small meta-batches, a 16-channel Conv4 (unless `overrides` choose
+    another model) and at most 2 inner steps where the algorithm has them: contract checks, not accuracy."""
     own = compose_config(f"algorithm={algorithm}").algorithm
     fewer_steps = [f"algorithm.{key}={min(own[key], 2)}" for key in ("adaptation_steps", "eval_adaptation_steps")
                    if key in own]
-    return make_config(f"algorithm={algorithm}", "model.hidden=16", "episode.meta_batch_size=2", "episode.n_query=2",
+    narrow = [] if any(o.startswith("model=") for o in overrides) else ["model.hidden=16"]  # Conv4's width
+    return make_config(f"algorithm={algorithm}", *narrow, "episode.meta_batch_size=2", "episode.n_query=2",
                        "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *fewer_steps, *overrides,
                        dataset=dataset)
 
@@ -191,3 +192,23 @@ def test_in_task_batch_norm_a_querys_prediction_depends_on_the_other_queries(mak
     episode = trainer.samplers["test"].episodes(seed=0, start=0, count=1)
     together, alone = predictions_alone_and_together(trainer.learner, episode)
     assert (alone - together).abs().max() > 1e-2
+
+
+# Narrow versions of each backbone: the contract, not the papers' widths.
+BACKBONES = {"resnet12": ("model=resnet12", "model.channels=[8,8,16,16]"),
+             "resnet18": ("model=resnet18", "model.width=8")}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_trains_and_evaluates_on_every_backbone(make_config, tmp_path, algorithm, backbone):
+    cfg = tiny(make_config, algorithm, *BACKBONES[backbone], dataset="folder")
+    trainer = Trainer(cfg, tmp_path)
+    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    losses = [trainer.train_step(tasks)["loss"].item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    grads = [p.grad for p in trainer.learner.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        loss, accuracy = trainer.learner.eval().evaluate(trainer.samplers["test"].episodes(seed=0, start=0, count=2))
+    assert torch.isfinite(loss).all() and accuracy.shape == (2,)
