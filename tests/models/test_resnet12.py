@@ -26,45 +26,12 @@ def test_resnet12_feature_map_follows_image_size_at_the_real_widths(in_channels,
         assert model(torch.randn(1, in_channels, image_size, image_size)).shape == (1, model.out_features)
 
 
-def test_resnet12_embeds_4d_and_5d_batches():
-    torch.manual_seed(0)
-    model = ResNet12(image_size=32, channels=SMALL)
-    assert model.out_features == 16 * 2 * 2
-    assert model(torch.randn(6, 3, 32, 32)).shape == (6, 64)
-    assert model(torch.randn(2, 3, 3, 32, 32)).shape == (2, 3, 64)
-
-
 def test_resnet12_takes_channels_as_list_tuple_or_listconfig():
     torch.manual_seed(0)
     names = list(ResNet12(image_size=16, channels=SMALL).state_dict())
     for channels in (tuple(SMALL), OmegaConf.create({"c": SMALL}).c):
         model = ResNet12(image_size=16, channels=channels)
         assert model.channels == SMALL and list(model.state_dict()) == names
-
-
-def test_resnet12_normalizes_each_task_with_its_own_statistics():
-    torch.manual_seed(0)
-    model = ResNet12(in_channels=1, image_size=16, channels=SMALL).double()
-    x = torch.randn(3, 4, 1, 16, 16, dtype=torch.float64)  # [T, B, C, H, W]
-    batched = model(x)
-    for i in range(3):
-        torch.testing.assert_close(batched[i], model(x[i]), rtol=0, atol=1e-12)
-    pooled = model(x.flatten(0, 1)).unflatten(0, (3, 4))
-    assert (pooled - batched).abs().max() > 1e-3
-
-
-def test_resnet12_running_statistics_move_in_training_and_make_evaluation_inductive():
-    torch.manual_seed(0)
-    model = ResNet12(in_channels=1, image_size=16, channels=SMALL, batch_norm="running")
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    assert len(buffers) == 4 * 4 * 2  # 4 batch norms a block, mean and variance each
-    model(torch.randn(2, 5, 1, 16, 16) * 3 + 1)
-    assert all(not torch.equal(b, buffers[name]) for name, b in model.named_buffers())
-    model.eval()
-    x = torch.randn(5, 1, 16, 16)
-    others = torch.cat([x[:1], torch.randn(3, 1, 16, 16) * 5])
-    torch.testing.assert_close(model(x)[0], model(others)[0])
-    torch.testing.assert_close(model(x)[:1], model(x[:1]))
 
 
 def test_drop_block_is_off_in_evaluation():

@@ -5,7 +5,6 @@ import torchvision
 from hydra.utils import instantiate
 
 from metarun.algorithms.protonet import prototypes, squared_euclidean
-from metarun.models.layers import TaskBatchNorm
 from metarun.models.resnet18 import ResNet18
 from tests.conftest import compose_config, one_line_error
 
@@ -39,44 +38,6 @@ def test_resnet18_keeps_torchvisions_max_pool_from_100x100():
     model = ResNet18(image_size=224, width=8)
     assert layer_sizes(model, torch.randn(2, 3, 224, 224)) == [56, 28, 14, 7]
     assert model.out_shape == (64, 1, 1)
-
-
-def test_resnet18_embeds_4d_and_5d_batches():
-    torch.manual_seed(0)
-    model = ResNet18(image_size=32, width=8)
-    assert model.out_features == 64
-    assert model(torch.randn(6, 3, 32, 32)).shape == (6, 64)
-    assert model(torch.randn(2, 3, 3, 32, 32)).shape == (2, 3, 64)
-
-
-def test_resnet18_normalizes_each_task_with_its_own_statistics():
-    torch.manual_seed(0)
-    model = ResNet18(image_size=32, width=8).double()
-    x = torch.randn(3, 4, 3, 32, 32, dtype=torch.float64)  # [T, B, C, H, W]
-    alone = torch.stack([model(task) for task in x])  # [T, B, D]
-    torch.testing.assert_close(model(x), alone, rtol=0, atol=1e-12)
-    # The all-tasks-in-one-call path (taken on GPUs) gives the same per-task result.
-    batched = model.features(x.flatten(0, 1), 3).flatten(1).unflatten(0, (3, 4))
-    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-10)
-    pooled = model(x.flatten(0, 1)).unflatten(0, (3, 4))  # statistics over all 12 images
-    assert (pooled - alone).abs().max() > 1e-3
-
-
-def test_resnet18_running_mode_updates_statistics_in_training_and_embeds_items_alone_in_eval():
-    torch.manual_seed(0)
-    model = ResNet18(image_size=32, width=8, batch_norm="running")
-    norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm)]
-    assert len(norms) == 20  # stem 1 + 8 blocks x 2 + 3 downsamples
-    x = torch.randn(2, 4, 3, 32, 32)  # [T, B, C, H, W]
-    model.train()
-    model(x)
-    assert all((m.running_mean != 0).any() and (m.running_var != 1).any() for m in norms)
-    model.eval()
-    before = [m.running_mean.clone() for m in norms]
-    first = model(x[0])[0]
-    torch.testing.assert_close(model(x[0, :1])[0], first, rtol=0, atol=1e-5)
-    torch.testing.assert_close(model(torch.cat([x[0, :1], x[1]]))[0], first, rtol=0, atol=1e-5)
-    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
 
 
 def test_resnet18_has_torchvisions_resnet18_trunk_parameters():
