@@ -12,7 +12,7 @@ from metarun.models.layers import TaskBatchNorm
 
 
 def random_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.float64, seed=0, shuffled=True,
-                 n_classes: int | None = None) -> TaskBatch:
+                 n_classes: int | None = None, channels: int = 1) -> TaskBatch:
     """T tasks of Gaussian-noise images. `shuffled`: support items in a random order per task, as
     the sampler gives them (else class by class); `n_classes`: also draw `classes` from that many."""
     g = torch.Generator().manual_seed(seed)
@@ -22,9 +22,9 @@ def random_tasks(T=3, n_way=5, k_shot=1, queries=2, image_size=28, dtype=torch.f
     classes = (None if n_classes is None
                else torch.stack([torch.randperm(n_classes, generator=g)[:n_way] for _ in range(T)]))
     return TaskBatch(
-        torch.randn(T, n_way * k_shot, 1, image_size, image_size, generator=g).to(dtype),
+        torch.randn(T, n_way * k_shot, channels, image_size, image_size, generator=g).to(dtype),
         support_y,
-        torch.randn(T, n_way * queries, 1, image_size, image_size, generator=g).to(dtype),
+        torch.randn(T, n_way * queries, channels, image_size, image_size, generator=g).to(dtype),
         torch.arange(n_way).repeat_interleave(queries).repeat(T, 1),
         n_way,
         classes,

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metarun.algorithms.maml import MAML
+from metarun.algorithms.protonet import ProtoNet
 from metarun.models import Conv4, ResNet12, ResNet18, TaskBatchNorm
+from tests.algorithms.synthetic import random_tasks
 
 BACKBONES = {
     "conv4": lambda **kw: Conv4(in_channels=3, hidden=8, image_size=16, **kw),
@@ -53,3 +56,24 @@ def test_every_backbone_in_running_mode_tracks_statistics_and_embeds_each_item_a
     torch.testing.assert_close(model(others)[0], model(x)[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=0, atol=1e-5)
     assert all(torch.equal(norm.running_mean, b) for norm, b in zip(norms, before))  # eval leaves them
+
+
+@pytest.mark.parametrize("learner", ["protonet", "maml"])
+@pytest.mark.parametrize("backbone", ["conv4-32", "resnet12"])
+def test_natural_image_backbones_fit_an_84x84_batch_with_protonet_and_second_order_maml(backbone, learner):
+    # mini-ImageNet-shaped synthetic tasks; ResNet-12 narrowed (its full widths take seconds a step here).
+    torch.manual_seed(0)
+    model = (Conv4(in_channels=3, hidden=32, image_size=84) if backbone == "conv4-32"
+             else ResNet12(in_channels=3, image_size=84, channels=[4, 4, 8, 8]))
+    assert model.out_shape == ((32, 5, 5) if backbone == "conv4-32" else (8, 5, 5))
+    meta = ProtoNet(model, 5) if learner == "protonet" else MAML(model, 5, inner_lr=0.01, adaptation_steps=1)
+    tasks = random_tasks(T=2, queries=2, image_size=84, dtype=torch.float32, channels=3)
+    optimizer = torch.optim.Adam(meta.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss, _ = meta(tasks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses  # it fits the batch it is trained on
