@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> float:
         print(f"metarun: interrupted; `metarun ... hydra.run.dir={run_dir}` with the same overrides resumes "
               "from its last checkpoint", file=sys.stderr)
         sys.exit(130)
-    return results["test_accuracy"]  # what a Hydra sweeper (e.g. Optuna) optimizes
+    # What a Hydra sweeper (e.g. Optuna) optimizes, higher is better: accuracy, or minus a regression's MSE.
+    return results["test_accuracy"] if "test_accuracy" in results else -results["test_mse"]
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from hydra.utils import get_object
 from importlib.resources import files
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError, MissingMandatoryValue
 
 from metarun.errors import MetarunError
 
@@ -146,6 +146,12 @@ def check_resolves(cfg: DictConfig) -> None:
     """Every interpolation resolves and every mandatory value (`???`) is set."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except InterpolationKeyError as e:
+        # A group that follows another, e.g. model.in_channels: ${dataset.channels} with a dataset that has none.
+        missing = str(e).split("'")[1] if str(e).count("'") >= 2 else "a key"
+        raise MetarunError(f"{e.full_key} follows {missing}, which this config does not set; choose a "
+                           f"{e.full_key.split('.')[0]} that fits the {missing.split('.')[0]} (e.g. dataset=sinusoid "
+                           "takes model=mlp) or set it") from None
     except InterpolationResolutionError as e:
         # OmegaConf rewraps a resolver's exception; keep our own message without its prefix.
         message = str(e).splitlines()[0].removeprefix(f"{MetarunError.__name__} raised while resolving interpolation: ")

@@ -27,17 +27,19 @@ def evaluate(
     seed: int,
     batch_size: int,
     autocast: AbstractContextManager | None = None,
+    score: str = "accuracy",
 ) -> dict[str, float]:
-    """Loss and accuracy over the fixed episodes 0..episodes-1 of `sampler`'s split."""
+    """Loss and score (accuracy, or "mse" for regression) over the fixed episodes
+    0..episodes-1 of `sampler`'s split: the mean over episodes and its 95% CI."""
     was_training = learner.training
     learner.eval()
-    losses, accuracies = [], []
+    losses, scores = [], []
     for start in range(0, episodes, batch_size):
         tasks = sampler.episodes(seed, start, min(batch_size, episodes - start))
         with autocast or nullcontext():
-            loss, accuracy = learner.evaluate(tasks)
+            loss, per_task = learner.evaluate(tasks)
         losses.append(loss.float())
-        accuracies.append(accuracy.float())
+        scores.append(per_task.float())
     learner.train(was_training)
-    accuracy, ci95 = confidence_interval(torch.cat(accuracies).cpu())
-    return {"loss": torch.cat(losses).mean().item(), "accuracy": accuracy, "ci95": ci95, "episodes": episodes}
+    mean, ci95 = confidence_interval(torch.cat(scores).cpu())
+    return {"loss": torch.cat(losses).mean().item(), score: mean, "ci95": ci95, "episodes": episodes}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn.utils import clip_grad_norm_
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -59,6 +59,9 @@ class Trainer:
         check_amp(self.device, self.amp)
 
         self.dataset = dataset = build(cfg.dataset)
+        # What a task is scored by: accuracy (higher is better) or, for regression, MSE (lower is better).
+        self.score = "mse" if getattr(dataset, "task", "classification") == "regression" else "accuracy"
+        check_algorithm_learns(cfg.algorithm, dataset)
         self.samplers = {part: self.episode_sampler(part) for part in PARTS}
         torch.manual_seed(cfg.seed)
         model = build(cfg.model)
@@ -71,14 +74,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
-        self.best_val_accuracy = -math.inf
+        self.best_val = math.inf if self.score == "mse" else -math.inf  # best validation score so far
         if (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
 
     def episode_sampler(self, part: str) -> EpisodeSampler:
         """`part`'s episodes on the device, normalized as the dataset declares; training episodes
-        augmented by the augment group, evaluation ones given eval.support_augment copies."""
+        augmented by the augment group, evaluation ones given eval.support_augment copies. A dataset
+        of drawn tasks (sinusoid) makes its own (`dataset.sampler`)."""
         dataset, cfg = self.dataset, self.cfg
+        if hasattr(dataset, "sampler"):
+            return dataset.sampler(part, *episode_shape(cfg, part), episode_key(cfg, part), self.device)
         augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
         copies = 0 if part == "train" else cfg.eval.support_augment
         if copies and augment is None:  # augment=none: the copies use the dataset's standard augmentation
@@ -119,7 +125,7 @@ class Trainer:
                 values["tasks_per_s"] = (self.step - tic_step) * tasks_per_step / (time.perf_counter() - tic)
                 tic, tic_step = time.perf_counter(), self.step
                 self.log.scalars("train", self.step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['accuracy']:.3f}",
+                bar.set_postfix(loss=f"{values['loss']:.3f}", **{self.score[:3]: f"{values[self.score]:.3f}"},
                                 tasks_s=f"{values['tasks_per_s']:.0f}")
             if self.step % train.val_every == 0 or self.step == train.steps:
                 self.validate_and_checkpoint()
@@ -145,39 +151,40 @@ class Trainer:
 
     def validate_and_checkpoint(self) -> None:
         val = self.evaluate("val", self.cfg.train.val_episodes)
-        improved = val["accuracy"] > self.best_val_accuracy
+        score = val[self.score]
+        improved = score < self.best_val if self.score == "mse" else score > self.best_val
         if improved:
-            self.best_val_accuracy = val["accuracy"]
+            self.best_val = score
             save_checkpoint({"learner": self.learner.state_dict(), "step": self.step, "val": val},
                             self.checkpoint_dir / "best.pt")
-        self.log.scalars("val", self.step, {"loss": val["loss"], "accuracy": val["accuracy"]})
+        self.log.scalars("val", self.step, {"loss": val["loss"], self.score: score})
         save_checkpoint(self.state(), self.checkpoint_dir / "last.pt")
-        tqdm.write(f"step {self.step}: val acc {100 * val['accuracy']:.1f}% +- {100 * val['ci95']:.1f}"
-                   + ("  (best)" if improved else ""))
+        tqdm.write(f"step {self.step}: val {describe_score(self.score, val)}" + ("  (best)" if improved else ""))
 
     def evaluate(self, part: str, episodes: int) -> dict[str, float]:
         cfg = self.cfg.eval
         return evaluate(self.learner, self.samplers[part], episodes, cfg.seed, cfg.batch_size,
-                        autocast(self.device, self.amp))
+                        autocast(self.device, self.amp), score=self.score)
 
     def test(self) -> dict[str, Any]:
         best = self.checkpoint_dir / "best.pt"
         if best.exists():
             self.learner.load_state_dict(load_checkpoint(best, self.device)["learner"])
         test = self.evaluate("test", self.cfg.eval.episodes)
+        score = self.score
         results = {
-            "test_accuracy": test["accuracy"], "ci95": test["ci95"], "episodes": test["episodes"],
-            "test_loss": test["loss"], "best_val_accuracy": self.best_val_accuracy, "steps": self.step,
+            f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"],
+            "test_loss": test["loss"], f"best_val_{score}": self.best_val, "steps": self.step,
             # Which batch norm produced the number: transductive (task) or inductive (running).
             "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="task"),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
         write_atomically(self.run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
-        self.log.scalars("test", self.step, {"loss": test["loss"], "accuracy": test["accuracy"]})
-        self.log.hparams(hparams(self.cfg), {"hparam/test_accuracy": test["accuracy"],
-                                             "hparam/best_val_accuracy": self.best_val_accuracy})
-        print(f"test acc {100 * test['accuracy']:.1f}% +- {100 * test['ci95']:.1f} ({test['episodes']} episodes, "
-              f"batch_norm={results['batch_norm']})")
+        self.log.scalars("test", self.step, {"loss": test["loss"], score: test[score]})
+        self.log.hparams(hparams(self.cfg), {f"hparam/test_{score}": test[score], f"hparam/best_val_{score}": self.best_val})
+        print(f"test {describe_score(score, test)} ({test['episodes']} episodes, batch_norm={results['batch_norm']})")
+        if hasattr(self.dataset, "figures"):  # e.g. sinusoid: adaptation.png beside results.json
+            self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
 
     # -- state ----------------------------------------------------------------------------------
@@ -188,7 +195,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "best_val_accuracy": self.best_val_accuracy,
+            "best_val": self.best_val,
             "rng": {"train_sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "config": config_container(self.cfg),
@@ -210,7 +217,7 @@ class Trainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
-            self.best_val_accuracy = state["best_val_accuracy"]
+            self.best_val = state["best_val"] if "best_val" in state else state["best_val_accuracy"]  # older runs
             self.generator.set_state(state["rng"]["train_sampler"].cpu())
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -234,15 +241,34 @@ class Trainer:
 
 
 def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
-    """A backbone that declares its input (in_channels, image_size) must take the dataset's images."""
-    for key, wanted in (("in_channels", dataset.channels), ("image_size", dataset.image_size)):
-        have = getattr(model, key, wanted)
-        if have != wanted:
-            source = "channels" if key == "in_channels" else key
+    """A backbone that declares its input (in_shape) must take the dataset's items."""
+    have, wanted = getattr(model, "in_shape", None), tuple(dataset.input_shape)
+    if have is None or tuple(have) == wanted:
+        return
+    if len(have) != len(wanted):
+        fits = "model=mlp" if len(wanted) == 1 else "model=conv4, resnet12 or resnet18"
+        raise MetarunError(f"{type(model).__name__} takes inputs of shape {tuple(have)} but {dataset.name}'s items "
+                           f"have shape {wanted}; use a backbone for them: {fits}")
+    for key, source, index in (("in_channels", "channels", 0), ("image_size", "image_size", -1)):
+        if have[index] != wanted[index]:
             raise MetarunError(
-                f"model.{key}={have} but {dataset.name}'s images have {source}={wanted}; "
-                f"set model.{key}=${{dataset.{source}}} (the default) or dataset.{source}={have}"
+                f"model.{key}={have[index]} but {dataset.name}'s images have {source}={wanted[index]}; "
+                f"set model.{key}=${{dataset.{source}}} (the default) or dataset.{source}={have[index]}"
             )
+
+
+def check_algorithm_learns(node: DictConfig, dataset: Any) -> None:
+    """A regression dataset needs a learner that learns regression (a one-line error otherwise)."""
+    if getattr(dataset, "task", "classification") == "regression" and not get_object(node._target_).regression:
+        raise MetarunError(f"{node._target_.rsplit('.', 1)[-1]} classifies and cannot learn {dataset.name}'s "
+                           "regression tasks; use algorithm=maml, fomaml, metasgd, anil or reptile")
+
+
+def describe_score(score: str, result: dict[str, float]) -> str:
+    """'acc 97.1% +- 0.3' or 'mse 0.123 +- 0.010': a validation or test result for the log line."""
+    if score == "accuracy":
+        return f"acc {100 * result['accuracy']:.1f}% +- {100 * result['ci95']:.1f}"
+    return f"mse {result['mse']:.4f} +- {result['ci95']:.4f}"
 
 
 def episode_key(cfg: DictConfig, part: str) -> str:

@@ -10,11 +10,10 @@ computed once per task and the inner loop runs on the linear head alone.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from metarun.algorithms.base import accuracy
+from metarun.algorithms.base import task_loss, task_score
 from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.maml import MAML
 from metarun.models.layers import detached
@@ -87,11 +86,11 @@ class ANIL(MAML):
         accuracy before and after adaptation if asked)."""
         adapted = self.adapt_head(head, support_features, support_y, steps, first_order)
         query_logits = functional_call(self.model.head, adapted, (query_features,))  # [N*Q, N]
-        out = (F.cross_entropy(query_logits, query_y), accuracy(query_logits, query_y))
+        out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
             before = functional_call(self.model.head, detached(head), (support_features.detach(),))  # [N*K, N]
             after = functional_call(self.model.head, detached(adapted), (support_features.detach(),))  # [N*K, N]
-            out += (accuracy(before, support_y), accuracy(after, support_y))
+            out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
     def map_tasks(self, params: dict[str, Tensor], tasks: TaskBatch, **settings) -> tuple[Tensor, ...]:

@@ -30,11 +30,44 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.detach().argmax(dim=-1) == labels).float().mean(dim=-1)
 
 
+# Regression (e.g. dataset=sinusoid): targets are real numbers `[..., M, 1]` instead of class labels
+# `[..., M]`; the learners that support it (`regression = True`) train on the mean squared error and
+# report it where classification reports accuracy. The targets' dtype tells which, also under vmap.
+def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for class labels, mean squared error for real-valued targets: a scalar."""
+    return F.mse_loss(outputs, targets) if targets.is_floating_point() else F.cross_entropy(outputs, targets)
+
+
+def task_score(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Accuracy for class labels, mean squared error for real-valued targets, per task: `[...]`."""
+    if targets.is_floating_point():
+        return (outputs.detach() - targets).square().flatten(-2).mean(dim=-1)
+    return accuracy(outputs, targets)
+
+
+def score_name(targets: Tensor) -> str:
+    """"accuracy" (higher is better) or "mse" (lower is better): what `task_score` measures."""
+    return "mse" if targets.is_floating_point() else "accuracy"
+
+
+def learner_metrics(losses: Tensor, scores: Tensor, support: list[Tensor], tasks: TaskBatch) -> dict[str, Tensor]:
+    """A gradient-based learner's training metrics from its per-task outputs: "loss" and the score
+    ("accuracy" or "mse"), and with diagnostics the support set's score before and after adapting
+    ("support_acc_before"/"_after", or "support_mse_..." for regression)."""
+    name = score_name(tasks.query_y)
+    metrics = {"loss": losses.mean().detach(), name: scores.mean()}
+    if support:
+        short = "acc" if name == "accuracy" else name
+        metrics[f"support_{short}_before"], metrics[f"support_{short}_after"] = (score.mean() for score in support)
+    return metrics
+
+
 class MetaLearner(nn.Module):
     """A backbone `model` wrapped with a meta-learning algorithm for `n_way` classification.
 
     - `forward(tasks, diagnostics=False) -> (loss, metrics)`: the meta-training loss (scalar, to be
-      backpropagated) and detached 0-dim metrics, at least "loss" and "accuracy" (no `.item()`:
+      backpropagated) and detached 0-dim metrics, at least "loss" and "accuracy" ("mse" for
+      regression tasks) (no `.item()`:
       the caller syncs); with `diagnostics`, also metrics that cost extra work (MAML: support
       accuracy before and after adaptation), which the trainer asks for on logging steps only.
     - `evaluate(tasks) -> (loss [T], accuracy [T])`: per-task query loss and accuracy with the
@@ -46,6 +79,8 @@ class MetaLearner(nn.Module):
     # What is sized for episode.n_way in learners with a fixed output layer ("head"), for
     # check_n_way's message; None: the learner classifies any number of ways (metric learners).
     fixed_for_n_way: str | None = None
+    # Whether it also learns regression tasks (real-valued targets, see task_loss).
+    regression: bool = False
 
     def __init__(self, model: nn.Module, n_way: int):
         super().__init__()

@@ -19,10 +19,10 @@ import functools
 from typing import Callable, Collection, Mapping, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metarun.algorithms.base import task_loss
 from metarun.vmap import is_vmapped
 
 # A scalar step size for every parameter, or one per adapted parameter name (scalar or a tensor
@@ -76,7 +76,7 @@ def inner_loop(
 
     def scaled_support_loss(fast: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(module, {**frozen, **fast}, (x,))  # [N*K or B, n_way]
-        return F.cross_entropy(logits, y) * loss_scale
+        return task_loss(logits, y) * loss_scale
 
     vmapped = is_vmapped(support_x)
     # Fresh moments for every task: the tasks of a batch adapt independently (under vmap at once).

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
+from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
+                                     task_score)
 from metarun.algorithms.inner_loop import InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
@@ -38,6 +38,7 @@ class MAML(MetaLearner):
     """
 
     fixed_for_n_way = "head"
+    regression = True
 
     def __init__(
         self,
@@ -90,16 +91,16 @@ class MAML(MetaLearner):
         first_order: bool,
         support_metrics: bool,
     ) -> tuple[Tensor, ...]:
-        """One task: adapt on the support set, then the query loss and accuracy with the adapted
-        parameters (and, if asked, support accuracy before and after adaptation)."""
+        """One task: adapt on the support set, then the query loss and accuracy (MSE for regression)
+        with the adapted parameters (and, if asked, the support's before and after adaptation)."""
         adapted = self.adapted_params(params, support_x, support_y, steps, first_order)
         query_logits = functional_call(self.model, adapted, (query_x,))  # [N*Q, N]
-        out = (F.cross_entropy(query_logits, query_y), accuracy(query_logits, query_y))
+        out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
             # Detached parameters: metrics only, no graph.
             before = functional_call(self.model, detached(params), (support_x,))  # [N*K, N]
             after = functional_call(self.model, detached(adapted), (support_x,))  # [N*K, N]
-            out += (accuracy(before, support_y), accuracy(after, support_y))
+            out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
     def map_tasks(self, params: dict[str, Tensor], tasks: TaskBatch, **settings) -> tuple[Tensor, ...]:
@@ -120,11 +121,7 @@ class MAML(MetaLearner):
         losses, accs, *support = self.map_tasks(
             params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=diagnostics
         )
-        loss = losses.mean()
-        metrics = {"loss": loss.detach(), "accuracy": accs.mean()}
-        if diagnostics:
-            metrics["support_acc_before"], metrics["support_acc_after"] = (acc.mean() for acc in support)
-        return loss, metrics
+        return losses.mean(), learner_metrics(losses, accs, support, tasks)
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         # The inner loop needs gradients even when the caller evaluates under torch.no_grad();

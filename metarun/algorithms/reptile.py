@@ -16,11 +16,11 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaLearner, accuracy, check_at_least, check_positive
+from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
+                                     task_score)
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
 from metarun.models.layers import Classifier, detached
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
@@ -84,6 +84,7 @@ class Reptile(MetaLearner):
     """
 
     fixed_for_n_way = "head"
+    regression = True
 
     def __init__(
         self,
@@ -151,11 +152,11 @@ class Reptile(MetaLearner):
         before and after adaptation). Nothing here is differentiable: theta comes in detached."""
         phi = self.adapted_params(theta, support_x, support_y, steps, batch_indices)
         query_logits = self.score_queries(phi, support_x, query_x)  # [N*Q, N]
-        out = (phi, F.cross_entropy(query_logits, query_y), accuracy(query_logits, query_y))
+        out = (phi, task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
             before = functional_call(self.model, theta, (support_x,))  # [N*K, N]
             after = functional_call(self.model, phi, (support_x,))  # [N*K, N]
-            out += (accuracy(before, support_y), accuracy(after, support_y))
+            out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
     def map_tasks(self, theta: dict[str, Tensor], tasks: TaskBatch, batch_indices: Tensor | None, **settings) -> tuple:
@@ -193,9 +194,8 @@ class Reptile(MetaLearner):
             detached(theta), tasks, indices, steps=self.adaptation_steps, support_metrics=diagnostics
         )
         loss = reptile_surrogate(theta, {name: p.mean(dim=0) for name, p in phi.items()})
-        metrics = {"loss": losses.mean(), "accuracy": accs.mean()}
+        metrics = learner_metrics(losses, accs, support, tasks)
         if diagnostics:
-            metrics["support_acc_before"], metrics["support_acc_after"] = (acc.mean() for acc in support)
             metrics["update_norm"] = (2 * loss.detach()).sqrt()
         return loss, metrics
 

@@ -105,6 +105,11 @@ class ClassDataset(ABC):
         """What was read from disk, for `metarun-data`: e.g. {"layout": ..., "cache": path}."""
         return {}
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one item: `(channels, image_size, image_size)`."""
+        return (self.channels, self.image_size, self.image_size)
+
     def n_classes(self, part: str) -> int:
         return self.part(part).n_classes
 
