@@ -212,3 +212,12 @@ def test_every_algorithm_trains_and_evaluates_on_every_backbone(make_config, tmp
     with torch.no_grad():
         loss, accuracy = trainer.learner.eval().evaluate(trainer.samplers["test"].episodes(seed=0, start=0, count=2))
     assert torch.isfinite(loss).all() and accuracy.shape == (2,)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_refuses_a_backbone_for_other_inputs_in_one_line(make_config, tmp_path, algorithm):
+    # The sinusoid MLP takes numbers, not images: refused before anything is written.
+    with pytest.raises(MetarunError, match=r"MLP takes inputs of shape \(1,\) but folder's items have shape "
+                                           r"\(3, 16, 16\); use a backbone for them: model=conv4") as error:
+        Trainer(tiny(make_config, algorithm, "model=mlp", dataset="folder"), tmp_path / "run")
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()

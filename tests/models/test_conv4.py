@@ -16,10 +16,12 @@ def test_conv4_embeds_4d_and_5d_batches():
     assert model(torch.randn(2, 3, 1, 28, 28)).shape == (2, 3, 8)
 
 
-def test_conv4_out_features_follow_image_size():
-    model = Conv4(in_channels=3, hidden=8, image_size=84)
-    assert model.out_features == 8 * 5 * 5  # 84 -> 42 -> 21 -> 10 -> 5
-    assert model(torch.randn(2, 3, 84, 84)).shape == (2, 200)
+@pytest.mark.parametrize("in_channels, image_size, side", [(1, 28, 1), (3, 32, 2), (3, 84, 5)])
+def test_conv4_out_features_follow_image_size(in_channels, image_size, side):
+    # 28 -> 14 -> 7 -> 3 -> 1; 32 -> 16 -> 8 -> 4 -> 2; 84 -> 42 -> 21 -> 10 -> 5
+    model = Conv4(in_channels=in_channels, hidden=32, image_size=image_size)
+    assert model.out_shape == (32, side, side) and model.out_features == 32 * side**2
+    assert model(torch.randn(2, in_channels, image_size, image_size)).shape == (2, 32 * side**2)
 
 
 def test_conv4_names_the_fix_for_a_wrong_image_size():
