@@ -8,6 +8,9 @@ loss = -log P(y_hat = true class | x_hat, S), in log space: logsumexp over the c
 Without full-context embeddings (FCE), f = g = the backbone embedding. With FCE (the paper's appendix):
 g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i), a bidirectional LSTM over the support embeddings g' plus a skip;
 f(x_hat, S) = h_K of an attention LSTM run for K (`fce_steps`) steps on the query embedding f'(x_hat).
+Both LSTMs are D wide for D-sized embeddings, 28 D^2 + 24 D parameters: the flattened map of a wide
+backbone makes them impractical (ResNet-12 at 84x84, D = 16000: 7.2 billion), and they are refused
+above MAX_FCE_PARAMETERS.
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ from torch import Tensor, nn
 from metarun.algorithms.base import EpisodeClassifier, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
+
+# Refusing rather than pooling the map before FCE: pooling would make f' and g' differ between fce=true
+# and fce=false (an FCE ablation would change two things), and it is not the paper's model on its own
+# mini-ImageNet Conv4, whose flattened 64x5x5 = 1600 features need 72M parameters. The limit lets those
+# through and refuses maps an order of magnitude wider (ResNet-12 at 32x32, D = 2560: 184M; at 84x84: 7.2B).
+MAX_FCE_PARAMETERS = 100_000_000
+
+
+def fce_parameters(dim: int) -> int:
+    """Parameters of FullContextEmbedding(dim): the bidirectional LSTM(D, D), 2 x (4D x 2D + 8D), and
+    the LSTMCell(2D, D), 4D x 3D + 8D."""
+    return 28 * dim**2 + 24 * dim
 
 
 def cosine_similarity(query_emb: Tensor, support_emb: Tensor, eps: float = 1e-8) -> Tensor:
@@ -90,7 +105,8 @@ class MatchingNet(EpisodeClassifier):
     """Matching Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task (Conv4 does).
 
     fce: full-context embeddings (bidirectional LSTM over the support set, attention LSTM over each
-        query), sized from `model.out_features`; off by default, as in the paper's Omniglot runs.
+        query), sized from `model.out_features` (refused where that makes them over MAX_FCE_PARAMETERS);
+        off by default, as in the paper's Omniglot runs.
     fce_steps: K, the attention LSTM's processing steps (the paper does not state its value).
     cosine_scale: a factor on the cosine similarity before the attention softmax. 1.0, the default,
         is the paper's model: cosines lie in [-1, 1], so 5-way 1-shot attention can put at most
@@ -126,6 +142,14 @@ class MatchingNet(EpisodeClassifier):
                     f"algorithm.fce=true sizes its LSTMs from model.out_features, which "
                     f"{type(model).__name__} does not have; use a backbone of metarun.models (they declare "
                     f"it: conv4, resnet12, resnet18) or set algorithm.fce=false"
+                )
+            if fce_parameters(dim) > MAX_FCE_PARAMETERS:
+                shape = "x".join(map(str, getattr(model, "out_shape", ()))) or str(dim)
+                raise MetarunError(
+                    f"algorithm.fce=true sizes its LSTMs from model.out_features={dim} ({type(model).__name__}'s "
+                    f"{shape} map): {fce_parameters(dim) / 1e6:,.0f}M parameters, over the "
+                    f"{MAX_FCE_PARAMETERS // 1_000_000}M limit; use a backbone with fewer features (model=conv4: "
+                    f"1600 at 84x84, 64 at 28x28) or set algorithm.fce=false"
                 )
             self.full_context = FullContextEmbedding(dim, fce_steps)
         else:

@@ -1,6 +1,7 @@
 """TADAM: Task dependent adaptive metric for improved few-shot learning (Oreshkin, Rodriguez & Lacoste, 2018).
 
-t = 1/N sum_n [mean_k f(x_nk), std_k f(x_nk)]               (task representation, unconditioned backbone f)
+t = 1/N sum_n [mean_k f(x_nk), std_k f(x_nk)]               (task representation, unconditioned backbone f,
+                                                              its map averaged over height and width)
 gamma_l = 1 + gamma0_l * h_l(t),  beta_l = beta0_l * g_l(t)   (TEN h_l, g_l; scalar post-multipliers, 0 at init)
 f_t: BN_l -> gamma_l * BN_l + beta_l;  p(y=n|x) = softmax_n(-alpha ||f_t(x) - c_n||^2),  c_n = mean_k f_t(x_nk)
 loss = cross-entropy + film_l2 * sum_l (gamma0_l^2 + beta0_l^2) / 2
@@ -17,8 +18,12 @@ What is TADAM's and what is not:
 - The post-multipliers gamma0, beta0 start at 0, so at initialization the conditioned network is the
   plain one (and the TEN's own gradients are exactly zero until they move). Their penalty follows
   TADAM's TensorFlow `l2_regularizer` (weight * sum w^2 / 2), so film_l2 = 0.01 is TADAM's value as used.
-- Task representation: TADAM uses the mean of the class prototypes; here the mean class spread
-  (standard deviation over a class's K support embeddings) is appended, so t has 2D entries. The spread
+- Task representation: TADAM uses the mean of the class prototypes of its features after global average
+  pooling; here too f is the backbone's map averaged over height and width, C numbers an item for a
+  backbone that declares `out_shape` (C, H, W): 640 for ResNet-12 at 84x84, not its flattened
+  640x5x5 = 16000 (which made the TEN 310M parameters); Conv4's 1x1 map at 28x28 is its own average.
+  The metric's prototypes stay the flattened map's, as ProtoNet's. The mean class spread
+  (standard deviation over a class's K support embeddings) is appended, so t has 2C entries. The spread
   is the population one (divided by K): exactly 0 for 1-shot, through a square root whose gradient at
   0 is 0 (not NaN). In 1-shot training the spread inputs thus carry nothing and their TEN weights get
   no gradient; they stay at initialization and only act if the learner is later evaluated with K > 1.
@@ -43,8 +48,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import EpisodeClassifier, check_at_least, check_positive
-from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.algorithms.protonet import prototypes, squared_euclidean
+from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.layers import TaskBatchNorm
@@ -62,6 +67,12 @@ def task_representation(support_emb: Tensor, support_y: Tensor, n_way: int) -> T
     variances = prototypes(deviations.square(), support_y, n_way)  # [T, N, D]
     spreads = safe_sqrt(variances)  # [T, N, D]
     return torch.cat([means.mean(dim=1), spreads.mean(dim=1)], dim=-1)  # [T, 2D]
+
+
+def channel_means(emb: Tensor, channels: int) -> Tensor:
+    """Global average pooling of flattened feature maps: `[..., C*H*W] -> [..., C]`, the mean over the
+    H*W positions of each channel (flattening is channel-major). A 1x1 map comes back unchanged."""
+    return emb.unflatten(-1, (channels, -1)).mean(dim=-1)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -143,7 +154,11 @@ class TaskCond(EpisodeClassifier):
                 f"declares it (model=conv4, resnet12 or resnet18)"
             )
         channels = [model.get_submodule(name).weight.numel() for name in self.film_names]
-        task_dim = 2 * model.out_features
+        # Pooled over height and width where the backbone says what its map is (every metarun backbone);
+        # the flattened embedding otherwise.
+        out_shape = getattr(model, "out_shape", None)
+        self.task_features = out_shape[0] if out_shape else model.out_features
+        task_dim = 2 * self.task_features
         self.ten_gamma = nn.ModuleList(ResidualMLP(task_dim, c, ten_layers) for c in channels)
         self.ten_beta = nn.ModuleList(ResidualMLP(task_dim, c, ten_layers) for c in channels)
         self.gamma0 = nn.Parameter(torch.zeros(len(channels)))  # post-multipliers, one per conditioned layer
@@ -153,10 +168,14 @@ class TaskCond(EpisodeClassifier):
         self.task_batching = check_task_batching(task_batching, model)
 
     # -- the model ---------------------------------------------------------------------------------
+    def task_embedding(self, support_x: Tensor, support_y: Tensor, n_way: int) -> Tensor:
+        """t from the unconditioned backbone's channel means: `[T, N*K, C, H, W] -> [T, 2C]`."""
+        support_emb = channel_means(self.model(support_x), self.task_features)  # [T, N*K, C]
+        return task_representation(support_emb, support_y, n_way)  # [T, 2C]
+
     def film_params(self, support_x: Tensor, support_y: Tensor, n_way: int) -> dict[str, Tensor]:
         """Per-task batch-norm affine parameters with FiLM folded in: `{name.weight|bias: [T, C]}`."""
-        support_emb = self.model(support_x)  # [T, N*K, D], unconditioned
-        task = task_representation(support_emb, support_y, n_way)  # [T, 2D]
+        task = self.task_embedding(support_x, support_y, n_way)  # [T, 2C]
         params = {}
         for i, name in enumerate(self.film_names):
             norm = self.model.get_submodule(name)

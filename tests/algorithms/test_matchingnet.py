@@ -4,10 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from metarun.algorithms.matchingnet import FullContextEmbedding, MatchingNet, class_log_probs, cosine_similarity
+from metarun.algorithms.matchingnet import (
+    MAX_FCE_PARAMETERS,
+    FullContextEmbedding,
+    MatchingNet,
+    class_log_probs,
+    cosine_similarity,
+    fce_parameters,
+)
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
+from metarun.models.resnet12 import ResNet12
 from metarun.trainer import Trainer
 
 F64 = torch.float64
@@ -209,6 +217,28 @@ def test_impossible_settings_name_the_key_and_the_fix(kwargs, message):
     kwargs = {"model": Conv4(hidden=4), **kwargs}
     with pytest.raises(MetarunError, match=message):
         MatchingNet(n_way=5, **kwargs)
+
+
+@pytest.mark.parametrize("dim", [1, 6, 64])
+def test_fce_parameters_counts_both_lstms(dim):
+    assert fce_parameters(dim) == sum(p.numel() for p in FullContextEmbedding(dim, 1).parameters())
+
+
+def test_fce_on_resnet12s_flattened_84x84_map_is_refused_in_one_line_naming_the_fix():
+    with torch.device("meta"):  # shapes only: the 7-billion-parameter LSTMs would not even be allocated
+        backbone = ResNet12(image_size=84)
+        with pytest.raises(MetarunError, match=r"out_features=16000 \(ResNet12's 640x5x5 map\): 7,168M parameters, "
+                                               r"over the 100M limit; .*model=conv4.* or set algorithm.fce=false") as error:
+            MatchingNet(backbone, n_way=5, fce=True)
+    assert "\n" not in str(error.value)
+    MatchingNet(backbone, n_way=5, fce=False)  # without FCE the flattened map is only a cosine's input
+
+
+def test_fce_on_the_papers_mini_imagenet_conv4_is_accepted():
+    with torch.device("meta"):
+        learner = MatchingNet(Conv4(in_channels=3, image_size=84), n_way=5, fce=True)
+    assert learner.model.out_features == 1600
+    assert sum(p.numel() for p in learner.full_context.parameters()) == fce_parameters(1600) < MAX_FCE_PARAMETERS
 
 
 def test_short_omniglot_run_learns_well_above_chance(make_config, tmp_path):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from metarun.algorithms.protonet import ProtoNet
 from metarun.algorithms.taskcond import (
     TaskCond,
+    channel_means,
     film_batch_norm_affine,
     film_penalty,
     safe_sqrt,
@@ -13,6 +14,7 @@ from metarun.algorithms.taskcond import (
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.models.layers import task_batch_norm
+from metarun.models.resnet12 import ResNet12
 from metarun.trainer import Trainer
 from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
 
@@ -58,6 +60,14 @@ def test_task_representation_is_invariant_to_the_order_of_the_support_items():
     logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
     permuted_logits = learner.episode_logits(tasks.support_x[:, order], tasks.support_y[:, order], tasks.query_x, 5)
     assert max_abs_diff(logits, permuted_logits) < 1e-10
+
+
+def test_channel_means_average_each_channel_over_height_and_width_by_hand():
+    maps = torch.arange(2 * 3 * 2 * 2, dtype=F64).view(2, 3, 2, 2)  # [B, C, H, W]
+    expected = torch.tensor([[1.5, 5.5, 9.5], [13.5, 17.5, 21.5]], dtype=F64)
+    assert torch.equal(channel_means(maps.flatten(1), 3), expected)
+    one_by_one = torch.randn(4, 7, dtype=F64)  # a 7x1x1 map: its own average, bit for bit
+    assert torch.equal(channel_means(one_by_one, 7), one_by_one)
 
 
 def test_one_shot_spread_is_exactly_zero_with_a_finite_zero_gradient():
@@ -128,6 +138,51 @@ def test_film_penalty_is_half_the_weighted_sum_of_squared_post_multipliers():
 
 
 # -- the learner -----------------------------------------------------------------------------------
+def test_conv4_on_28x28_builds_its_task_representation_from_the_flattened_1x1_map_exactly():
+    learner = make_taskcond(hidden=8)
+    assert learner.model.out_shape == (8, 1, 1)
+    assert all(branch.linears[0].in_features == 2 * 8 for branch in [*learner.ten_gamma, *learner.ten_beta])
+    tasks = make_tasks(k_shot=2)
+    expected = task_representation(learner.model(tasks.support_x), tasks.support_y, 5)
+    assert torch.equal(learner.task_embedding(tasks.support_x, tasks.support_y, 5), expected)
+
+
+def test_resnet12_map_is_averaged_over_height_and_width_for_the_ten_and_the_learner_trains_a_step():
+    torch.manual_seed(0)
+    learner = TaskCond(ResNet12(channels=[8, 8, 16, 16], image_size=84), n_way=5)
+    assert learner.model.out_shape == (16, 5, 5) and learner.model.out_features == 400
+    branches = [*learner.ten_gamma, *learner.ten_beta]
+    assert len(branches) == 2 * 16  # every batch norm of the 4 blocks, one gamma and one beta branch each
+    assert all(branch.linears[0].in_features == 2 * 16 for branch in branches)  # not 2 * 400
+    tasks = make_tasks(T=2, k_shot=2, image_size=84, channels=3, dtype=torch.float32)
+    maps = learner.model(tasks.support_x).unflatten(-1, (16, 5, 5))  # [T, N*K, C, H, W]
+    torch.testing.assert_close(learner.task_embedding(tasks.support_x, tasks.support_y, 5),
+                               task_representation(maps.mean(dim=(-2, -1)), tasks.support_y, 5))
+    with torch.no_grad():  # post-multipliers off 0, so that the TEN is trained too
+        learner.gamma0.fill_(0.5)
+        learner.beta0.fill_(0.5)
+    before = {name: p.detach().clone() for name, p in learner.named_parameters()}
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.01)
+    loss, _ = learner(tasks)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
+    assert all(branch.linears[0].weight.grad.abs().max() > 0 for branch in branches)
+    optimizer.step()
+    assert all(not torch.equal(p, before[name]) for name, p in learner.named_parameters() if p.grad.any())
+    assert not torch.equal(learner.ten_gamma[0].linears[0].weight, before["ten_gamma.0.linears.0.weight"])
+    assert torch.isfinite(learner(tasks)[0])
+
+
+def test_full_width_resnet12_at_84x84_has_tens_of_millions_of_parameters_not_hundreds():
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+        learner = TaskCond(ResNet12(image_size=84), n_way=5)
+    ten = sum(p.numel() for name, p in learner.named_parameters() if name.startswith("ten_"))
+    backbone = sum(p.numel() for p in learner.model.parameters())
+    print(f"TaskCond on ResNet-12 84x84: TEN {ten:,}, backbone {backbone:,} parameters")
+    assert learner.ten_gamma[0].linears[0].in_features == 2 * 640
+    assert ten == 20_819_712  # 310M from the flattened 640x5x5 map
+
+
 def test_taskcond_at_initialization_gives_protonet_logits_times_metric_scale():
     learner = make_taskcond(metric_scale_init=2.5)
     tasks = make_tasks(k_shot=2)
