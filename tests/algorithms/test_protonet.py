@@ -56,3 +56,14 @@ def test_protonet_embeds_support_and_query_in_one_call():
     learner = ProtoNet(Recorder(start_dim=-3), n_way=2)
     learner(_hand_task())
     assert shapes == [(1, 6, 1, 1, 2)]  # [T, N*K + N*Q, C, H, W]
+
+
+def test_metaoptnet_head_divides_distances_by_the_embedding_size_and_learns_a_scale():
+    tasks = _hand_task()  # distances (1, 2) and (5, 0) in a 2-wide embedding, as above
+    plain = ProtoNet(nn.Flatten(start_dim=-3), n_way=2)
+    scaled = ProtoNet(nn.Flatten(start_dim=-3), n_way=2, distance_scale=3.0, learn_scale=True, normalize_distance=True)
+    assert "distance_scale" not in dict(plain.named_parameters())  # the paper's model: nothing to learn
+    logits = scaled.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
+    torch.testing.assert_close(logits, 3.0 / 2 * plain.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2))
+    scaled(tasks)[0].backward()
+    assert scaled.distance_scale.grad is not None and scaled.distance_scale.grad != 0
