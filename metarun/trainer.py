@@ -62,6 +62,7 @@ class Trainer:
         # What a task is scored by: accuracy (higher is better) or, for regression, MSE (lower is better).
         self.score = "mse" if getattr(dataset, "task", "classification") == "regression" else "accuracy"
         check_algorithm_learns(cfg.algorithm, dataset)
+        self.augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
         self.samplers = {part: self.episode_sampler(part) for part in PARTS}
         torch.manual_seed(cfg.seed)
         model = build(cfg.model)
@@ -85,7 +86,7 @@ class Trainer:
         dataset, cfg = self.dataset, self.cfg
         if hasattr(dataset, "sampler"):
             return dataset.sampler(part, *episode_shape(cfg, part), episode_key(cfg, part), self.device)
-        augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
+        augment = self.augment
         copies = 0 if part == "train" else cfg.eval.support_augment
         if copies and augment is None:  # augment=none: the copies use the dataset's standard augmentation
             augment = Augment().resolve(dataset.standard_augment)
@@ -175,8 +176,8 @@ class Trainer:
         results = {
             f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"],
             "test_loss": test["loss"], f"best_val_{score}": self.best_val, "steps": self.step,
-            # Which batch norm produced the number: transductive (task) or inductive (running).
-            "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="task"),
+            # Which batch norm produced the number: transductive (task), inductive (running) or none (MLP).
+            "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="none"),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
         write_atomically(self.run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))

@@ -47,6 +47,7 @@ def test_maml_adapts_a_sinusoid_far_below_its_unadapted_error(maml_run):
 def test_a_regression_run_reports_mse_where_classification_reports_accuracy(maml_run):
     run_dir, _, results = maml_run
     assert {"test_mse", "best_val_mse", "ci95"} <= results.keys() and "test_accuracy" not in results
+    assert results["batch_norm"] == "none"  # the MLP has none
     assert json.loads((run_dir / "results.json").read_text()) == results
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["split"] == "train"]
