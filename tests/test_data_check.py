@@ -38,6 +38,13 @@ def test_reports_the_cifar_fs_parts(capsys, colour_datasets):
                                                                    ["test", "20", "160"]]
 
 
+def test_reports_a_dataset_of_drawn_tasks_without_parts(capsys):
+    code, out, err = data_check(capsys, "sinusoid")
+    assert code == 0, err
+    assert out.splitlines()[0] == "dataset  sinusoid (metarun.data.sinusoid.Sinusoid)"
+    assert out.splitlines()[-1] == "items    1 numbers, drawn per task"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -14,7 +14,12 @@ here. A new dataset is one subclass of `ClassDataset` (and one YAML in `conf/dat
     layout()          what was found on disk, for `metarun-data`: "layout", the data folder
                       under its config key ("root" or "path"), and the "cache" folder
 
-`n_classes(part)` and `class_names(part)` follow from `part`.
+`n_classes(part)`, `class_names(part)` and `input_shape` follow from these.
+
+A dataset of tasks drawn on the fly rather than images of classes (metarun.data.sinusoid) declares
+`name`, `machine_local`, `input_shape`, `task = "regression"` and `layout()`, and provides
+`sampler(part, n_way, k_shot, n_query, config_key, device)` in place of `part`; the trainer uses
+it where it would build an EpisodeSampler.
 """
 
 from __future__ import annotations

@@ -58,7 +58,6 @@ class EpisodeSampler:
             if not isinstance(value, int) or value < 1:
                 raise MetarunError(f"{config_key}.{key}={value} must be a positive integer; set {config_key}.{key}>=1")
         self.classes = usable_classes(images, n_way, k_shot, n_query, f"{dataset_name}/{part}", config_key)
-        self.data = images
         self.images = images.images  # [I, C, H, W] uint8
         self.offsets = images.offsets.to(images.images.device)  # [n_classes]
         self.counts = images.counts  # [n_classes], on the CPU
