@@ -134,12 +134,20 @@ class Trainer:
         bar.close()
 
     def train_step(self, tasks, diagnostics: bool = False) -> dict[str, torch.Tensor]:
-        # Gradient-based learners unscale their inner-loop gradients by this (fp16 only).
-        self.learner.loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        with autocast(self.device, self.amp):
-            loss, metrics = self.learner(tasks, diagnostics=diagnostics)
+        """One meta-update. The learner may split the meta-batch (`task_chunks`): each chunk's loss,
+        weighted by its share of the tasks, is backpropagated before the next chunk's graph is
+        built, so the gradients sum to the whole batch's meta-gradient while memory holds one chunk."""
+        # Gradient-based learners scale their inner-loop losses by this too (fp16 only).
+        loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        metrics: dict[str, torch.Tensor] = {}
+        for chunk in self.learner.task_chunks(tasks):
+            share = len(chunk) / len(tasks)
+            with autocast(self.device, self.amp):
+                loss, chunk_metrics = self.learner(chunk, diagnostics=diagnostics, loss_scale=loss_scale)
+            self.scaler.scale(loss * share).backward()
+            for name, value in chunk_metrics.items():  # means over tasks, so their weighted sum
+                metrics[name] = metrics.get(name, 0.0) + share * value
         if self.cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
             # The norm before clipping, logged with the step's metrics.

@@ -46,7 +46,8 @@ class ANIL(MAML):
         return functional_call(self.model.backbone, body, (x,))
 
     def adapt_head(
-        self, head: dict[str, Tensor], support_features: Tensor, support_y: Tensor, steps: int, first_order: bool
+        self, head: dict[str, Tensor], support_features: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """The inner loop on the head alone, fed one task's support features `[N*K, D]`."""
         return inner_loop(
@@ -57,15 +58,16 @@ class ANIL(MAML):
             adaptation_steps=steps,
             inner_lr=self.inner_lr,
             first_order=first_order,
-            loss_scale=self.loss_scale,
+            loss_scale=loss_scale,
         )
 
     def adapted_params(
-        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool
+        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """All of the Classifier's parameters after adapting to one task: the body's are `params`' own."""
         body, head = split_params(params)
-        adapted_head = self.adapt_head(head, self.features(body, support_x), support_y, steps, first_order)
+        adapted_head = self.adapt_head(head, self.features(body, support_x), support_y, steps, first_order, loss_scale)
         return {
             **{BODY + name: p for name, p in body.items()},
             **{HEAD + name: p for name, p in adapted_head.items()},
@@ -81,10 +83,11 @@ class ANIL(MAML):
         steps: int,
         first_order: bool,
         support_metrics: bool,
+        loss_scale: float = 1.0,
     ) -> tuple[Tensor, ...]:
         """One task from its features: adapt the head, then query loss and accuracy (and support
         accuracy before and after adaptation if asked)."""
-        adapted = self.adapt_head(head, support_features, support_y, steps, first_order)
+        adapted = self.adapt_head(head, support_features, support_y, steps, first_order, loss_scale)
         query_logits = functional_call(self.model.head, adapted, (query_features,))  # [N*Q, N]
         out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:

@@ -65,11 +65,19 @@ def learner_metrics(losses: Tensor, scores: Tensor, support: list[Tensor], tasks
 class MetaLearner(nn.Module):
     """A backbone `model` wrapped with a meta-learning algorithm for `n_way` classification.
 
-    - `forward(tasks, diagnostics=False) -> (loss, metrics)`: the meta-training loss (scalar, to be
-      backpropagated) and detached 0-dim metrics, at least "loss" and "accuracy" ("mse" for
-      regression tasks) (no `.item()`:
-      the caller syncs); with `diagnostics`, also metrics that cost extra work (MAML: support
-      accuracy before and after adaptation), which the trainer asks for on logging steps only.
+    - `forward(tasks, diagnostics=False, loss_scale=1.0) -> (loss, metrics)`: the meta-training
+      loss (scalar, to be backpropagated) and detached 0-dim metrics, at least "loss" and "accuracy"
+      ("mse" for regression tasks) (no `.item()`: the caller syncs); with `diagnostics`, also
+      metrics that cost extra work (MAML: support accuracy before and after adaptation), which the
+      trainer asks for on logging steps only. `loss_scale` is an fp16 gradient scaler's factor:
+      learners that differentiate inside `forward` (inner loops) scale those losses by it and
+      unscale the gradients, so small inner gradients survive fp16; the others ignore it.
+    - `task_chunks(tasks) -> [TaskBatch, ...]`: the meta-batch in the pieces the trainer
+      backpropagates one after another, each piece's loss weighted by its share of the tasks, so
+      the gradients accumulate to the whole batch's meta-gradient while memory holds one piece's
+      graph (under DDP, gradients sync once, after the last piece). The whole batch by default;
+      a learner whose loss is the mean of independent per-task losses may split it
+      (`algorithm.task_chunk`).
     - `evaluate(tasks) -> (loss [T], accuracy [T])`: per-task query loss and accuracy with the
       evaluation settings; safe to call under `torch.no_grad()`.
     - `adapt(support_x [N*K, C, H, W], support_y [N*K])`: a predictor `[M, C, H, W] -> [M, n_way]`
@@ -95,8 +103,12 @@ class MetaLearner(nn.Module):
                 f"{n_way}-way tasks; set eval.n_way={self.n_way} (fixed at episode.n_way)"
             )
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def task_chunks(self, tasks: TaskBatch) -> list[TaskBatch]:
+        return [tasks]
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -122,7 +134,8 @@ class EpisodeClassifier(MetaLearner):
         losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction=reduction)
         return losses.view_as(query_y) if reduction == "none" else losses
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean query loss over the batch's queries."""
         logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
         loss = self.query_losses(logits, tasks.query_y, reduction="mean")

@@ -189,7 +189,8 @@ class Baseline(EpisodeClassifier):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         if tasks.classes is None:
             raise MetarunError(
                 "Baseline trains on the classes behind each episode label but the task batch has no classes; "

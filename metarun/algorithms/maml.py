@@ -18,7 +18,7 @@ from torch.func import functional_call
 from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
                                      task_score)
 from metarun.algorithms.inner_loop import InnerLR, inner_loop
-from metarun.algorithms.task_batching import check_task_batching, map_tasks
+from metarun.algorithms.task_batching import check_task_batching, check_task_chunk, chunk_tasks, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.models.layers import Classifier, detached
 
@@ -32,7 +32,9 @@ class MAML(MetaLearner):
         "loop" runs the tasks one after another, "auto" picks vmap on CUDA and loop on CPU
         (scripts/bench.py on 2 CPU cores: vmapped Conv4 MAML at 0.3-0.45x the loop's speed and
         1.5-1.6x its memory; both give the same loss and gradients).
-    `loss_scale` (set by the trainer from an fp16 GradScaler) scales the inner support loss too.
+    task_chunk: tasks per backward pass in training ("auto": one at a time in a loop, all together
+        under vmap; see `task_batching.py`): memory holds one chunk's second-order graphs.
+    `forward`'s loss_scale (an fp16 GradScaler's) scales the inner support loss too.
     Batch norm uses each set's own statistics (support while adapting, query when predicting):
     the transductive setting of the paper's code.
     """
@@ -49,6 +51,7 @@ class MAML(MetaLearner):
         eval_adaptation_steps: int = 3,
         first_order: bool = False,
         task_batching: str = "auto",
+        task_chunk: int | str = "auto",
     ):
         check_positive("inner_lr", inner_lr, "set algorithm.inner_lr=0.4 (MAML's Omniglot value)")
         check_at_least("adaptation_steps", adaptation_steps, 1)
@@ -60,14 +63,15 @@ class MAML(MetaLearner):
         self.eval_adaptation_steps = eval_adaptation_steps
         self.first_order = first_order
         self.task_batching = check_task_batching(task_batching, model)
-        self.loss_scale = 1.0
+        self.task_chunk = check_task_chunk(task_chunk)
 
     def inner_rates(self, params: dict[str, Tensor]) -> InnerLR:
         """The inner step size for adapting `params`: alpha (Meta-SGD learns one per coordinate)."""
         return self.inner_lr
 
     def adapted_params(
-        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool
+        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         return inner_loop(
             self.model,
@@ -77,7 +81,7 @@ class MAML(MetaLearner):
             adaptation_steps=steps,
             inner_lr=self.inner_rates(params),
             first_order=first_order,
-            loss_scale=self.loss_scale,
+            loss_scale=loss_scale,
         )
 
     def task_loss(
@@ -90,10 +94,11 @@ class MAML(MetaLearner):
         steps: int,
         first_order: bool,
         support_metrics: bool,
+        loss_scale: float = 1.0,
     ) -> tuple[Tensor, ...]:
         """One task: adapt on the support set, then the query loss and accuracy (MSE for regression)
         with the adapted parameters (and, if asked, the support's before and after adaptation)."""
-        adapted = self.adapted_params(params, support_x, support_y, steps, first_order)
+        adapted = self.adapted_params(params, support_x, support_y, steps, first_order, loss_scale)
         query_logits = functional_call(self.model, adapted, (query_x,))  # [N*Q, N]
         out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
@@ -114,14 +119,19 @@ class MAML(MetaLearner):
         return map_tasks(one_task, self.task_batching, params, *data, in_dims=(None, 0, 0, 0, 0),
                          randomness="different")
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adaptation (two
         more forward passes per task, about 5% of a step: only on the steps that are logged)."""
         params = dict(self.model.named_parameters())
         losses, accs, *support = self.map_tasks(
-            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=diagnostics
+            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=diagnostics,
+            loss_scale=loss_scale,
         )
         return losses.mean(), learner_metrics(losses, accs, support, tasks)
+
+    def task_chunks(self, tasks: TaskBatch) -> list[TaskBatch]:
+        return chunk_tasks(tasks, self.task_chunk, self.task_batching)
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         # The inner loop needs gradients even when the caller evaluates under torch.no_grad();

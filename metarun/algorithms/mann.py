@@ -263,7 +263,8 @@ class MANN(MetaLearner):
             losses = torch.cat([support_losses, losses], dim=1)
         return losses.mean(dim=1)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds the accuracy of the online support predictions
         (an item is predicted before its label arrives: only repeated classes can be right)."""
         self.check_n_way(tasks.n_way)

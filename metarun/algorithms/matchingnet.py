@@ -170,7 +170,8 @@ class MatchingNet(EpisodeClassifier):
         attention_logits = scale * cosine_similarity(query_emb, support_emb)  # [T, N*Q, N*K]
         return class_log_probs(attention_logits, support_y, n_way)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         loss, metrics = super().forward(tasks, diagnostics)
         if diagnostics and self.log_scale is not None:
             metrics["cosine_scale"] = self.log_scale.detach().exp()

@@ -43,7 +43,8 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy, check_at_least
 from metarun.models.layers import Classifier
-from metarun.algorithms.task_batching import check_task_batching, map_tasks, resolve_task_batching
+from metarun.algorithms.task_batching import (check_task_batching, check_task_chunk, chunk_tasks, map_tasks,
+                                              resolve_task_batching)
 from metarun.data.tasks import TaskBatch
 
 PREPROCESS_P = 10.0
@@ -149,7 +150,8 @@ class MetaLSTM(MetaLearner):
         mapped over the tasks with `torch.func.vmap`, one meta-learner call per step for all their
         coordinates), "loop" adapts the tasks one after another, "auto" is vmap on CUDA and a loop on
         the CPU (as for MAML; see `adapt_tasks`).
-    `loss_scale` (set by the trainer from an fp16 GradScaler) scales the learner's support loss.
+    task_chunk: tasks per backward pass in training, as MAML's ("auto": 1 in a loop, all under vmap).
+    `forward`'s loss_scale (an fp16 GradScaler's) scales the learner's support loss.
     """
 
     fixed_for_n_way = "head"
@@ -165,6 +167,7 @@ class MetaLSTM(MetaLearner):
         forget_bias_init: float = 4.5,
         input_bias_init: float = -4.5,
         task_batching: str = "auto",
+        task_chunk: int | str = "auto",
     ):
         for key, value in [
             ("hidden_size", hidden_size),
@@ -180,7 +183,7 @@ class MetaLSTM(MetaLearner):
         self.eval_adaptation_steps = eval_adaptation_steps
         self.support_batch_size = support_batch_size
         self.task_batching = check_task_batching(task_batching, model)
-        self.loss_scale = 1.0
+        self.task_chunk = check_task_chunk(task_chunk)
 
     # -- the learner's parameters as one flat cell state ---------------------------------------
     def initial_cell_state(self) -> Tensor:
@@ -197,21 +200,22 @@ class MetaLSTM(MetaLearner):
     def use_vmap(self, x: Tensor) -> bool:
         return resolve_task_batching(self.task_batching, x.device) == "vmap"
 
-    def support_gradients(self, theta: Tensor, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def support_gradients(self, theta: Tensor, support_x: Tensor, support_y: Tensor, loss_scale: float = 1.0
+                          ) -> tuple[Tensor, Tensor, Tensor]:
         """The learner's support gradient, loss and accuracy at `theta [T, P]` (taken as a constant):
         `support_x [T, B, C, H, W]`, `support_y [T, B]` -> grad `[T, P]`, loss `[T]`, accuracy `[T]`, all detached."""
 
         def scaled_loss(flat: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             logits = functional_call(self.model, self.unflatten(flat), (x,))  # [B, N]
             loss = F.cross_entropy(logits, y)
-            return loss * self.loss_scale, (loss.detach(), accuracy(logits, y))
+            return loss * loss_scale, (loss.detach(), accuracy(logits, y))
 
         # The learner needs its gradient also where the caller evaluates under torch.no_grad().
         with torch.enable_grad():
             grads, (losses, accs) = map_tasks(torch.func.grad(scaled_loss, has_aux=True), self.task_batching,
                                               theta.detach(), support_x, support_y)
-        if self.loss_scale != 1.0:
-            grads = grads / self.loss_scale
+        if loss_scale != 1.0:
+            grads = grads / loss_scale
         return grads, losses, accs
 
     def query_losses(self, theta: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,7 +236,7 @@ class MetaLSTM(MetaLearner):
 
     # -- the meta-learner -----------------------------------------------------------------------
     def adapt_tasks(
-        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False
+        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False, loss_scale: float = 1.0
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """theta_T `[T, P]` for each task after `steps` meta-learner updates on its support set
         (`support_x [T, N*K, C, H, W]`, `support_y [T, N*K]`), differentiable with respect to c_0
@@ -244,14 +248,15 @@ class MetaLSTM(MetaLearner):
         (Conv4-32, one thread: 0.29 s per evaluation episode one by one, 0.43 s ten at a time).
         """
         if self.use_vmap(support_x) or len(support_y) == 1:
-            return self.adapt_together(support_x, support_y, steps, record)
-        per_task = [self.adapt_together(x[None], y[None], steps, record) for x, y in zip(support_x, support_y)]
+            return self.adapt_together(support_x, support_y, steps, record, loss_scale)
+        per_task = [self.adapt_together(x[None], y[None], steps, record, loss_scale)
+                    for x, y in zip(support_x, support_y)]
         theta = torch.cat([theta for theta, _ in per_task])
         stats = {key: torch.cat([task_stats[key] for _, task_stats in per_task]) for key in per_task[0][1]}
         return theta, stats
 
     def adapt_together(
-        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False
+        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False, loss_scale: float = 1.0
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """`adapt_tasks` for all tasks at once: one meta-learner call per step for every coordinate of every task."""
         n_tasks, n_support = support_y.shape
@@ -259,7 +264,7 @@ class MetaLSTM(MetaLearner):
         state, stats, gates = None, {}, []
         for step in range(steps):
             batch = self.support_batch(step, n_support)
-            grad, loss, acc = self.support_gradients(theta, support_x[:, batch], support_y[:, batch])
+            grad, loss, acc = self.support_gradients(theta, support_x[:, batch], support_y[:, batch], loss_scale)
             if record and step == 0:
                 stats["support_acc_before"] = acc
             with torch.autocast(theta.device.type, enabled=False):
@@ -270,11 +275,13 @@ class MetaLSTM(MetaLearner):
             stats["forget_gate"], stats["input_gate"] = torch.stack(gates).mean(dim=0)  # [T] each
         return theta, stats
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adapting (one
         more support forward pass per task) and the mean forget and input gates."""
         self.check_n_way(tasks.n_way)
-        theta, stats = self.adapt_tasks(tasks.support_x, tasks.support_y, self.adaptation_steps, record=diagnostics)
+        theta, stats = self.adapt_tasks(tasks.support_x, tasks.support_y, self.adaptation_steps, diagnostics,
+                                        loss_scale)
         losses, accs = self.query_losses(theta, tasks.query_x, tasks.query_y)
         loss = losses.mean()
         metrics = {"loss": loss.detach(), "accuracy": accs.mean()}
@@ -284,6 +291,9 @@ class MetaLSTM(MetaLearner):
             metrics.update({key: value.mean() for key, value in stats.items()})
             metrics["support_acc_after"] = support_acc_after.mean()
         return loss, metrics
+
+    def task_chunks(self, tasks: TaskBatch) -> list[TaskBatch]:
+        return chunk_tasks(tasks, self.task_chunk, self.task_batching)
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         self.check_n_way(tasks.n_way)

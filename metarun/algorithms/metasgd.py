@@ -45,7 +45,7 @@ class MetaSGD(MAML):
         optimizer updates with the initialization.
     adaptation_steps, eval_adaptation_steps: inner steps in meta-training and at test (the paper
         adapts in one step, both times).
-    first_order, task_batching, batch norm (support and query each with their own statistics):
+    first_order, task_batching, task_chunk, batch norm (support and query each with their own statistics):
         as MAML.
     """
 
@@ -61,6 +61,7 @@ class MetaSGD(MAML):
         eval_adaptation_steps: int = 1,
         first_order: bool = False,
         task_batching: str = "auto",
+        task_chunk: int | str = "auto",
     ):
         if not 0 <= inner_lr_min <= inner_lr_max or inner_lr_max <= 0:
             raise MetarunError(
@@ -74,6 +75,7 @@ class MetaSGD(MAML):
             eval_adaptation_steps=eval_adaptation_steps,
             first_order=first_order,
             task_batching=task_batching,
+            task_chunk=task_chunk,
         )
         del self.inner_lr  # MAML's scalar; the learned rates below replace it
         self.inner_lrs = init_inner_lrs(dict(self.model.named_parameters()), inner_lr_min, inner_lr_max)

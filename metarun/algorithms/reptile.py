@@ -116,10 +116,10 @@ class Reptile(MetaLearner):
         self.adam_betas = (adam_beta1, adam_beta2)
         self.task_batching = check_task_batching(task_batching, model)
         self.transductive = transductive
-        self.loss_scale = 1.0
 
     def adapted_params(
-        self, theta: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, batch_indices: Tensor | None
+        self, theta: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, batch_indices: Tensor | None,
+        loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """phi for one task: `steps` inner optimizer steps from (detached) theta."""
         return inner_loop(
@@ -130,7 +130,7 @@ class Reptile(MetaLearner):
             adaptation_steps=steps,
             inner_lr=self.inner_lr,
             first_order=True,
-            loss_scale=self.loss_scale,
+            loss_scale=loss_scale,
             inner_optimizer=self.inner_optimizer,
             adam_betas=self.adam_betas,
             adam_eps=ADAM_EPS,
@@ -147,10 +147,11 @@ class Reptile(MetaLearner):
         batch_indices: Tensor | None,  # [steps, B]
         steps: int,
         support_metrics: bool,
+        loss_scale: float = 1.0,
     ) -> tuple:
         """One task: phi, then the query loss and accuracy of phi (and, if asked, support accuracy
         before and after adaptation). Nothing here is differentiable: theta comes in detached."""
-        phi = self.adapted_params(theta, support_x, support_y, steps, batch_indices)
+        phi = self.adapted_params(theta, support_x, support_y, steps, batch_indices, loss_scale)
         query_logits = self.score_queries(phi, support_x, query_x)  # [N*Q, N]
         out = (phi, task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
@@ -184,14 +185,16 @@ class Reptile(MetaLearner):
         generator = torch.Generator().manual_seed(EVAL_SEED)
         return mini_batch_indices(n_items, batch_size, steps, 1, generator).to(device).expand(n_tasks, -1, -1)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """The Reptile surrogate (see the module docstring); `diagnostics` adds support accuracy
         before and after adaptation and update_norm = ||theta - mean_i phi_i||."""
         theta = dict(self.model.named_parameters())
         indices = self.batch_indices(len(tasks), tasks.support_x.shape[1], self.inner_batch_size,
                                      self.adaptation_steps, tasks.support_x.device, training=True)
         phi, losses, accs, *support = self.map_tasks(
-            detached(theta), tasks, indices, steps=self.adaptation_steps, support_metrics=diagnostics
+            detached(theta), tasks, indices, steps=self.adaptation_steps, support_metrics=diagnostics,
+            loss_scale=loss_scale,
         )
         loss = reptile_surrogate(theta, {name: p.mean(dim=0) for name, p in phi.items()})
         metrics = learner_metrics(losses, accs, support, tasks)

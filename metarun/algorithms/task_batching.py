@@ -1,9 +1,15 @@
-"""Running a per-task computation over the tasks of a batch: `torch.func.vmap` or a Python loop.
+"""Running a per-task computation over the tasks of a batch: `torch.func.vmap` or a Python loop;
+and how many tasks one backward pass takes.
 
 `algorithm.task_batching` picks: "vmap" maps the function over the task dimension in one call,
 "loop" calls it once per task and stacks the outputs, "auto" is a loop on the CPU and vmap on CUDA.
 Both give the same numbers up to rounding (the algorithms' tests compare them); which is faster
 depends on the device (scripts/bench.py).
+
+`algorithm.task_chunk` sets how many tasks the trainer backpropagates at a time (gradient
+accumulation over the meta-batch, see `MetaLearner.task_chunks`): peak memory holds one chunk's
+graph. "auto" is 1 where the tasks run in a loop (they run one by one anyway, so nothing is lost)
+and the whole meta-batch where vmap runs them together.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
 CHOICES = ("auto", "vmap", "loop")
@@ -42,6 +49,22 @@ def resolve_task_batching(task_batching: str, device: torch.device) -> str:
     if task_batching != "auto":
         return task_batching
     return "vmap" if device.type == "cuda" else "loop"
+
+
+def check_task_chunk(task_chunk: int | str) -> int | str:
+    """`task_chunk` if it is "auto" or a whole number of tasks >= 1; MetarunError naming the fix otherwise."""
+    if task_chunk == "auto" or (isinstance(task_chunk, int) and not isinstance(task_chunk, bool) and task_chunk >= 1):
+        return task_chunk
+    raise MetarunError(f"algorithm.task_chunk={task_chunk!r} is not auto or a number of tasks >= 1; use auto "
+                       "(one task at a time in a loop, the whole meta-batch under vmap) or e.g. algorithm.task_chunk=8")
+
+
+def chunk_tasks(tasks: TaskBatch, task_chunk: int | str, task_batching: str) -> list[TaskBatch]:
+    """`tasks` in consecutive chunks of `task_chunk` tasks ("auto": see the module docstring)."""
+    if task_chunk == "auto":
+        looped = resolve_task_batching(task_batching, tasks.support_x.device) == "loop"
+        task_chunk = 1 if looped else len(tasks)
+    return tasks.split(task_chunk)
 
 
 def map_tasks(fn: Callable[..., Any], task_batching: str, *args: Any, in_dims: Sequence[int | None] | None = None,

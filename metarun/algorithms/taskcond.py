@@ -205,7 +205,8 @@ class TaskCond(EpisodeClassifier):
         return -self.metric_scale * squared_euclidean(query_emb, prototypes(support_emb, support_y, n_way))
 
     # -- the contract ------------------------------------------------------------------------------
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query cross-entropy plus the post-multipliers' L2 penalty; `diagnostics` adds alpha,
         the mean |gamma0| and |beta0| (how far the conditioning has moved from the plain network) and
         the penalty."""

@@ -28,8 +28,16 @@ class TaskBatch:
         return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y), self.n_way,
                          move(self.classes))
 
+    def __getitem__(self, tasks: slice) -> TaskBatch:
+        """The tasks a slice selects, as a TaskBatch (views, no copies)."""
+        classes = None if self.classes is None else self.classes[tasks]
+        return TaskBatch(self.support_x[tasks], self.support_y[tasks], self.query_x[tasks], self.query_y[tasks],
+                         self.n_way, classes)
+
     def task(self, i: int) -> TaskBatch:
         """Task i alone, still with a leading task dimension of 1."""
-        s = slice(i, i + 1)
-        classes = None if self.classes is None else self.classes[s]
-        return TaskBatch(self.support_x[s], self.support_y[s], self.query_x[s], self.query_y[s], self.n_way, classes)
+        return self[i : i + 1]
+
+    def split(self, size: int) -> list[TaskBatch]:
+        """Consecutive batches of `size` tasks (the last one smaller when `size` does not divide T)."""
+        return [self[start : start + size] for start in range(0, len(self), size)]
