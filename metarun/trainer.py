@@ -7,11 +7,12 @@ command leaves an existing run directory as it was; `run()` then trains (continu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -20,12 +21,14 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from metarun.algorithms.base import MetaLearner
 from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.config import accepted_arguments, validate
 from metarun.data.augment import Augment
 from metarun.data.contract import ClassDataset
 from metarun.data.sampler import EpisodeSampler
+from metarun.data.tasks import TaskBatch
 from metarun.device import autocast, check_amp, resolve_device
 from metarun.errors import MetarunError
 from metarun.evaluation import evaluate
@@ -134,20 +137,11 @@ class Trainer:
         bar.close()
 
     def train_step(self, tasks, diagnostics: bool = False) -> dict[str, torch.Tensor]:
-        """One meta-update. The learner may split the meta-batch (`task_chunks`): each chunk's loss,
-        weighted by its share of the tasks, is backpropagated before the next chunk's graph is
-        built, so the gradients sum to the whole batch's meta-gradient while memory holds one chunk."""
+        self.optimizer.zero_grad(set_to_none=True)
         # Gradient-based learners scale their inner-loop losses by this too (fp16 only).
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, torch.Tensor] = {}
-        for chunk in self.learner.task_chunks(tasks):
-            share = len(chunk) / len(tasks)
-            with autocast(self.device, self.amp):
-                loss, chunk_metrics = self.learner(chunk, diagnostics=diagnostics, loss_scale=loss_scale)
-            self.scaler.scale(loss * share).backward()
-            for name, value in chunk_metrics.items():  # means over tasks, so their weighted sum
-                metrics[name] = metrics.get(name, 0.0) + share * value
+        metrics = meta_backward(self.learner, tasks, diagnostics=diagnostics, loss_scale=loss_scale,
+                                scale=self.scaler.scale, autocast=lambda: autocast(self.device, self.amp))
         if self.cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
             # The norm before clipping, logged with the step's metrics.
@@ -247,6 +241,27 @@ class Trainer:
             hydra_cfg = HydraConfig.get()
             OmegaConf.save(hydra_cfg, record / "hydra.yaml")
             OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+
+
+def meta_backward(learner: MetaLearner, tasks: TaskBatch, *, diagnostics: bool = False, loss_scale: float = 1.0,
+                  scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """Accumulate the meta-gradient of `tasks` into the learner's `.grad`; returns the metrics.
+
+    The learner may split the meta-batch (`task_chunks`): each chunk's loss, weighted by its share
+    of the tasks, is backpropagated (through `scale`, e.g. a GradScaler's) before the next chunk's
+    graph is built, so the gradients sum to the whole batch's meta-gradient while memory holds one
+    chunk's graph. The metrics, means over tasks, are weighted the same way.
+    """
+    metrics: dict[str, torch.Tensor] = {}
+    for chunk in learner.task_chunks(tasks):
+        share = len(chunk) / len(tasks)
+        with autocast():
+            loss, chunk_metrics = learner(chunk, diagnostics=diagnostics, loss_scale=loss_scale)
+        scale(loss * share).backward()
+        for name, value in chunk_metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + share * value
+    return metrics
 
 
 def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:

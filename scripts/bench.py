@@ -1,38 +1,40 @@
-"""Meta-training throughput and peak memory of metarun's MAML and ProtoNet against plain per-task loops.
+"""Meta-training throughput and peak memory: metarun against the libraries people would use instead
+(higher, learn2learn, easyfsl) and a plain per-task loop, on the same data with the same model.
 
-What: one full meta-training step (forward, backward, Adam step) on one fixed synthetic
-Omniglot-shaped meta-batch (5-way 1-shot, 15 queries per class, 1x28x28, seeded), with the same
-Conv4 (64 channels) and the same initial parameters, for
-  - metarun MAML, second order, task_batching loop / vmap / auto, 1 and 5 inner steps;
-  - metarun first-order MAML, loop / vmap, 1 and 5 inner steps;
-  - a plain per-task MAML loop (the original MAML code's formulation: `autograd.grad` with
-    `create_graph` for the inner step, `functional_call` for the query, one `backward()`);
-  - metarun ProtoNet and a plain per-task ProtoNet loop.
-Then the same on a mini-ImageNet-shaped meta-batch (3x84x84, `--meta-batch-84` tasks: 2 on the CPU,
-where one ResNet-12 episode takes seconds, 32 on CUDA), in a second table:
-  - metarun ProtoNet with ResNet-12 (64-160-320-640) and the plain ProtoNet loop; a task is an
-    episode, so its tasks/s are episodes/s;
-  - metarun second-order MAML with Conv4-32 (MAML's mini-ImageNet network), task_batching loop /
-    auto, 1 and 5 inner steps, and the plain MAML loop.
-How: each configuration runs in a fresh subprocess (`--one NAME`, one JSON line back), one after
-another, so neither timings nor peak memory contaminate each other. Throughput is tasks/s of the
-median of `--iters` timed steps after `--warmup` steps (`time.perf_counter`, CUDA synchronized). Peak memory is,
-on CPU, the growth of the process's peak RSS from after building model and data to after the
-steps, plus the absolute peak RSS (VmHWM, not `ru_maxrss`: Linux carries the parent's RSS across
-fork and exec into the child's `ru_maxrss`, which would hide the growth); on CUDA `torch.cuda.max_memory_allocated()` (growth over the
-model and data, and absolute). Before timing each table, the script checks that metarun's
-second-order 1-step meta-gradient (loop and vmap) equals the plain loop's on that table's MAML
-network (Conv4 on 1x28x28, Conv4-32 on 3x84x84), so the tables compare equal computations.
+What: one meta-training step (meta-gradient, then an Adam step) on one fixed synthetic meta-batch
+(5-way 1-shot, 15 queries per class, seeded), every implementation starting from the same weights:
+  - second-order MAML, 1 and 5 inner steps, and first-order MAML, 1 step, on Conv4 (64 channels,
+    1x28x28: Omniglot's shape; --image-shape changes it), meta-batch --meta-batch (32):
+      metarun          the default: `task_batching=auto`, `task_chunk=auto` (on the CPU a loop
+                       with one backward pass per task; on CUDA vmap over the whole meta-batch)
+      metarun, whole   the whole meta-batch's graph in one backward pass (`task_chunk=32`; before
+                       per-task accumulation this was the CPU default)
+      metarun, vmap    (CUDA, or --vmap) `task_batching=vmap`, the whole batch and chunks of 8
+      plain loop       the original MAML code's formulation, written here: per task,
+                       `autograd.grad(create_graph=True)` inner steps and `functional_call`, one
+                       `backward()` per task
+      higher, learn2learn  as their own MAML examples do it (scripts/peers.py)
+  - ProtoNet on the same Conv4 and meta-batch: metarun (`task_chunk=auto`), metarun whole, the
+    plain per-task loop, and easyfsl's PrototypicalNetworks (its own formulation: minus the
+    euclidean distance, support and query embedded in two calls; so no gradient check for it).
+  - unless --skip-84: the same on 3x84x84 (mini-ImageNet's shape) at --meta-batch-84 tasks (2 on
+    the CPU, 32 on CUDA): second-order MAML on Conv4-32 (1 step) and ProtoNet on ResNet-12.
+How:
+  - Speed: each group of variants ("family") runs in its own process. After a warm-up step each,
+    the variants are timed interleaved: every round times one step of each, in an order that
+    rotates from round to round (scripts/rounds.py); tasks/s is from the median round, ratios are
+    taken within each round and their median and min-max over rounds are printed. Before timing,
+    each variant's meta-gradient is checked equal to the plain loop's (relative difference <= 1e-4
+    in float32); a variant that differs stops the script.
+  - Memory: each variant in its own fresh process: on CPU the growth of peak RSS (VmHWM, not
+    `ru_maxrss`, which Linux carries over from the parent) from after building model and data to
+    after three steps, and the absolute peak; on CUDA `torch.cuda.max_memory_allocated()`.
+  - Then episode sampling from a mini-ImageNet-shaped uint8 tensor (64 classes x 600 images x
+    3x84x84) against a Conv4 ProtoNet step on those episodes, interleaved the same way.
 
-Then, in one more process, episode sampling from a mini-ImageNet-shaped uint8 tensor (64 classes x
-600 images x 3x84x84, 0.8 GB, as `dataset=miniimagenet` holds its training part): episodes per
-second drawn on the device (gather, scale, normalize; and with `augment=standard` on the support
-set), and sampling's share of a Conv4 ProtoNet training step on those episodes. Sampling and the
-step alternate in `--rounds` rounds; the table gives medians and the spread (min-max) over rounds.
-
-    python scripts/bench.py [--device cpu|cuda|auto] [--iters N] [--warmup N] [--meta-batch 32]
-                            [--image-shape 1 28 28] [--meta-batch-84 N] [--out results.json] [--quick]
-                            [--skip-84 | --only-84] [--skip-sampling]
+    python scripts/bench.py [--device cpu|cuda|auto] [--rounds 7] [--meta-batch 32] [--image-shape 1 28 28]
+                            [--meta-batch-84 N] [--skip-84 | --only-84] [--skip-sampling] [--vmap]
+                            [--quick] [--out results.json]
 """
 
 from __future__ import annotations
@@ -40,122 +42,121 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.maml import MAML
-from metarun.models.layers import Classifier
-from metarun.algorithms.task_batching import resolve_task_batching
-from metarun.algorithms.protonet import ProtoNet
-from metarun.data.augment import Augment
-from metarun.data.contract import ClassImages
-from metarun.data.miniimagenet import MEAN, STD
-from metarun.data.sampler import EpisodeSampler
-from metarun.data.tasks import TaskBatch
-from metarun.device import resolve_device
-from metarun.models.conv4 import Conv4
-from metarun.models.resnet12 import ResNet12
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402  (scripts/peers.py)
+from rounds import Spread, interleaved_rounds, speed_ratio  # noqa: E402  (scripts/rounds.py)
+
+from metarun.algorithms.maml import MAML  # noqa: E402
+from metarun.algorithms.protonet import ProtoNet  # noqa: E402
+from metarun.data.augment import Augment  # noqa: E402
+from metarun.data.contract import ClassImages  # noqa: E402
+from metarun.data.miniimagenet import MEAN, STD  # noqa: E402
+from metarun.data.sampler import EpisodeSampler  # noqa: E402
+from metarun.data.tasks import TaskBatch  # noqa: E402
+from metarun.device import resolve_device  # noqa: E402
+from metarun.models.conv4 import Conv4  # noqa: E402
+from metarun.models.layers import Classifier  # noqa: E402
+from metarun.models.resnet12 import ResNet12  # noqa: E402
+from metarun.trainer import meta_backward  # noqa: E402
 
 N_WAY, K_SHOT, N_QUERY = 5, 1, 15
-IMAGE_SHAPE = [1, 28, 28]  # --image-shape; the default is Omniglot's
+IMAGE_SHAPE = [1, 28, 28]  # --image-shape rewrites it in place; the default is Omniglot's
 MINI_IMAGENET_SHAPE = (3, 84, 84)
 SAMPLING_SHAPE = (64, 600, 3, 84, 84)  # mini-ImageNet's training part: classes, images each, C, H, W
 INNER_LR, META_LR = 0.4, 1e-3
 SEED = 0
 GRAD_TOLERANCE = 1e-4  # relative, float32: ||g - g_plain|| / ||g_plain||
+MEMORY_STEPS = 3
 MIB = 2**20
 
-
-def conv4(shape: Sequence[int], hidden: int = 64) -> Conv4:
-    return Conv4(in_channels=shape[0], hidden=hidden, image_size=shape[-1])
-
-
-@dataclass(frozen=True)
-class Network:
-    """A benchmarked network: `make(image_shape)` builds it for the images it is benchmarked on."""
-
-    label: str
-    make: Callable[[Sequence[int]], nn.Module]
-    image_shape: Sequence[int]
-
-    def build(self) -> nn.Module:
-        return self.make(self.image_shape)
-
-    @property
-    def description(self) -> str:
-        return f"{self.label} on {'x'.join(map(str, self.image_shape))}"
-
-
-# Config.backbone -> network and images. "conv4" is the first table's, on IMAGE_SHAPE itself, so that
-# --image-shape (which rewrites that list in place) reaches it.
-BACKBONES = {
-    "conv4": Network("Conv4", conv4, IMAGE_SHAPE),
-    "conv4-32": Network("Conv4-32", lambda shape: conv4(shape, hidden=32), MINI_IMAGENET_SHAPE),
-    "resnet12": Network("ResNet-12", lambda shape: ResNet12(in_channels=shape[0], image_size=shape[-1]),
-                         MINI_IMAGENET_SHAPE),  # MetaOptNet's widths, 64-160-320-640
+BACKBONES: dict[str, tuple[str, Callable[[Sequence[int]], nn.Module], Sequence[int]]] = {
+    # key: (label, build(image_shape), image shape)
+    "conv4": ("Conv4", lambda shape: Conv4(in_channels=shape[0], image_size=shape[-1]), IMAGE_SHAPE),
+    "conv4-32": ("Conv4-32", lambda shape: Conv4(in_channels=shape[0], hidden=32, image_size=shape[-1]),
+                 MINI_IMAGENET_SHAPE),
+    "resnet12": ("ResNet-12", lambda shape: ResNet12(in_channels=shape[0], image_size=shape[-1]), MINI_IMAGENET_SHAPE),
 }
+PEER_NAMES = tuple(peers.PEERS)
 
 
 @dataclass(frozen=True)
-class Config:
-    """One benchmarked configuration. implementation: "loop", "vmap", "auto" (metarun MAML's
-    task_batching), "metarun" (ProtoNet) or "plain" (the loop written in this script)."""
+class Family:
+    """Variants computing the same meta-training step, timed against each other in one process."""
 
     method: str  # "MAML" or "ProtoNet"
-    implementation: str
     first_order: bool = False
     adaptation_steps: int = 0
-    backbone: str = "conv4"  # a key of BACKBONES
+    backbone: str = "conv4"
 
     @property
-    def name(self) -> str:
-        if self.method == "ProtoNet":
-            name = f"protonet-{self.implementation}"
-        else:
-            name = f"{'fomaml' if self.first_order else 'maml2'}-{self.implementation}-{self.adaptation_steps}"
-        return name if self.backbone == "conv4" else f"{name}-{self.backbone}"
+    def key(self) -> str:
+        name = "protonet" if self.method == "ProtoNet" else \
+            f"{'fomaml' if self.first_order else 'maml2'}-{self.adaptation_steps}"
+        return f"{name}-{self.backbone}"
 
     @property
     def image_shape(self) -> Sequence[int]:
-        return BACKBONES[self.backbone].image_shape
+        return BACKBONES[self.backbone][2]
 
     @property
-    def baseline(self) -> Config:
-        """The plain loop computing the same thing."""
-        return replace(self, implementation="plain")
+    def description(self) -> str:
+        network = f"{BACKBONES[self.backbone][0]} on {'x'.join(map(str, self.image_shape))}"
+        if self.method == "ProtoNet":
+            return f"ProtoNet, {network}"
+        return f"MAML {'1st' if self.first_order else '2nd'} order, {self.adaptation_steps} inner step(s), {network}"
 
 
-def all_configs(quick: bool) -> list[Config]:
-    """The first table, Conv4 on IMAGE_SHAPE: grouped by method, order and inner steps, the plain
-    loop last in each group."""
-    steps = (1,) if quick else (1, 5)
-    configs = []
-    for first_order in (False, True):
-        batchings = ("loop", "vmap") if first_order else ("loop", "vmap", "auto")
-        for s in steps:
-            configs += [Config("MAML", b, first_order, s) for b in batchings + ("plain",)]
-    return configs + [Config("ProtoNet", "metarun"), Config("ProtoNet", "plain")]
-
-
-def mini_imagenet_configs(quick: bool) -> list[Config]:
-    """The second table, on 3x84x84: second-order MAML with Conv4-32, then ProtoNet with ResNet-12,
-    the plain loop last in each group. --quick keeps only the ProtoNet pair: the MAML network is
-    exercised by the gradient check already, ResNet-12 only here."""
-    protonet = [Config("ProtoNet", i, backbone="resnet12") for i in ("metarun", "plain")]
+def families(quick: bool, skip_84: bool, only_84: bool) -> list[Family]:
+    first = [Family("MAML", False, 1), Family("MAML", False, 5), Family("MAML", True, 1), Family("ProtoNet")]
     if quick:
-        return protonet
-    maml = [Config("MAML", b, False, s, "conv4-32") for s in (1, 5) for b in ("loop", "auto", "plain")]
-    return maml + protonet
+        first = [Family("MAML", False, 1), Family("ProtoNet")]
+    second = [Family("MAML", False, 1, "conv4-32"), Family("ProtoNet", backbone="resnet12")]
+    return ([] if only_84 else first) + ([] if skip_84 else second)
+
+
+# metarun's variants: their learner settings given the meta-batch size T.
+METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
+    "metarun": lambda T: {},  # the defaults: task_batching=auto, task_chunk=auto
+    "metarun-whole": lambda T: {"task_batching": "loop", "task_chunk": T},
+    "metarun-loop": lambda T: {"task_batching": "loop", "task_chunk": 1},
+    "metarun-vmap": lambda T: {"task_batching": "vmap", "task_chunk": T},
+    "metarun-vmap-8": lambda T: {"task_batching": "vmap", "task_chunk": 8},
+}
+LABELS = {
+    "metarun": "metarun (default)",
+    "metarun-whole": "metarun, one backward for the whole batch",
+    "metarun-loop": "metarun, loop, one backward per task",
+    "metarun-vmap": "metarun, vmap, whole batch",
+    "metarun-vmap-8": "metarun, vmap, chunks of 8 tasks",
+    "plain": "plain loop, one backward per task",
+    "higher": "higher 0.2.1 (its MAML example)",
+    "learn2learn": "learn2learn 0.2.0 (its MAML example)",
+    "easyfsl": "easyfsl 1.5.0 PrototypicalNetworks",
+}
+
+
+def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
+    """The implementations compared in `family` (peers only where they import)."""
+    installed = [name for name, error in peers.available().items() if error is None]
+    found = [name for name in installed if peers.PEERS[name][0] == family.method]
+    if family.method == "ProtoNet":
+        return ["metarun", "metarun-whole", "plain", *found]
+    if device.type == "cuda":
+        ours = ["metarun", "metarun-vmap-8", "metarun-loop"]  # the default is vmap over the whole batch
+    else:
+        ours = ["metarun", "metarun-whole"] + (["metarun-vmap", "metarun-vmap-8"] if vmap else [])
+    return [*ours, "plain", *found]
 
 
 def synthetic_tasks(meta_batch: int, device: torch.device, image_shape: Sequence[int]) -> TaskBatch:
@@ -168,92 +169,82 @@ def synthetic_tasks(meta_batch: int, device: torch.device, image_shape: Sequence
     return TaskBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), N_WAY).to(device)
 
 
-def initial_model(method: str, backbone: str) -> nn.Module:
-    """The seeded network whose state every implementation of `method` on `backbone` starts from."""
+def initial_model(family: Family) -> nn.Module:
+    """The seeded network every implementation in `family` starts from: a Classifier for MAML, the
+    embedding backbone for ProtoNet."""
     torch.manual_seed(SEED)
-    network = BACKBONES[backbone].build()
-    return Classifier(network, N_WAY) if method == "MAML" else network
+    label, make, shape = BACKBONES[family.backbone]
+    network = make(shape)
+    return Classifier(network, N_WAY) if family.method == "MAML" else network
 
 
-def plain_maml_loss(model: nn.Module, tasks: TaskBatch, adaptation_steps: int, first_order: bool) -> Tensor:
-    """MAML as in the original code: per task, inner steps by `autograd.grad`, query loss with the
-    fast weights; the mean over tasks of the query losses."""
-    params = dict(model.named_parameters())
-    total = 0.0
-    for i in range(len(tasks)):
-        fast = params
-        for _ in range(adaptation_steps):
-            support_logits = functional_call(model, fast, (tasks.support_x[i],))  # [N*K, N]
-            support_loss = F.cross_entropy(support_logits, tasks.support_y[i])
-            grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
-            fast = {name: w - INNER_LR * g for (name, w), g in zip(fast.items(), grads)}
-        query_logits = functional_call(model, fast, (tasks.query_x[i],))  # [N*Q, N]
-        total = total + F.cross_entropy(query_logits, tasks.query_y[i])
-    return total / len(tasks)
+def plain_maml(model: nn.Module, family: Family) -> Callable[[TaskBatch], None]:
+    """MAML as the original code writes it, one task at a time: inner steps by `autograd.grad`,
+    the query loss with the fast weights, divided by T and backpropagated before the next task."""
+
+    def backward(tasks: TaskBatch) -> None:
+        params = dict(model.named_parameters())
+        for i in range(len(tasks)):
+            fast = params
+            for _ in range(family.adaptation_steps):
+                support_loss = F.cross_entropy(functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i])
+                grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not family.first_order)
+                fast = {name: w - INNER_LR * g for (name, w), g in zip(fast.items(), grads)}
+            query_loss = F.cross_entropy(functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i])
+            (query_loss / len(tasks)).backward()
+
+    return backward
 
 
-def plain_protonet_loss(model: nn.Module, tasks: TaskBatch) -> Tensor:
-    """ProtoNet task by task: class means of the support embeddings, negative squared distances as
-    logits; the mean over tasks of the query losses (metarun's loss, which averages all queries)."""
-    n_support = tasks.support_x.shape[1]
-    total = 0.0
-    for i in range(len(tasks)):
-        episode = torch.cat([tasks.support_x[i], tasks.query_x[i]])[None]  # [1, N*K + N*Q, C, H, W]
-        emb = model(episode)[0]  # [N*K + N*Q, D]
-        support_emb, query_emb = emb[:n_support], emb[n_support:]
-        prototypes = torch.stack([support_emb[tasks.support_y[i] == n].mean(dim=0) for n in range(N_WAY)])  # [N, D]
-        logits = -(query_emb[:, None] - prototypes[None]).square().sum(dim=-1)  # [N*Q, N]
-        total = total + F.cross_entropy(logits, tasks.query_y[i])
-    return total / len(tasks)
+def plain_protonet(model: nn.Module) -> Callable[[TaskBatch], None]:
+    """ProtoNet one episode at a time: support and queries embedded together, class means of the
+    support embeddings, negative squared distances as logits; each episode's loss divided by T and
+    backpropagated before the next."""
+
+    def backward(tasks: TaskBatch) -> None:
+        n_support = tasks.support_x.shape[1]
+        for i in range(len(tasks)):
+            emb = model(torch.cat([tasks.support_x[i], tasks.query_x[i]])[None])[0]  # [N*K + N*Q, D]
+            support_emb, query_emb = emb[:n_support], emb[n_support:]
+            prototypes = torch.stack([support_emb[tasks.support_y[i] == n].mean(dim=0) for n in range(N_WAY)])  # [N, D]
+            logits = -(query_emb[:, None] - prototypes[None]).square().sum(dim=-1)  # [N*Q, N]
+            (F.cross_entropy(logits, tasks.query_y[i]) / len(tasks)).backward()
+
+    return backward
 
 
-def build(config: Config, tasks: TaskBatch, device: torch.device) -> tuple[nn.Module, Callable[[], Tensor]]:
-    """The network holding the meta-parameters (named as in `initial_model`) and the meta-loss."""
-    if config.implementation == "plain":
-        model = initial_model(config.method, config.backbone).to(device)
-        if config.method == "MAML":
-            return model, lambda: plain_maml_loss(model, tasks, config.adaptation_steps, config.first_order)
-        return model, lambda: plain_protonet_loss(model, tasks)
-    if config.method == "MAML":
-        learner = MAML(
-            BACKBONES[config.backbone].build(),
-            N_WAY,
-            inner_lr=INNER_LR,
-            adaptation_steps=config.adaptation_steps,
-            first_order=config.first_order,
-            task_batching=config.implementation,
-        )
+def build(family: Family, variant: str, meta_batch: int, device: torch.device
+          ) -> tuple[nn.Module, Callable[[TaskBatch], object]]:
+    """The network holding the meta-parameters (named as in `initial_model`) and a function that
+    accumulates the meta-gradient of a task batch into its `.grad`."""
+    model = initial_model(family).to(device)
+    if variant == "plain":
+        return model, plain_maml(model, family) if family.method == "MAML" else plain_protonet(model)
+    if variant in peers.PEERS:
+        if family.method == "MAML":
+            return model, peers.PEERS[variant][1](model, INNER_LR, family.adaptation_steps, family.first_order)
+        return model, peers.PEERS[variant][1](model)
+    settings = METARUN_VARIANTS[variant](meta_batch)
+    if family.method == "MAML":
+        learner = MAML(model.backbone, N_WAY, inner_lr=INNER_LR, adaptation_steps=family.adaptation_steps,
+                       first_order=family.first_order, **settings)
+        learner.model = model  # the Classifier itself, so its parameters carry the same names
     else:
-        learner = ProtoNet(BACKBONES[config.backbone].build(), N_WAY)
-    learner.model.load_state_dict(initial_model(config.method, config.backbone).state_dict())
-    learner.to(device)
-    return learner.model, lambda: learner(tasks)[0]
+        learner = ProtoNet(model, N_WAY, task_chunk=settings.get("task_chunk", "auto"))
+    return model, lambda tasks: meta_backward(learner, tasks)
 
 
-def meta_gradient(config: Config, tasks: TaskBatch, device: torch.device) -> dict[str, Tensor]:
-    model, meta_loss = build(config, tasks, device)
-    meta_loss().backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+def same_formulation(variant: str) -> bool:
+    """Whether `variant` computes metarun's loss (easyfsl's ProtoNet does not: see scripts/peers.py)."""
+    return variant != "easyfsl"
 
 
-def check_gradients(backbone: str, meta_batch: int, device: torch.device) -> dict[str, float]:
-    """Relative difference of metarun's second-order 1-step meta-gradient (loop and vmap) from the
-    plain loop's, with `backbone` on a synthetic meta-batch of its images; exits if either exceeds
-    the float32 tolerance."""
-    tasks = synthetic_tasks(meta_batch, device, BACKBONES[backbone].image_shape)
-    network = BACKBONES[backbone].description
-    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
-    plain = flat(meta_gradient(Config("MAML", "plain", False, 1, backbone), tasks, device))
-    diffs = {}
-    for batching in ("loop", "vmap"):
-        grads = flat(meta_gradient(Config("MAML", batching, False, 1, backbone), tasks, device))
-        diffs[batching] = ((grads - plain).norm() / plain.norm()).item()
-        print(f"meta-gradient check, MAML 2nd order 1 step, {network}, metarun {batching} vs plain "
-              f"loop: relative difference {diffs[batching]:.1e} (tolerance {GRAD_TOLERANCE:.0e})")
-    if max(diffs.values()) > GRAD_TOLERANCE:
-        sys.exit(f"metarun's MAML meta-gradient on {network} differs from the plain loop's; the "
-                 "throughput table would compare different computations. Fix the gradient before benchmarking.")
-    return diffs
+def meta_gradient(model: nn.Module, backward: Callable[[TaskBatch], object], tasks: TaskBatch) -> Tensor:
+    model.zero_grad(set_to_none=True)
+    backward(tasks)
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return flat
 
 
 def sync(device: torch.device) -> None:
@@ -261,57 +252,107 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_rss_mib() -> float:
-    """This process image's peak RSS; `ru_maxrss` would start at the parent's RSS (see top)."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib * 1024 / MIB
+def time_family(family: Family, meta_batch: int, device: torch.device, rounds: int, vmap: bool) -> dict:
+    """Gradient check, then interleaved rounds of every variant of `family`: seconds per round."""
+    tasks = synthetic_tasks(meta_batch, device, family.image_shape)
+    names = variants(family, device, vmap)
+    built = {name: build(family, name, meta_batch, device) for name in names}
+    reference = meta_gradient(*built["plain"], tasks)
+    grad_diffs = {}
+    for name, (model, backward) in built.items():
+        if name != "plain" and same_formulation(name):
+            grad_diffs[name] = ((meta_gradient(model, backward, tasks) - reference).norm() / reference.norm()).item()
+    steps = {}
+    for name, (model, backward) in built.items():
+        optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+
+        def step(model=model, backward=backward, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            backward(tasks)
+            optimizer.step()
+
+        steps[name] = step
+    seconds = interleaved_rounds(steps, rounds, warmup=1, sync=lambda: sync(device))
+    return {"family": family.key, "meta_batch": meta_batch, "variants": names, "grad_diffs": grad_diffs,
+            "seconds": seconds}
 
 
-def measure(config: Config, device: torch.device, meta_batch: int, iters: int, warmup: int) -> dict:
-    """Time `iters` meta-training steps after `warmup`; peak memory over all of them."""
-    tasks = synthetic_tasks(meta_batch, device, config.image_shape)
-    model, meta_loss = build(config, tasks, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        meta_loss().backward()
-        optimizer.step()
-
+def peak_bytes(device: torch.device) -> float:
     if device.type == "cuda":
-        sync(device)
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:  # this process image's peak RSS (see the top)
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
+
+def memory_of(family: Family, variant: str, meta_batch: int, device: torch.device) -> dict:
+    """Peak memory growth over MEMORY_STEPS steps of one variant (in a process of its own)."""
+    tasks = synthetic_tasks(meta_batch, device, family.image_shape)
+    model, backward = build(family, variant, meta_batch, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / MIB
-    else:
-        base = peak_rss_mib()
-    for _ in range(warmup):
-        step()
-    step_seconds = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        step_seconds.append(time.perf_counter() - start)
-    # The median step: on a shared 2-core machine one slow step would otherwise move the mean by 10%.
-    seconds = statistics.median(step_seconds)
-    peak = torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else peak_rss_mib()
-    return {
-        **asdict(config),
-        "name": config.name,
-        "image_shape": list(config.image_shape),
-        "meta_batch": meta_batch,
-        "step_seconds": step_seconds,
-        "tasks_per_s": meta_batch / seconds,
-        "peak_growth_mib": peak - base,
-        "peak_abs_mib": peak,
-    }
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else peak_bytes(device)
+    for _ in range(MEMORY_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        backward(tasks)
+        optimizer.step()
+    sync(device)
+    peak = peak_bytes(device)
+    return {"peak_growth_mib": (peak - base) / MIB, "peak_abs_mib": peak / MIB}
+
+
+def in_subprocess(args: argparse.Namespace, *command: str) -> dict:
+    """Run this script with `command` (an internal mode) in a fresh process; its last stdout line is JSON."""
+    full = [sys.executable, __file__, *command, "--device", args.device, "--rounds", str(args.rounds),
+            "--image-shape", *map(str, IMAGE_SHAPE)] + (["--vmap"] if args.vmap else [])
+    proc = subprocess.run(full, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rate_text(tasks_per_s: float) -> str:
+    """One decimal; two significant digits below 1/s (a CPU's ResNet-12 episodes), not a bare 0.1."""
+    return f"{tasks_per_s:.1f}" if tasks_per_s >= 1 else f"{tasks_per_s:.2g}"
+
+
+def ratio_text(spread: Spread) -> str:
+    return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})"
+
+
+def family_table(family: Family, timing: dict, memory: dict[str, dict]) -> str:
+    """The markdown rows of one family: speed (median and spread over rounds), speed ratios within
+    rounds against the plain loop and the fastest peer, memory and its ratio to the leanest peer."""
+    seconds, meta_batch = timing["seconds"], timing["meta_batch"]
+    medians = {name: Spread.of(s).median for name, s in seconds.items()}
+    found = [name for name in seconds if name in PEER_NAMES]
+    fastest_peer = min(found, key=medians.get) if found else None
+    leanest_peer = min(found, key=lambda name: memory[name]["peak_growth_mib"]) if found else None
+    lines = []
+    for name, s in seconds.items():
+        rate = Spread.of([meta_batch / x for x in s])
+        vs_peer = ratio_text(speed_ratio(seconds, name, fastest_peer)) if fastest_peer else "-"
+        mem = memory[name]["peak_growth_mib"]
+        mem_vs_peer = f"{mem / memory[leanest_peer]['peak_growth_mib']:.2f}x" if leanest_peer else "-"
+        lines.append(
+            f"| {family.description} | {LABELS[name]} | {rate_text(rate.median)} | {rate_text(rate.low)}-"
+            f"{rate_text(rate.high)} | {ratio_text(speed_ratio(seconds, name, 'plain'))} | {vs_peer} "
+            f"| {mem:.0f} | {memory[name]['peak_abs_mib']:.0f} | {mem_vs_peer} |"
+        )
+    return "\n".join(lines)
+
+
+TABLE_HEADER = (
+    "| family | implementation | tasks/s (median) | spread over rounds | speed vs plain loop: median (min-max) "
+    "| speed vs fastest peer | peak mem growth (MiB) | abs peak (MiB) | memory vs leanest peer |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def measure_sampling(device: torch.device, rounds: int, meta_batch: int) -> dict:
     """Episodes/s from a mini-ImageNet-shaped tensor on `device`, plain and with the standard support
-    augmentation, against the time of one Conv4 ProtoNet training step on such episodes."""
+    augmentation, against one Conv4 ProtoNet training step on such episodes, interleaved."""
     generator = torch.Generator(device).manual_seed(SEED)
     images = torch.randint(0, 256, SAMPLING_SHAPE, dtype=torch.uint8, generator=generator, device=device)
     data = ClassImages.uniform(images)
@@ -321,34 +362,22 @@ def measure_sampling(device: torch.device, rounds: int, meta_batch: int) -> dict
         "augmented": EpisodeSampler(data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD, augment=augment),
     }
     torch.manual_seed(SEED)
-    learner = ProtoNet(conv4(list(SAMPLING_SHAPE[2:])), N_WAY).to(device)
+    learner = ProtoNet(Conv4(in_channels=3, image_size=SAMPLING_SHAPE[-1]), N_WAY).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=META_LR)
-
-    def timed(fn) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        learner(samplers["plain"].sample(meta_batch, generator))[0].backward()
+        meta_backward(learner, samplers["plain"].sample(meta_batch, generator))
         optimizer.step()
 
-    train_step()  # warm-up
-    seconds: dict[str, list[float]] = {"plain": [], "augmented": [], "step": []}
-    for r in range(rounds):
-        # Rotating order, so that neither variant always runs right after the expensive step.
-        for name in (["plain", "augmented", "step"][r % 3:] + ["plain", "augmented", "step"][: r % 3]):
-            fn = train_step if name == "step" else lambda s=samplers[name]: s.sample(meta_batch, generator)
-            seconds[name].append(timed(fn))
+    steps = {name: (lambda s=sampler: s.sample(meta_batch, generator)) for name, sampler in samplers.items()}
+    seconds = interleaved_rounds({**steps, "step": train_step}, rounds, warmup=1, sync=lambda: sync(device))
     return {"rounds": rounds, "meta_batch": meta_batch, "seconds": seconds}
 
 
 def sampling_table(result: dict) -> str:
     seconds, meta_batch = result["seconds"], result["meta_batch"]
-    step = statistics.median(seconds["step"])
+    step = Spread.of(seconds["step"])
     lines = [
         f"Episode sampling, {'x'.join(map(str, SAMPLING_SHAPE[2:]))} images ({SAMPLING_SHAPE[0]} classes x "
         f"{SAMPLING_SHAPE[1]}), {N_WAY}-way {K_SHOT}-shot {N_QUERY} queries, meta-batch {meta_batch}, "
@@ -356,40 +385,14 @@ def sampling_table(result: dict) -> str:
         "| sampling | episodes/s | spread | ms per meta-batch | share of a Conv4 ProtoNet step |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in ("plain", "augmented"):
-        s = seconds[name]
-        label = "gather + normalize" if name == "plain" else "gather + standard support augmentation + normalize"
-        lines.append(f"| {label} | {meta_batch / statistics.median(s):.0f} | {meta_batch / max(s):.0f}-"
-                     f"{meta_batch / min(s):.0f} | {1000 * statistics.median(s):.1f} "
-                     f"| {100 * statistics.median(s) / (statistics.median(s) + step):.1f}% |")
+    for name, label in (("plain", "gather + normalize"),
+                        ("augmented", "gather + standard support augmentation + normalize")):
+        s = Spread.of(seconds[name])
+        lines.append(f"| {label} | {meta_batch / s.median:.0f} | {meta_batch / s.high:.0f}-{meta_batch / s.low:.0f} "
+                     f"| {1000 * s.median:.1f} | {100 * s.median / (s.median + step.median):.1f}% |")
     lines.append(f"\nConv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
-                 f"{1000 * step:.0f} ms (min-max {1000 * min(seconds['step']):.0f}-{1000 * max(seconds['step']):.0f})")
+                 f"{1000 * step.median:.0f} ms (min-max {1000 * step.low:.0f}-{1000 * step.high:.0f})")
     return "\n".join(lines)
-
-
-def meta_batch_of(config: Config, args: argparse.Namespace) -> int:
-    """--meta-batch for the first table's Conv4, --meta-batch-84 for the 3x84x84 networks."""
-    return args.meta_batch if config.backbone == "conv4" else args.meta_batch_84
-
-
-def run_isolated(config: Config, device: torch.device, args: argparse.Namespace) -> dict:
-    """`measure` in a fresh Python process."""
-    command = [sys.executable, __file__, "--one", config.name, "--device", device.type,
-               "--iters", str(args.iters), "--warmup", str(args.warmup), "--meta-batch", str(args.meta_batch),
-               "--meta-batch-84", str(args.meta_batch_84), "--image-shape", *map(str, IMAGE_SHAPE)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{config.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def run_all(configs: list[Config], device: torch.device, args: argparse.Namespace) -> list[dict]:
-    """`run_isolated` for each config in turn, reporting each rate as it comes."""
-    results = []
-    for config in configs:
-        results.append(run_isolated(config, device, args))
-        print(f"  {config.name}: {rate_text(results[-1]['tasks_per_s'])} tasks/s", flush=True)
-    return results
 
 
 def device_name(device: torch.device) -> str:
@@ -400,136 +403,84 @@ def device_name(device: torch.device) -> str:
     return f"{models[0]} ({len(models)} logical CPUs)" if models else "unknown CPU"
 
 
-def implementation_label(config: Config, device: torch.device) -> str:
-    if config.implementation == "plain":
-        return "plain loop"
-    if config.implementation == "auto":
-        return f"metarun auto->{resolve_task_batching('auto', device)}"
-    return "metarun" if config.method == "ProtoNet" else f"metarun {config.implementation}"
-
-
-def rate_text(tasks_per_s: float) -> str:
-    """One decimal; two significant digits below 1/s (a CPU's ResNet-12 episodes), not a bare 0.1."""
-    return f"{tasks_per_s:.1f}" if tasks_per_s >= 1 else f"{tasks_per_s:.2g}"
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b > 0 else "n/a"
-
-
-def markdown_table(results: list[dict], device: torch.device) -> str:
-    by_name = {r["name"]: r for r in results}
-    lines = [
-        "| method | implementation | order | inner steps | tasks/s | peak mem growth (MiB) | abs peak (MiB) "
-        "| vs plain: speed | vs plain: memory |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        config = Config(**{field.name: r[field.name] for field in fields(Config)})
-        plain = by_name[config.baseline.name]
-        # The first table's Conv4 goes unnamed, as it always has; the 3x84x84 table names its networks.
-        method = config.method if config.backbone == "conv4" else f"{config.method} ({BACKBONES[config.backbone].label})"
-        order = "-" if config.method == "ProtoNet" else ("1st" if config.first_order else "2nd")
-        steps = "-" if config.method == "ProtoNet" else str(config.adaptation_steps)
-        lines.append(
-            f"| {method} | {implementation_label(config, device)} | {order} | {steps} "
-            f"| {rate_text(r['tasks_per_s'])} | {r['peak_growth_mib']:.0f} | {r['peak_abs_mib']:.0f} "
-            f"| {ratio(r['tasks_per_s'], plain['tasks_per_s'])} "
-            f"| {ratio(r['peak_growth_mib'], plain['peak_growth_mib'])} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--iters", type=int, help="timed steps (default 5 on CPU, 20 on CUDA, 1 with --quick)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7; 2 with --quick)")
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
     parser.add_argument("--image-shape", type=int, nargs=3, default=IMAGE_SHAPE, metavar=("C", "H", "W"),
-                        help="image shape of the synthetic meta-batch (default: Omniglot's 1 28 28)")
-    parser.add_argument("--meta-batch-84", type=int,
-                        help="tasks per step in the 3x84x84 table (default 2 on CPU, 32 on CUDA)")
+                        help="image shape of the first table's synthetic tasks (default: Omniglot's 1 28 28)")
+    parser.add_argument("--meta-batch-84", type=int, help="tasks per step at 3x84x84 (default 2 on CPU, 32 on CUDA)")
     only = parser.add_mutually_exclusive_group()
-    only.add_argument("--skip-84", action="store_true", help="skip the 3x84x84 ResNet-12 / Conv4-32 table")
-    only.add_argument("--only-84", action="store_true", help="skip the first (Conv4, --image-shape) table")
-    parser.add_argument("--rounds", type=int, help="interleaved sampling rounds (default 7, 2 with --quick)")
-    parser.add_argument("--skip-sampling", action="store_true", help="skip the 84x84x3 sampling measurement")
+    only.add_argument("--skip-84", action="store_true", help="skip the 3x84x84 Conv4-32 / ResNet-12 families")
+    only.add_argument("--only-84", action="store_true", help="only the 3x84x84 families")
+    parser.add_argument("--skip-sampling", action="store_true", help="skip the episode sampling measurement")
+    parser.add_argument("--vmap", action="store_true", help="also time metarun's vmap variants on the CPU (slow)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, fewer families")
     parser.add_argument("--out", help="write the raw numbers to this JSON file")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 iteration, 1-step configs only, ProtoNet alone at 3x84x84")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config, print JSON
+    # internal: one family's timing, or one variant's memory, printed as a JSON line
+    parser.add_argument("--time-family", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=2, metavar=("FAMILY", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--sampling", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
-    if args.iters is None:
-        args.iters = 1 if args.quick else (20 if device.type == "cuda" else 5)
+    args.device = device.type
     IMAGE_SHAPE[:] = args.image_shape
+    args.rounds = args.rounds or (2 if args.quick else 7)
     if args.meta_batch_84 is None:
         args.meta_batch_84 = 32 if device.type == "cuda" else 2
-    if args.rounds is None:
-        args.rounds = 2 if args.quick else 7
-    if args.one == "sampling":
-        print(json.dumps(measure_sampling(device, args.rounds, min(args.meta_batch, 4 if device.type == "cpu" else 32))))
+    every = {family.key: family for family in families(False, False, False)}
+    meta_batch = lambda family: args.meta_batch if family.backbone == "conv4" else args.meta_batch_84  # noqa: E731
+    if args.time_family:  # internal modes, each in a process of its own
+        family = every[args.time_family]
+        print(json.dumps(time_family(family, meta_batch(family), device, args.rounds, args.vmap)))
         return
-    if args.one:
-        config = {c.name: c for c in all_configs(quick=False) + mini_imagenet_configs(quick=False)}[args.one]
-        print(json.dumps(measure(config, device, meta_batch_of(config, args), args.iters, args.warmup)))
+    if args.memory:
+        family = every[args.memory[0]]
+        print(json.dumps(memory_of(family, args.memory[1], meta_batch(family), device)))
+        return
+    if args.sampling:
+        print(json.dumps(measure_sampling(device, args.rounds, 4 if device.type == "cpu" else 32)))
         return
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
+    missing = {name: error for name, error in peers.available().items() if error}
     print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| load average {load:.1f} at start")
-    steps = f"{args.warmup} warmup + {args.iters} timed steps per config (median step), each in a fresh process"
-    results = grad_diffs = results_84 = grad_diffs_84 = None
-    if not args.only_84:
-        print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, {'x'.join(map(str, IMAGE_SHAPE))} images, "
-              f"meta-batch {args.meta_batch}, {steps}\n")
-        grad_diffs = check_gradients("conv4", args.meta_batch, device)
-        results = run_all(all_configs(args.quick), device, args)
-        print()
-        print(markdown_table(results, device))
-    if not args.skip_84:
-        print(f"\n{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class, {'x'.join(map(str, MINI_IMAGENET_SHAPE))} "
-              f"images, meta-batch {args.meta_batch_84}, {steps}; MAML with Conv4-32, ProtoNet with ResNet-12 "
-              "(64-160-320-640), whose tasks/s are episodes/s\n")
-        grad_diffs_84 = check_gradients("conv4-32", args.meta_batch_84, device)
-        results_84 = run_all(mini_imagenet_configs(args.quick), device, args)
-        print()
-        print(markdown_table(results_84, device))
-    sampling = None
+    print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class; {args.rounds} interleaved rounds per family "
+          f"after a warm-up step; memory over {MEMORY_STEPS} steps, each variant in its own process")
+    for name, error in missing.items():
+        print(f"{name} is not installed (bash scripts/install_peers.sh installs it): its rows are left out ({error})")
+    report = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "load_average_at_start": load, "rounds": args.rounds, "families": []}
+    tables = []
+    for family in families(args.quick, args.skip_84, args.only_84):
+        print(f"\n{family.description}, meta-batch {meta_batch(family)}:", flush=True)
+        timing = in_subprocess(args, "--time-family", family.key, "--meta-batch", str(args.meta_batch),
+                               "--meta-batch-84", str(args.meta_batch_84))
+        for name, diff in timing["grad_diffs"].items():
+            print(f"  meta-gradient check: {name} vs plain loop, relative difference {diff:.1e}")
+            if diff > GRAD_TOLERANCE:
+                sys.exit(f"{name}'s meta-gradient differs from the plain loop's on {family.description}; the table "
+                         "would compare different computations. Fix the gradient before benchmarking.")
+        memory = {name: in_subprocess(args, "--memory", family.key, name, "--meta-batch", str(args.meta_batch),
+                                      "--meta-batch-84", str(args.meta_batch_84))
+                  for name in timing["variants"]}
+        tables.append(family_table(family, timing, memory))
+        print(tables[-1], flush=True)
+        report["families"].append({**timing, "memory": memory})
+    print("\n" + TABLE_HEADER + "\n" + "\n".join(tables))
     if not args.skip_sampling:
-        command = [sys.executable, __file__, "--one", "sampling", "--device", device.type, "--rounds", str(args.rounds),
-                   "--meta-batch", str(args.meta_batch)]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"sampling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        sampling = json.loads(proc.stdout.strip().splitlines()[-1])
-        print()
-        print(sampling_table(sampling))
-    total = time.perf_counter() - started
-    print(f"\ntotal runtime {total:.0f} s")
+        report["sampling"] = in_subprocess(args, "--sampling")
+        print("\n" + sampling_table(report["sampling"]))
+    report["total_seconds"] = time.perf_counter() - started
+    print(f"\ntotal runtime {report['total_seconds']:.0f} s")
     if args.out:
-        report = {
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": load,
-            "meta_batch": args.meta_batch,
-            "iters": args.iters,
-            "warmup": args.warmup,
-            "grad_check_relative_diff": grad_diffs,
-            "meta_batch_84": args.meta_batch_84,
-            "grad_check_relative_diff_84": grad_diffs_84,
-            "total_seconds": total,
-            "results": results,
-            "results_84": results_84,
-            "sampling": sampling,
-        }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 

@@ -12,13 +12,14 @@ import torch
 from metarun.trainer import Trainer
 from tests.conftest import one_line_error
 
-# Each gradient-based learner that splits its meta-batch, sized to run in a second or two.
+# Each learner that splits its meta-batch, sized to run in a second or two.
 CHUNKED = {
-    "maml": ("algorithm.adaptation_steps=2",),
-    "fomaml": ("algorithm.adaptation_steps=2",),
-    "metasgd": ("algorithm.adaptation_steps=2",),
-    "anil": ("algorithm.adaptation_steps=2",),
-    "metalstm": ("algorithm.adaptation_steps=2", "algorithm.hidden_size=4"),
+    "maml": ("algorithm.adaptation_steps=2", "algorithm.task_batching=loop"),
+    "fomaml": ("algorithm.adaptation_steps=2", "algorithm.task_batching=loop"),
+    "metasgd": ("algorithm.adaptation_steps=2", "algorithm.task_batching=loop"),
+    "anil": ("algorithm.adaptation_steps=2", "algorithm.task_batching=loop"),
+    "metalstm": ("algorithm.adaptation_steps=2", "algorithm.hidden_size=4", "algorithm.task_batching=loop"),
+    "protonet": (),
 }
 CLIP = 0.05  # far below these gradients' norms, so every update here is clipped
 
@@ -26,8 +27,7 @@ CLIP = 0.05  # far below these gradients' norms, so every update here is clipped
 def steps_by_chunk(make_config, run_dir, algorithm: str, tasks, loss_scale: float, task_chunks) -> dict:
     """{task_chunk: (gradients, parameters after, metrics)} of one float64 training step from the
     same start with each `task_chunk`."""
-    cfg = make_config(f"algorithm={algorithm}", *CHUNKED[algorithm], "algorithm.task_batching=loop",
-                      "model.hidden=8", f"train.grad_clip={CLIP}", "optimizer=sgd", "optimizer.lr=1.0",
+    cfg = make_config(f"algorithm={algorithm}", *CHUNKED[algorithm], "model.hidden=8", f"train.grad_clip={CLIP}", "optimizer=sgd", "optimizer.lr=1.0",
                       "optimizer.momentum=0.0")
     trainer = Trainer(cfg, run_dir)
     trainer.learner.double()

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import EpisodeClassifier, check_positive
+from metarun.algorithms.task_batching import check_task_chunk, chunk_tasks
+from metarun.data.tasks import TaskBatch
 
 
 def prototypes(support_emb: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -39,13 +41,16 @@ class ProtoNet(EpisodeClassifier):
 
     `n_way` is taken from each task batch, so a network trained with more ways (the paper trains
     Omniglot 60-way) evaluates on fewer. `distance_scale`, `learn_scale`, `normalize_distance`: see
-    the module docstring.
+    the module docstring. task_chunk: episodes per backward pass in training ("auto": one at a time
+    on the CPU, where the backbone embeds them one by one anyway; all of them on CUDA), as MAML's;
+    with `model.batch_norm=running` each chunk updates the running statistics.
     """
 
     def __init__(self, model: nn.Module, n_way: int, distance_scale: float = 1.0, learn_scale: bool = False,
-                 normalize_distance: bool = False):
+                 normalize_distance: bool = False, task_chunk: int | str = "auto"):
         check_positive("distance_scale", distance_scale, "set algorithm.distance_scale=1.0 (the paper's)")
         super().__init__(model, n_way)
+        self.task_chunk = check_task_chunk(task_chunk)
         # A plain number unless learned, so the paper's model keeps the parameters (and checkpoints) it had.
         self.distance_scale = nn.Parameter(torch.tensor(float(distance_scale))) if learn_scale else distance_scale
         self.normalize_distance = normalize_distance
@@ -62,3 +67,6 @@ class ProtoNet(EpisodeClassifier):
         if self.normalize_distance or isinstance(self.distance_scale, nn.Parameter) or self.distance_scale != 1.0:
             distances = distances * self.distance_scale
         return -distances
+
+    def task_chunks(self, tasks: TaskBatch) -> list[TaskBatch]:
+        return chunk_tasks(tasks, self.task_chunk, "auto")  # "auto" tells the CPU from CUDA
