@@ -29,7 +29,7 @@ from metarun.data.augment import Augment
 from metarun.data.contract import ClassDataset
 from metarun.data.sampler import EpisodeSampler
 from metarun.data.tasks import TaskBatch
-from metarun.device import autocast, check_amp, resolve_device
+from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
 from metarun.errors import MetarunError
 from metarun.evaluation import evaluate
 from metarun.run_log import RunLog
@@ -60,6 +60,8 @@ class Trainer:
         self.device = resolve_device(cfg.device.type.value)
         self.amp = cfg.device.amp.value
         check_amp(self.device, self.amp)
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
         self.dataset = dataset = build(cfg.dataset)
         # What a task is scored by: accuracy (higher is better) or, for regression, MSE (lower is better).

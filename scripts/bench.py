@@ -17,23 +17,27 @@ What: one meta-training step (meta-gradient, then an Adam step) on one fixed syn
   - ProtoNet on the same Conv4 and meta-batch: metarun (`task_chunk=auto`), metarun whole, the
     plain per-task loop, and easyfsl's PrototypicalNetworks (its own formulation: minus the
     euclidean distance, support and query embedded in two calls; so no gradient check for it).
-  - unless --skip-84: the same on 3x84x84 (mini-ImageNet's shape) at --meta-batch-84 tasks (2 on
+  - with --with-84: the same on 3x84x84 (mini-ImageNet's shape) at --meta-batch-84 tasks (2 on
     the CPU, 32 on CUDA): second-order MAML on Conv4-32 (1 step) and ProtoNet on ResNet-12.
 How:
-  - Speed: each group of variants ("family") runs in its own process. After a warm-up step each,
-    the variants are timed interleaved: every round times one step of each, in an order that
-    rotates from round to round (scripts/rounds.py); tasks/s is from the median round, ratios are
-    taken within each round and their median and min-max over rounds are printed. Before timing,
-    each variant's meta-gradient is checked equal to the plain loop's (relative difference <= 1e-4
-    in float32); a variant that differs stops the script.
-  - Memory: each variant in its own fresh process: on CPU the growth of peak RSS (VmHWM, not
-    `ru_maxrss`, which Linux carries over from the parent) from after building model and data to
-    after three steps, and the absolute peak; on CUDA `torch.cuda.max_memory_allocated()`.
+  - Each variant runs in a process of its own, as it would for its user: metarun's with glibc
+    keeping freed memory (metarun.device.keep_freed_memory, which metarun's trainer sets on the
+    CPU), the peers and the plain loop with glibc's defaults; "metarun, glibc defaults" shows
+    metarun without it. The processes of one family ("family": the variants computing the same
+    step) stay up side by side, idle but for the one being timed.
+  - Speed: after a warm-up step each, the variants are timed interleaved: every round times one
+    step of each, in an order that rotates from round to round (scripts/rounds.py); tasks/s is from
+    the median round, ratios are taken within each round and their median and min-max over rounds
+    are printed. Before timing, each variant's meta-gradient is checked equal to the plain loop's
+    (relative difference <= 1e-4 in float32); a variant that differs stops the script.
+  - Memory: in the same processes, on CPU the growth of peak RSS (VmHWM, not `ru_maxrss`, which
+    Linux carries over from the parent) from after building model and data to the end of the
+    rounds, and the absolute peak; on CUDA `torch.cuda.max_memory_allocated()`.
   - Then episode sampling from a mini-ImageNet-shaped uint8 tensor (64 classes x 600 images x
     3x84x84) against a Conv4 ProtoNet step on those episodes, interleaved the same way.
 
     python scripts/bench.py [--device cpu|cuda|auto] [--rounds 7] [--meta-batch 32] [--image-shape 1 28 28]
-                            [--meta-batch-84 N] [--skip-84 | --only-84] [--skip-sampling] [--vmap]
+                            [--with-84 | --only-84] [--meta-batch-84 N] [--skip-sampling] [--vmap]
                             [--quick] [--out results.json]
 """
 
@@ -44,6 +48,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,7 +69,7 @@ from metarun.data.contract import ClassImages  # noqa: E402
 from metarun.data.miniimagenet import MEAN, STD  # noqa: E402
 from metarun.data.sampler import EpisodeSampler  # noqa: E402
 from metarun.data.tasks import TaskBatch  # noqa: E402
-from metarun.device import resolve_device  # noqa: E402
+from metarun.device import keep_freed_memory, resolve_device  # noqa: E402
 from metarun.models.conv4 import Conv4  # noqa: E402
 from metarun.models.layers import Classifier  # noqa: E402
 from metarun.models.resnet12 import ResNet12  # noqa: E402
@@ -77,7 +82,6 @@ SAMPLING_SHAPE = (64, 600, 3, 84, 84)  # mini-ImageNet's training part: classes,
 INNER_LR, META_LR = 0.4, 1e-3
 SEED = 0
 GRAD_TOLERANCE = 1e-4  # relative, float32: ||g - g_plain|| / ||g_plain||
-MEMORY_STEPS = 3
 MIB = 2**20
 
 BACKBONES: dict[str, tuple[str, Callable[[Sequence[int]], nn.Module], Sequence[int]]] = {
@@ -117,17 +121,18 @@ class Family:
         return f"MAML {'1st' if self.first_order else '2nd'} order, {self.adaptation_steps} inner step(s), {network}"
 
 
-def families(quick: bool, skip_84: bool, only_84: bool) -> list[Family]:
+def families(quick: bool, with_84: bool, only_84: bool) -> list[Family]:
     first = [Family("MAML", False, 1), Family("MAML", False, 5), Family("MAML", True, 1), Family("ProtoNet")]
     if quick:
         first = [Family("MAML", False, 1), Family("ProtoNet")]
     second = [Family("MAML", False, 1, "conv4-32"), Family("ProtoNet", backbone="resnet12")]
-    return ([] if only_84 else first) + ([] if skip_84 else second)
+    return ([] if only_84 else first) + (second if with_84 or only_84 else [])
 
 
 # metarun's variants: their learner settings given the meta-batch size T.
 METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
     "metarun": lambda T: {},  # the defaults: task_batching=auto, task_chunk=auto
+    "metarun-glibc": lambda T: {},  # the same in a process with glibc's defaults
     "metarun-whole": lambda T: {"task_batching": "loop", "task_chunk": T},
     "metarun-loop": lambda T: {"task_batching": "loop", "task_chunk": 1},
     "metarun-vmap": lambda T: {"task_batching": "vmap", "task_chunk": T},
@@ -135,6 +140,7 @@ METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
 }
 LABELS = {
     "metarun": "metarun (default)",
+    "metarun-glibc": "metarun (default), glibc defaults",
     "metarun-whole": "metarun, one backward for the whole batch",
     "metarun-loop": "metarun, loop, one backward per task",
     "metarun-vmap": "metarun, vmap, whole batch",
@@ -151,11 +157,12 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
     installed = [name for name, error in peers.available().items() if error is None]
     found = [name for name in installed if peers.PEERS[name][0] == family.method]
     if family.method == "ProtoNet":
-        return ["metarun", "metarun-whole", "plain", *found]
+        ours = ["metarun", "metarun-whole"] + (["metarun-glibc"] if device.type == "cpu" else [])
+        return [*ours, "plain", *found]
     if device.type == "cuda":
         ours = ["metarun", "metarun-vmap-8", "metarun-loop"]  # the default is vmap over the whole batch
     else:
-        ours = ["metarun", "metarun-whole"] + (["metarun-vmap", "metarun-vmap-8"] if vmap else [])
+        ours = ["metarun", "metarun-glibc", "metarun-whole"] + (["metarun-vmap", "metarun-vmap-8"] if vmap else [])
     return [*ours, "plain", *found]
 
 
@@ -252,31 +259,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_family(family: Family, meta_batch: int, device: torch.device, rounds: int, vmap: bool) -> dict:
-    """Gradient check, then interleaved rounds of every variant of `family`: seconds per round."""
-    tasks = synthetic_tasks(meta_batch, device, family.image_shape)
-    names = variants(family, device, vmap)
-    built = {name: build(family, name, meta_batch, device) for name in names}
-    reference = meta_gradient(*built["plain"], tasks)
-    grad_diffs = {}
-    for name, (model, backward) in built.items():
-        if name != "plain" and same_formulation(name):
-            grad_diffs[name] = ((meta_gradient(model, backward, tasks) - reference).norm() / reference.norm()).item()
-    steps = {}
-    for name, (model, backward) in built.items():
-        optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
-
-        def step(model=model, backward=backward, optimizer=optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            backward(tasks)
-            optimizer.step()
-
-        steps[name] = step
-    seconds = interleaved_rounds(steps, rounds, warmup=1, sync=lambda: sync(device))
-    return {"family": family.key, "meta_batch": meta_batch, "variants": names, "grad_diffs": grad_diffs,
-            "seconds": seconds}
-
-
 def peak_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -284,8 +266,12 @@ def peak_bytes(device: torch.device) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
-def memory_of(family: Family, variant: str, meta_batch: int, device: torch.device) -> dict:
-    """Peak memory growth over MEMORY_STEPS steps of one variant (in a process of its own)."""
+def serve(family: Family, variant: str, meta_batch: int, device: torch.device, gradient_file: str) -> None:
+    """A worker process for one variant: builds it, saves its meta-gradient to `gradient_file`,
+    prints "ready", then answers each line of stdin: "step" runs one training step and prints
+    "done"; "memory" prints its peak memory as JSON."""
+    if variant.startswith("metarun") and variant != "metarun-glibc" and device.type == "cpu":
+        keep_freed_memory()  # as metarun's trainer does before it builds anything
     tasks = synthetic_tasks(meta_batch, device, family.image_shape)
     model, backward = build(family, variant, meta_batch, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
@@ -293,23 +279,78 @@ def memory_of(family: Family, variant: str, meta_batch: int, device: torch.devic
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else peak_bytes(device)
-    for _ in range(MEMORY_STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        backward(tasks)
-        optimizer.step()
-    sync(device)
-    peak = peak_bytes(device)
-    return {"peak_growth_mib": (peak - base) / MIB, "peak_abs_mib": peak / MIB}
+    torch.save(meta_gradient(model, backward, tasks), gradient_file)
+    print("ready", flush=True)
+    for command in sys.stdin:
+        if command.strip() == "step":
+            optimizer.zero_grad(set_to_none=True)
+            backward(tasks)
+            optimizer.step()
+            sync(device)
+            print("done", flush=True)
+        else:
+            peak = peak_bytes(device)
+            print(json.dumps({"peak_growth_mib": (peak - base) / MIB, "peak_abs_mib": peak / MIB}), flush=True)
 
 
-def in_subprocess(args: argparse.Namespace, *command: str) -> dict:
-    """Run this script with `command` (an internal mode) in a fresh process; its last stdout line is JSON."""
-    full = [sys.executable, __file__, *command, "--device", args.device, "--rounds", str(args.rounds),
-            "--image-shape", *map(str, IMAGE_SHAPE)] + (["--vmap"] if args.vmap else [])
-    proc = subprocess.run(full, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """This script in `serve` mode, in a process of its own, spoken to line by line."""
+
+    def __init__(self, args: argparse.Namespace, family: Family, variant: str, folder: str):
+        self.variant, self.gradient_file = variant, os.path.join(folder, f"{variant}.pt")
+        self.stderr = open(os.path.join(folder, f"{variant}.stderr"), "w+")
+        command = [sys.executable, __file__, "--serve", family.key, variant, self.gradient_file,
+                   *forwarded_args(args)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True)
+
+    def ask(self, line: str | None = None) -> str:
+        """Send `line` (if any) and return the worker's answer; exits with its stderr if it died."""
+        if line is not None:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            self.stderr.seek(0)
+            sys.exit(f"{self.variant} failed (exit {self.process.wait()}):\n{self.stderr.read()[-3000:]}")
+        return answer.strip()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        self.stderr.close()
+
+
+def run_family(family: Family, args: argparse.Namespace, device: torch.device) -> dict:
+    """Every variant of `family` in its own worker: gradient check, interleaved rounds, memory."""
+    names = variants(family, device, args.vmap)
+    with tempfile.TemporaryDirectory() as folder:
+        workers = {name: Worker(args, family, name, folder) for name in names}
+        for worker in workers.values():
+            worker.ask()  # "ready": built, meta-gradient saved
+        reference = torch.load(workers["plain"].gradient_file)
+        grad_diffs = {}
+        for name, worker in workers.items():
+            if name != "plain" and same_formulation(name):
+                gradient = torch.load(worker.gradient_file)
+                grad_diffs[name] = ((gradient - reference).norm() / reference.norm()).item()
+        steps = {name: (lambda worker=worker: worker.ask("step")) for name, worker in workers.items()}
+        seconds = interleaved_rounds(steps, args.rounds, warmup=1)
+        memory = {name: json.loads(worker.ask("memory")) for name, worker in workers.items()}
+        for worker in workers.values():
+            worker.close()
+    return {"family": family.key, "meta_batch": meta_batch_of(family, args), "variants": names,
+            "grad_diffs": grad_diffs, "seconds": seconds, "memory": memory}
+
+
+def forwarded_args(args: argparse.Namespace) -> list[str]:
+    """The settings a worker process needs from the command line."""
+    return ["--device", args.device, "--rounds", str(args.rounds), "--meta-batch", str(args.meta_batch),
+            "--meta-batch-84", str(args.meta_batch_84), "--image-shape", *map(str, IMAGE_SHAPE)]
+
+
+def meta_batch_of(family: Family, args: argparse.Namespace) -> int:
+    return args.meta_batch if family.backbone == "conv4" else args.meta_batch_84
 
 
 def rate_text(tasks_per_s: float) -> str:
@@ -321,10 +362,10 @@ def ratio_text(spread: Spread) -> str:
     return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})"
 
 
-def family_table(family: Family, timing: dict, memory: dict[str, dict]) -> str:
+def family_table(family: Family, timing: dict) -> str:
     """The markdown rows of one family: speed (median and spread over rounds), speed ratios within
     rounds against the plain loop and the fastest peer, memory and its ratio to the leanest peer."""
-    seconds, meta_batch = timing["seconds"], timing["meta_batch"]
+    seconds, meta_batch, memory = timing["seconds"], timing["meta_batch"], timing["memory"]
     medians = {name: Spread.of(s).median for name, s in seconds.items()}
     found = [name for name in seconds if name in PEER_NAMES]
     fastest_peer = min(found, key=medians.get) if found else None
@@ -412,15 +453,14 @@ def parse_args() -> argparse.Namespace:
                         help="image shape of the first table's synthetic tasks (default: Omniglot's 1 28 28)")
     parser.add_argument("--meta-batch-84", type=int, help="tasks per step at 3x84x84 (default 2 on CPU, 32 on CUDA)")
     only = parser.add_mutually_exclusive_group()
-    only.add_argument("--skip-84", action="store_true", help="skip the 3x84x84 Conv4-32 / ResNet-12 families")
+    only.add_argument("--with-84", action="store_true", help="also the 3x84x84 Conv4-32 / ResNet-12 families")
     only.add_argument("--only-84", action="store_true", help="only the 3x84x84 families")
     parser.add_argument("--skip-sampling", action="store_true", help="skip the episode sampling measurement")
     parser.add_argument("--vmap", action="store_true", help="also time metarun's vmap variants on the CPU (slow)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, fewer families")
     parser.add_argument("--out", help="write the raw numbers to this JSON file")
-    # internal: one family's timing, or one variant's memory, printed as a JSON line
-    parser.add_argument("--time-family", help=argparse.SUPPRESS)
-    parser.add_argument("--memory", nargs=2, metavar=("FAMILY", "VARIANT"), help=argparse.SUPPRESS)
+    # internal: a worker process for one variant (see serve), or the sampling measurement
+    parser.add_argument("--serve", nargs=3, metavar=("FAMILY", "VARIANT", "GRADIENT_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--sampling", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -433,18 +473,14 @@ def main() -> None:
     args.rounds = args.rounds or (2 if args.quick else 7)
     if args.meta_batch_84 is None:
         args.meta_batch_84 = 32 if device.type == "cuda" else 2
-    every = {family.key: family for family in families(False, False, False)}
-    meta_batch = lambda family: args.meta_batch if family.backbone == "conv4" else args.meta_batch_84  # noqa: E731
-    if args.time_family:  # internal modes, each in a process of its own
-        family = every[args.time_family]
-        print(json.dumps(time_family(family, meta_batch(family), device, args.rounds, args.vmap)))
-        return
-    if args.memory:
-        family = every[args.memory[0]]
-        print(json.dumps(memory_of(family, args.memory[1], meta_batch(family), device)))
+    if args.serve:  # internal modes, each in a process of its own
+        family = {family.key: family for family in families(False, True, False)}[args.serve[0]]
+        serve(family, args.serve[1], meta_batch_of(family, args), device, args.serve[2])
         return
     if args.sampling:
-        print(json.dumps(measure_sampling(device, args.rounds, 4 if device.type == "cpu" else 32)))
+        if device.type == "cpu":
+            keep_freed_memory()  # the ProtoNet step runs as the trainer runs it
+        print(json.dumps(measure_sampling(device, args.rounds, 4 if device.type == "cpu" else 32)), flush=True)
         return
 
     started = time.perf_counter()
@@ -453,30 +489,30 @@ def main() -> None:
     print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
           f"| load average {load:.1f} at start")
     print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class; {args.rounds} interleaved rounds per family "
-          f"after a warm-up step; memory over {MEMORY_STEPS} steps, each variant in its own process")
+          f"after a warm-up step; each variant in its own process, memory over all its steps")
     for name, error in missing.items():
         print(f"{name} is not installed (bash scripts/install_peers.sh installs it): its rows are left out ({error})")
     report = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "load_average_at_start": load, "rounds": args.rounds, "families": []}
     tables = []
-    for family in families(args.quick, args.skip_84, args.only_84):
-        print(f"\n{family.description}, meta-batch {meta_batch(family)}:", flush=True)
-        timing = in_subprocess(args, "--time-family", family.key, "--meta-batch", str(args.meta_batch),
-                               "--meta-batch-84", str(args.meta_batch_84))
+    for family in families(args.quick, args.with_84, args.only_84):
+        print(f"\n{family.description}, meta-batch {meta_batch_of(family, args)}:", flush=True)
+        timing = run_family(family, args, device)
         for name, diff in timing["grad_diffs"].items():
             print(f"  meta-gradient check: {name} vs plain loop, relative difference {diff:.1e}")
             if diff > GRAD_TOLERANCE:
                 sys.exit(f"{name}'s meta-gradient differs from the plain loop's on {family.description}; the table "
                          "would compare different computations. Fix the gradient before benchmarking.")
-        memory = {name: in_subprocess(args, "--memory", family.key, name, "--meta-batch", str(args.meta_batch),
-                                      "--meta-batch-84", str(args.meta_batch_84))
-                  for name in timing["variants"]}
-        tables.append(family_table(family, timing, memory))
+        tables.append(family_table(family, timing))
         print(tables[-1], flush=True)
-        report["families"].append({**timing, "memory": memory})
+        report["families"].append(timing)
     print("\n" + TABLE_HEADER + "\n" + "\n".join(tables))
     if not args.skip_sampling:
-        report["sampling"] = in_subprocess(args, "--sampling")
+        proc = subprocess.run([sys.executable, __file__, "--sampling", *forwarded_args(args)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            sys.exit(f"sampling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        report["sampling"] = json.loads(proc.stdout.strip().splitlines()[-1])
         print("\n" + sampling_table(report["sampling"]))
     report["total_seconds"] = time.perf_counter() - started
     print(f"\ntotal runtime {report['total_seconds']:.0f} s")

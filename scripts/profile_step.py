@@ -2,20 +2,25 @@
 
 What: one second-order MAML step (Conv4-64, 5-way 1-shot, 15 queries per class, 1x28x28, inner_lr
 0.4, `--steps` inner steps, `--meta-batch` tasks, Adam outer step) on scripts/bench.py's seeded
-synthetic meta-batch, backpropagated task by task as metarun/trainer.py's train_step does it: for
-each chunk of `learner.task_chunks(tasks)` (one task each on the CPU), `learner(chunk)[0] * share`
-then `.backward()`.
+synthetic meta-batch, built as bench.py's "metarun" variant: the default settings, the
+meta-gradient accumulated task by task by metarun.trainer.meta_backward, in a process whose freed
+memory glibc keeps (metarun.device.keep_freed_memory, as the trainer sets it on the CPU).
 How: 2 warm-up steps, then one step under `torch.profiler.profile(activities=[CPU])`. Prints the
 profiler's `key_averages()` table (by self CPU time, 15 rows), then a markdown table of the top ops
-with their share of the step's self CPU time and their calls per task. The share left to
-"(Python and dispatch between ops)" is the step's wall time minus all ops' self CPU time.
+with their share of the step's wall time and their calls per task. The share left to
+"(Python and dispatch between ops)" is the step's wall time minus all ops' self CPU time. Also
+prints the minor page faults of the last warm-up step (the profiler's own buffers would add to a
+profiled step's). `--glibc-default` leaves glibc's settings alone: it then returns the freed
+memory of large tensors to the kernel (mmap and heap trimming), and the next op writing a fresh
+tensor of that size pays the page faults inside its own self CPU time.
 
-    python scripts/profile_step.py [--steps 1|5] [--meta-batch 32] [--threads 1] [--rows 12]
+    python scripts/profile_step.py [--steps 1|5] [--meta-batch 32] [--threads N] [--rows 12] [--glibc-default]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,27 +29,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: the benchmark's data, network and settings)
+import bench  # noqa: E402  (scripts/bench.py: the benchmark's data, network and variants)
 
-from metarun.algorithms.maml import MAML  # noqa: E402
-from metarun.models.conv4 import Conv4  # noqa: E402
-
-
-def make_learner(steps: int) -> MAML:
-    """metarun's second-order MAML (per-task loop) over bench.py's seeded initial Conv4 and head."""
-    torch.manual_seed(bench.SEED)  # as bench.initial_model: the backbone, then the head
-    backbone = Conv4(in_channels=bench.IMAGE_SHAPE[0], image_size=bench.IMAGE_SHAPE[-1])
-    return MAML(backbone, bench.N_WAY, inner_lr=bench.INNER_LR, adaptation_steps=steps, first_order=False,
-                task_batching="loop")
-
-
-def train_step(learner: MAML, tasks, optimizer: torch.optim.Optimizer) -> None:
-    """As Trainer.train_step without AMP, clipping or metrics: backward chunk by chunk, then Adam."""
-    optimizer.zero_grad(set_to_none=True)
-    for chunk in learner.task_chunks(tasks):
-        loss, _ = learner(chunk)
-        (loss * (len(chunk) / len(tasks))).backward()
-    optimizer.step()
+from metarun.device import keep_freed_memory  # noqa: E402
 
 
 def markdown(events, wall_us: float, n_tasks: int, rows: int) -> str:
@@ -66,25 +53,39 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--rows", type=int, default=12, help="rows of the markdown table")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="do not keep freed memory in the process (the trainer does, on the CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        keep_freed_memory()
 
-    tasks = bench.synthetic_tasks(args.meta_batch, torch.device("cpu"), bench.IMAGE_SHAPE)
-    learner = make_learner(args.steps)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=bench.META_LR)
+    cpu = torch.device("cpu")
+    tasks = bench.synthetic_tasks(args.meta_batch, cpu, bench.IMAGE_SHAPE)
+    model, backward = bench.build(bench.Family("MAML", False, args.steps), "metarun", args.meta_batch, cpu)
+    optimizer = torch.optim.Adam(model.parameters(), lr=bench.META_LR)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        backward(tasks)
+        optimizer.step()
+
     for _ in range(2):
-        train_step(learner, tasks, optimizer)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        train_step()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        train_step(learner, tasks, optimizer)
+        train_step()
         wall_us = (time.perf_counter() - start) * 1e6
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
     print(f"\nMAML 2nd order, {args.steps} inner step(s), meta-batch {args.meta_batch}, "
           f"{torch.get_num_threads()} thread(s): step {wall_us / 1e6:.2f} s under the profiler "
-          f"({args.meta_batch / (wall_us / 1e6):.1f} tasks/s)\n")
+          f"({args.meta_batch / (wall_us / 1e6):.1f} tasks/s); last warm-up step: {faults} minor page faults "
+          f"({faults * resource.getpagesize() / 2**20:.0f} MiB){', glibc defaults' if args.glibc_default else ''}\n")
     print(markdown(list(averages), wall_us, args.meta_batch, args.rows))
 
 
