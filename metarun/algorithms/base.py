@@ -75,7 +75,7 @@ class MetaLearner(nn.Module):
     - `task_chunks(tasks) -> [TaskBatch, ...]`: the meta-batch in the pieces the trainer
       backpropagates one after another, each piece's loss weighted by its share of the tasks, so
       the gradients accumulate to the whole batch's meta-gradient while memory holds one piece's
-      graph (under DDP, gradients sync once, after the last piece). The whole batch by default;
+      graph (so that under DDP gradients can sync once, after the last piece). The whole batch by default;
       a learner whose loss is the mean of independent per-task losses may split it
       (`algorithm.task_chunk`).
     - `evaluate(tasks) -> (loss [T], accuracy [T])`: per-task query loss and accuracy with the
