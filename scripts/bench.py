@@ -99,7 +99,7 @@ PEER_NAMES = tuple(peers.PEERS)
 
 @dataclass(frozen=True)
 class Family:
-    """Variants computing the same meta-training step, timed against each other in one process."""
+    """Variants computing the same meta-training step, timed against each other in interleaved rounds."""
 
     method: str  # "MAML" or "ProtoNet"
     first_order: bool = False
