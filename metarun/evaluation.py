@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data.sampler import EpisodeSampler
+from metarun.distributed import Processes
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -28,18 +30,27 @@ def evaluate(
     batch_size: int,
     autocast: AbstractContextManager | None = None,
     score: str = "accuracy",
-) -> dict[str, float]:
+    processes: Processes = Processes(),
+) -> dict[str, Any]:
     """Loss and score (accuracy, or "mse" for regression) over the fixed episodes
-    0..episodes-1 of `sampler`'s split: the mean over episodes and its 95% CI."""
+    0..episodes-1 of `sampler`'s split: the mean over episodes, its 95% CI, and each episode's
+    score in episode order (`per_episode`).
+
+    Over several processes each rank evaluates every world_size-th batch of episodes and the
+    results are gathered, so every batch holds the same episodes as in one process and the
+    numbers are the same.
+    """
     was_training = learner.training
     learner.eval()
-    losses, scores = [], []
-    for start in range(0, episodes, batch_size):
+    mine = {}
+    for start in range(0, episodes, batch_size)[processes.rank :: processes.world_size]:
         tasks = sampler.episodes(seed, start, min(batch_size, episodes - start))
         with autocast or nullcontext():
             loss, per_task = learner.evaluate(tasks)
-        losses.append(loss.float())
-        scores.append(per_task.float())
+        mine[start] = (loss.float().cpu(), per_task.float().cpu())
     learner.train(was_training)
-    mean, ci95 = confidence_interval(torch.cat(scores).cpu())
-    return {"loss": torch.cat(losses).mean().item(), score: mean, "ci95": ci95, "episodes": episodes}
+    batches = {start: result for part in processes.gather(mine) for start, result in part.items()}
+    losses, scores = (torch.cat([batches[start][i] for start in sorted(batches)]) for i in (0, 1))
+    mean, ci95 = confidence_interval(scores)
+    return {"loss": losses.mean().item(), score: mean, "ci95": ci95, "episodes": episodes,
+            "per_episode": scores.tolist()}

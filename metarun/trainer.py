@@ -3,6 +3,10 @@
 `Trainer(cfg, run_dir)` builds everything and checks the config without writing a byte, so a bad
 command leaves an existing run directory as it was; `run()` then trains (continuing from
 `checkpoints/last.pt` when the directory holds one) and meta-tests the best checkpoint.
+
+Over several processes (`metarun.distributed`) each rank trains on its share of the meta-batch and
+rank 0 alone writes the run's files. On SIGTERM or a launcher's pre-timeout signal the loop stops
+after the current step with `last.pt` written (`metarun.preemption`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from torch.nn.utils import clip_grad_norm_
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
-
 from metarun.algorithms.base import MetaLearner
 from metarun.atomic import write_atomically
 from metarun.checkpoint import load_checkpoint, save_checkpoint
@@ -30,8 +32,11 @@ from metarun.data.contract import ClassDataset
 from metarun.data.sampler import EpisodeSampler
 from metarun.data.tasks import TaskBatch
 from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
+from metarun.distributed import Processes
 from metarun.errors import MetarunError
 from metarun.evaluation import evaluate
+from metarun.preemption import StopRequests
+from metarun.progress import Progress
 from metarun.run_log import RunLog
 
 PARTS = ("train", "val", "test")
@@ -52,10 +57,12 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, processes: Processes = Processes()):
         validate(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
+        self.processes = processes
+        self.tasks_per_step = processes.share(cfg.episode.meta_batch_size)  # this rank's share
         self.checkpoint_dir = run_dir / "checkpoints"
         self.device = resolve_device(cfg.device.type.value)
         self.amp = cfg.device.amp.value
@@ -75,11 +82,16 @@ class Trainer:
         offered = {"model": model, "n_way": cfg.episode.n_way, "n_train_classes": dataset.n_classes("train")}
         self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
+        processes.broadcast(self.learner)  # every rank starts from rank 0's weights
+        if processes.rank:
+            torch.manual_seed(processes.seed(cfg.seed))  # ranks draw their own noise from here on
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
         self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(self.device).manual_seed(processes.seed(cfg.seed))
         self.step = 0
+        self.wall_time_s = 0.0  # of the earlier runs in this directory, when resumed
+        self.started = time.perf_counter()
         self.best_val = math.inf if self.score == "mse" else -math.inf  # best validation score so far
         if (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
@@ -103,40 +115,52 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Meta-train up to train.steps, then meta-test the best checkpoint; returns results.json."""
-        self.write_config()
-        self.log = RunLog(self.run_dir, resume_step=self.step)
+        """Meta-train up to train.steps, then meta-test the best checkpoint; returns results.json.
+        Raises metarun.preemption.Stopped when a signal stopped it (last.pt written)."""
+        self.started = time.perf_counter()
+        self.log = RunLog(self.run_dir, resume_step=self.step) if self.processes.main else None
+        if self.processes.main:
+            self.write_config()
+        self.progress = Progress(self.cfg.train.steps, self.step, self.cfg.train.log_every,
+                                 enabled=self.processes.main)
         try:
             self.fit()
             results = self.test()
         finally:
-            self.log.close()
+            self.progress.close()
+            if self.log is not None:
+                self.log.close()
         return results
 
     def fit(self) -> None:
         train = self.cfg.train
-        tasks_per_step = self.cfg.episode.meta_batch_size
-        bar = tqdm(total=train.steps, initial=self.step, desc="meta-train", dynamic_ncols=True, disable=None)
         self.learner.train()
         tic, tic_step = time.perf_counter(), self.step
-        while self.step < train.steps:
-            tasks = self.samplers["train"].sample(tasks_per_step, self.generator)
-            logging = (self.step + 1) % train.log_every == 0 or self.step + 1 == train.steps
-            metrics = self.train_step(tasks, diagnostics=logging)
-            self.step += 1
-            bar.update()
-            if logging:
-                values = {name: value.item() for name, value in metrics.items()}
-                values["lr"] = self.optimizer.param_groups[0]["lr"]
-                values["tasks_per_s"] = (self.step - tic_step) * tasks_per_step / (time.perf_counter() - tic)
-                tic, tic_step = time.perf_counter(), self.step
-                self.log.scalars("train", self.step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", **{self.score[:3]: f"{values[self.score]:.3f}"},
-                                tasks_s=f"{values['tasks_per_s']:.0f}")
-            if self.step % train.val_every == 0 or self.step == train.steps:
-                self.validate_and_checkpoint()
-                tic, tic_step = time.perf_counter(), self.step
-        bar.close()
+        with StopRequests() as stop:
+            while self.step < train.steps:
+                tasks = self.samplers["train"].sample(self.tasks_per_step, self.generator)
+                logging = (self.step + 1) % train.log_every == 0 or self.step + 1 == train.steps
+                metrics = self.train_step(tasks, diagnostics=logging)
+                self.step += 1
+                shown = None
+                if logging:
+                    values = {name: value.item() for name, value in metrics.items()}
+                    values["lr"] = self.optimizer.param_groups[0]["lr"]
+                    values["tasks_per_s"] = ((self.step - tic_step) * self.cfg.episode.meta_batch_size
+                                             / (time.perf_counter() - tic))  # all ranks together
+                    tic, tic_step = time.perf_counter(), self.step
+                    self.record("train", values)
+                    shown = {"loss": values["loss"], self.score[:3]: values[self.score], "tasks/s": values["tasks_per_s"]}
+                self.progress.update(self.step, shown)
+                checkpointed = self.step % train.val_every == 0 or self.step == train.steps
+                if checkpointed:
+                    self.validate_and_checkpoint()
+                    tic, tic_step = time.perf_counter(), self.step
+                if self.processes.any(stop.requested is not None, self.device):  # every rank stops at this step
+                    if not checkpointed:
+                        self.save_last()
+                    self.progress.write(f"step {self.step}: stopping on a signal; checkpoints/last.pt holds this step")
+                    stop.hand_over(self.step)
 
     def train_step(self, tasks, diagnostics: bool = False) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +168,7 @@ class Trainer:
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         metrics = meta_backward(self.learner, tasks, diagnostics=diagnostics, loss_scale=loss_scale,
                                 scale=self.scaler.scale, autocast=lambda: autocast(self.device, self.amp))
+        self.processes.average_gradients(self.learner.parameters())  # where the ranks' gradients meet
         if self.cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
             # The norm before clipping, logged with the step's metrics.
@@ -152,6 +177,7 @@ class Trainer:
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
+        self.processes.broadcast(self.learner, buffers_only=True)  # running statistics follow rank 0's
         return metrics
 
     def validate_and_checkpoint(self) -> None:
@@ -160,19 +186,30 @@ class Trainer:
         improved = score < self.best_val if self.score == "mse" else score > self.best_val
         if improved:
             self.best_val = score
-            save_checkpoint({"learner": self.learner.state_dict(), "step": self.step, "val": val},
-                            self.checkpoint_dir / "best.pt")
-        self.log.scalars("val", self.step, {"loss": val["loss"], self.score: score})
-        save_checkpoint(self.state(), self.checkpoint_dir / "last.pt")
-        tqdm.write(f"step {self.step}: val {describe_score(self.score, val)}" + ("  (best)" if improved else ""))
+            if self.processes.main:
+                save_checkpoint({"learner": self.learner.state_dict(), "step": self.step, "val": val},
+                                self.checkpoint_dir / "best.pt")
+        self.record("val", {"loss": val["loss"], self.score: score})
+        self.save_last()
+        self.progress.write(f"step {self.step}: val {describe_score(self.score, val)}" + ("  (best)" if improved else ""))
 
-    def evaluate(self, part: str, episodes: int) -> dict[str, float]:
+    def save_last(self) -> None:
+        state = self.state()  # every rank takes part: it gathers their generators
+        if self.processes.main:
+            save_checkpoint(state, self.checkpoint_dir / "last.pt")
+
+    def record(self, split: str, values: dict[str, float]) -> None:
+        if self.log is not None:
+            self.log.scalars(split, self.step, values)
+
+    def evaluate(self, part: str, episodes: int) -> dict[str, Any]:
         cfg = self.cfg.eval
         return evaluate(self.learner, self.samplers[part], episodes, cfg.seed, cfg.batch_size,
-                        autocast(self.device, self.amp), score=self.score)
+                        autocast(self.device, self.amp), score=self.score, processes=self.processes)
 
     def test(self) -> dict[str, Any]:
         best = self.checkpoint_dir / "best.pt"
+        self.processes.barrier()  # rank 0 has written best.pt
         if best.exists():
             self.learner.load_state_dict(load_checkpoint(best, self.device)["learner"])
         test = self.evaluate("test", self.cfg.eval.episodes)
@@ -182,18 +219,41 @@ class Trainer:
             "test_loss": test["loss"], f"best_val_{score}": self.best_val, "steps": self.step,
             # Which batch norm produced the number: transductive (task), inductive (running) or none (MLP).
             "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="none"),
+            "wall_time_s": self.elapsed(), "processes": self.processes.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
-        write_atomically(self.run_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
-        self.log.scalars("test", self.step, {"loss": test["loss"], score: test[score]})
+        if not self.processes.main:
+            return results
+        write_json(self.run_dir / "results.json", results)
+        # Each test episode's score: runs with the same identity met the same episodes, so a
+        # report can compare them episode by episode (metarun-report).
+        write_json(self.run_dir / "test_episodes.json",
+                   {"score": score, "identity": self.test_identity(), "values": test["per_episode"]})
+        self.record("test", {"loss": test["loss"], score: test[score]})
         self.log.hparams(hparams(self.cfg), {f"hparam/test_{score}": test[score], f"hparam/best_val_{score}": self.best_val})
         print(f"test {describe_score(score, test)} ({test['episodes']} episodes, batch_norm={results['batch_norm']})")
         if hasattr(self.dataset, "figures"):  # e.g. sinusoid: adaptation.png beside results.json
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
 
+    def test_identity(self) -> dict[str, Any]:
+        """What fixes the test episodes: the dataset and its split, the episodes' shape, count and seed."""
+        dataset = {k: v for k, v in config_container(self.cfg.dataset).items() if k not in self.dataset.machine_local}
+        n_way, k_shot, n_query = episode_shape(self.cfg, "test")
+        return {"dataset": dataset, "split": "test", "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
+                "episodes": self.cfg.eval.episodes, "seed": self.cfg.eval.seed,
+                "support_augment": self.cfg.eval.support_augment}
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained and tested, over all its starts in this directory."""
+        return self.wall_time_s + time.perf_counter() - self.started
+
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs; on several processes every rank must call it together."""
+        ranks = self.processes.gather({
+            "train_sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         return {
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -201,8 +261,11 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "best_val": self.best_val,
-            "rng": {"train_sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "wall_time_s": self.elapsed(),
+            # Each rank's generators: rank 0's under "rng", all of them under "rng_per_rank".
+            "rng": ranks[0],
+            **({"rng_per_rank": ranks} if self.processes.several else {}),
+            "world_size": self.processes.world_size,
             "config": config_container(self.cfg),
         }
 
@@ -215,6 +278,12 @@ class Trainer:
                 f"{self.run_dir} holds a run with a different config ({changed[0]}); "
                 "resume with the same overrides or choose a new hydra.run.dir"
             )
+        saved = state.get("world_size", 1)
+        if saved != self.processes.world_size:
+            raise MetarunError(
+                f"{path} was written by {saved} processes and this run has {self.processes.world_size}; "
+                f"resume with as many (torchrun --nproc_per_node={saved}) or choose a new hydra.run.dir"
+            )
         try:
             self.learner.load_state_dict(state["learner"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -223,10 +292,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.step = state["step"]
             self.best_val = state["best_val"] if "best_val" in state else state["best_val_accuracy"]  # older runs
-            self.generator.set_state(state["rng"]["train_sampler"].cpu())
-            torch.set_rng_state(state["rng"]["torch"].cpu())
-            if state["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+            self.wall_time_s = state.get("wall_time_s", 0.0)
+            rng = state["rng_per_rank"][self.processes.rank] if self.processes.several else state["rng"]
+            self.generator.set_state(rng["train_sampler"].cpu())
+            torch.set_rng_state(rng["torch"].cpu())
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise MetarunError(
                 f"{path} does not match this run ({type(e).__name__}); delete it to start over or choose a new hydra.run.dir"
@@ -264,6 +335,10 @@ def meta_backward(learner: MetaLearner, tasks: TaskBatch, *, diagnostics: bool =
         for name, value in chunk_metrics.items():
             metrics[name] = metrics.get(name, 0.0) + share * value
     return metrics
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    write_atomically(path, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
 
 
 def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
