@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+# Configs that a Hydra plugin registers once it is installed: which plugin, and the metarun extra
+# that installs it (pyproject.toml).
+PLUGIN_CONFIGS = {
+    "hydra/launcher/submitit_": ("Hydra's submitit launcher", "slurm"),
+    "hydra/sweeper/optuna": ("Hydra's Optuna sweeper", "optuna"),
+}
 
 
 @contextmanager
@@ -34,6 +42,8 @@ def one_line_composition_errors(prog: str = "metarun") -> Iterator[None]:
 
 def describe(error: BaseException) -> str:
     """The problem and the fix in one line."""
+    if isinstance(error, MissingConfigException) and (plugin := _missing_plugin(error)):
+        return plugin
     if isinstance(error, MissingConfigException) and error.options:
         return f"{_first_line(error)}; choose one of: {', '.join(error.options)}"
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
@@ -42,6 +52,20 @@ def describe(error: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause)}; fix the value (metarun --cfg job shows the expected ones)"
     return _first_line(error)
+
+
+def _missing_plugin(error: MissingConfigException) -> str | None:
+    """`hydra/launcher=slurm needs Hydra's submitit launcher: pip install 'metarun[slurm]'`, when a
+    config of conf/hydra/ builds on a plugin's config that is not there, or the command names it."""
+    missing = error.missing_cfg_file or ""
+    for prefix, (plugin, extra) in PLUGIN_CONFIGS.items():
+        if missing.startswith(prefix):
+            group = missing.rsplit("/", 1)[0]
+            # Hydra names the config whose defaults list asked for the missing one: "In 'hydra/launcher/slurm': ..."
+            parent = re.match(r"In '([^']+)':", str(error))
+            chosen = parent.group(1) if parent and parent.group(1).startswith(group + "/") else missing
+            return "{}={} needs {}: pip install 'metarun[{}]'".format(*chosen.rsplit("/", 1), plugin, extra)
+    return None
 
 
 def _unknown_key(error: ConfigKeyError | ConfigAttributeError) -> str:

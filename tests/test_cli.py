@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from metarun.errors import MetarunError
 from tests.conftest import COLOUR_DATASETS
 
 
@@ -105,3 +106,24 @@ def test_every_colour_dataset_trains_from_the_cli_well_above_chance(colour_datas
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config"]["dataset"]["channels"] == 3
     assert results["test_accuracy"] >= 0.6, results["test_accuracy"]
+
+
+@pytest.mark.parametrize("error", [MetarunError("loss is NaN at step 3; lower optimizer.lr"), RuntimeError("CUDA error\nmore")],
+                         ids=["one-line-error", "crash"])
+def test_a_run_that_fails_once_training_started_leaves_failed_json(tmp_path, omniglot_root, omniglot_cache, monkeypatch,
+                                                                  error):
+    def fail(trainer):
+        (trainer.run_dir / "metrics.jsonl").write_text("")  # training started: the directory holds the run
+        raise error
+
+    monkeypatch.setattr("metarun.trainer.Trainer.run", fail)
+    args = (f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}",
+            "dataset.download=false", "device=cpu", "episode.n_way=7")
+    if isinstance(error, MetarunError):
+        assert metarun_in_process(monkeypatch, *args) == 2
+    else:
+        with pytest.raises(RuntimeError):
+            metarun_in_process(monkeypatch, *args)
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    line = str(error) if isinstance(error, MetarunError) else "RuntimeError: CUDA error"
+    assert failed == {"error": line, "overrides": list(args[1:])}  # hydra.* overrides are not the run's own
