@@ -1,37 +1,80 @@
-"""`metarun key=value ...`: Hydra composes conf/, the Trainer trains and meta-tests; nothing else."""
+"""`metarun key=value ...`: Hydra composes conf/, the Trainer trains and meta-tests; nothing else.
+
+Under torchrun (`torchrun --nproc_per_node=G -m metarun ...`) every process runs this; they join
+one process group first and take rank 0's run directory.
+"""
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metarun import config  # noqa: F401  (registers the schema that conf/config.yaml names)
+from metarun.distributed import Processes
 from metarun.errors import MetarunError, warnings_as_lines
 from metarun.hydra_errors import one_line_composition_errors
+from metarun.preemption import Stopped
+from metarun.sweep import clear_failure, error_line, objective, record_failure
 from metarun.trainer import Trainer
 
 
 @hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
-def run(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig) -> float | None:
+    """Train and meta-test one run; returns the validation score a sweeper optimizes (sweep.objective),
+    or None for a sweep job that failed."""
+    hydra_cfg = HydraConfig.get()
+    processes = Processes.from_environment(cfg.device.type.value)
+    run_dir = agreed_run_dir(Path(hydra_cfg.runtime.output_dir), processes)
+    sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
     existed = run_dir.exists() and any(run_dir.iterdir())
+    trainer = None
+    resume = f"`metarun ... hydra.run.dir={run_dir}` with the same overrides resumes from its last checkpoint"
     try:
-        results = Trainer(cfg, run_dir).run()
-    except MetarunError as e:
+        trainer = Trainer(cfg, run_dir, processes)  # checks the command, the data and any checkpoint; writes nothing
+        results = trainer.run()
+    except KeyboardInterrupt:
+        print(f"metarun: interrupted; {resume}", file=sys.stderr)
+        sys.exit(130)
+    except Stopped as stopped:  # SIGTERM, or a launcher's signal that did not requeue us
+        print(f"metarun: {stopped}; {resume}", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+    except Exception as e:
+        # failed.json lets the sweep's summary (sweep.FailedJobs) and a report show the failure. A single
+        # run writes it only once training started: a bad command leaves an existing directory as it was.
+        line = error_line(e)
+        if (sweep_job or trainer is not None) and processes.main:
+            record_failure(run_dir, line, list(hydra_cfg.overrides.task))
+        if sweep_job:  # one bad sweep point must not stop the others
+            if not isinstance(e, MetarunError):
+                traceback.print_exc()
+            print(f"metarun: error: {line}", file=sys.stderr)
+            # Not NaN: the Optuna sweeper crashes when it tells Optuna 2 a NaN. A value that is not a
+            # number it records as a failed trial, and goes on.
+            return None
+        if not isinstance(e, MetarunError):
+            raise
         if not existed and run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it for us; a run that never started leaves nothing behind
         print(f"metarun: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"metarun: interrupted; `metarun ... hydra.run.dir={run_dir}` with the same overrides resumes "
-              "from its last checkpoint", file=sys.stderr)
-        sys.exit(130)
-    # What a Hydra sweeper (e.g. Optuna) optimizes, higher is better: accuracy, or minus a regression's MSE.
-    return results["test_accuracy"] if "test_accuracy" in results else -results["test_mse"]
+    if processes.main:
+        clear_failure(run_dir)
+    return objective(results)
+
+
+def agreed_run_dir(mine: Path, processes: Processes) -> Path:
+    """Rank 0's run directory on every rank: its name holds the time, which ranks may see differently.
+    The directory Hydra made for another rank's time is removed again while it is empty."""
+    agreed = Path(processes.agree(str(mine)))
+    if agreed != mine and mine.is_dir() and not any(mine.iterdir()):
+        mine.rmdir()
+    return agreed
 
 
 def main() -> None:
