@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from metarun import report
 from metarun.errors import MetarunError
 from metarun.sweep import objective
 
@@ -55,6 +57,13 @@ def test_local_launcher_runs_each_sweep_point_as_a_submitit_job_in_one_sweep_dir
     assert [results(sweep / job)["config"]["seed"] for job in ("0", "1")] == [0, 1]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2  # submitit's records stay in the sweep
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]
+    # ... and metarun-report tabulates it: one configuration, two seeds, their mean test accuracy
+    assert report.main([str(sweep)]) == 0
+    with (sweep / "report.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    tests = [results(sweep / job)["test_accuracy"] for job in ("0", "1")]
+    assert (row["n_seeds"], row["finished"]) == ("2", "2")
+    assert float(row["test_mean"]) == pytest.approx(sum(tests) / 2)
 
 
 def child_of(pid: int) -> int:
