@@ -29,10 +29,11 @@ test-all: install  # also the slow end-to-end reproduction runs
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
 
 # Installs the peers it compares with first (higher, learn2learn, easyfsl); a peer that does not
-# install is left out of the tables, named.
+# install is left out of the tables, named. Then one process against two (torchrun, gloo).
 bench: install
 	PYTHON=$(BIN)/python bash scripts/install_peers.sh || echo "make bench: a peer did not install; its rows are left out"
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_processes.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

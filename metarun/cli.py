@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         trainer = Trainer(cfg, run_dir, processes)  # checks the command, the data and any checkpoint; writes nothing
         results = trainer.run()
+        processes.close()
     except KeyboardInterrupt:
         print(f"metarun: interrupted; {resume}", file=sys.stderr)
         sys.exit(130)

@@ -127,3 +127,8 @@ class Processes:
     def barrier(self) -> None:
         if self.several:
             dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (torch warns about, and may abort on, a process that exits in it)."""
+        if self.several and dist.is_initialized():
+            dist.destroy_process_group()

@@ -45,7 +45,7 @@ def tasks_per_s(command: list[str], overrides: tuple[str, ...], steps: int) -> f
              "train.val_episodes=5", "eval.episodes=5", f"hydra.run.dir={run_dir}"],
             cwd=REPO, capture_output=True, text=True)
         if done.returncode:
-            sys.exit(f"bench_processes: {' '.join(command[-3:])} failed:\n{done.stderr[-2000:]}")
+            sys.exit(f"bench_processes: {' '.join(command[-3:])} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         rates = [line["tasks_per_s"] for line in lines if line["split"] == "train"][1:]
         return statistics.median(rates)
