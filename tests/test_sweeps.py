@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_module
 from metarun import report
 from metarun.errors import MetarunError
 from metarun.sweep import objective
+from tests.test_cli import metarun_in_process
 
 # Test-sized runs: a few seconds of training each.
 TINY = ("device=cpu", "train.steps=4", "train.val_every=2", "train.val_episodes=5", "train.log_every=2",
@@ -32,17 +33,6 @@ def data(omniglot_root, omniglot_cache) -> tuple[str, ...]:
 
 def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def metarun_in_process(monkeypatch, *args: str) -> int:
-    from metarun.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["metarun", *args])
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def results(job_dir: Path) -> dict:
