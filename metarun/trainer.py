@@ -2,7 +2,9 @@
 
 `Trainer(cfg, run_dir)` builds everything and checks the config without writing a byte, so a bad
 command leaves an existing run directory as it was; `run()` then trains (continuing from
-`checkpoints/last.pt` when the directory holds one) and meta-tests the best checkpoint.
+`checkpoints/last.pt` when the directory holds one) and meta-tests the best checkpoint. A resumed
+run whose eval.* settings change the validation episodes first re-validates `best.pt` on the new
+ones, so that every later checkpoint is compared with a score from the same episodes.
 
 Over several processes (`metarun.distributed`) each rank trains on its share of the meta-batch and
 rank 0 alone writes the run's files. On SIGTERM or a launcher's pre-timeout signal the loop stops
@@ -43,6 +45,11 @@ PARTS = ("train", "val", "test")
 # Keys a resumed run may change: how long it trains, how it is evaluated, where it runs; and the
 # dataset's machine-local keys (where it reads from), which the dataset declares.
 RESUMABLE_CHANGES = ("train.steps", "eval.", "device.")
+# The eval.* keys that change the validation episodes (which tasks, their shape, the support copies)
+# and so the scores best_val compares; a resumed run that changes one re-validates best.pt. The
+# others change only the test (eval.episodes) or the speed (eval.batch_size: each task is scored on
+# its own); eval.episode is read through the n_way, k_shot and n_query it sets.
+VALIDATION_KEYS = ("seed", "n_way", "k_shot", "n_query", "support_augment")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -93,6 +100,7 @@ class Trainer:
         self.wall_time_s = 0.0  # of the earlier runs in this directory, when resumed
         self.started = time.perf_counter()
         self.best_val = math.inf if self.score == "mse" else -math.inf  # best validation score so far
+        self.eval_changes: list[str] = []  # eval.* changes since last.pt that move the validation episodes
         if (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
 
@@ -124,6 +132,8 @@ class Trainer:
         self.progress = Progress(self.cfg.train.steps, self.step, self.cfg.train.log_every,
                                  enabled=self.processes.main)
         try:
+            if self.eval_changes:
+                self.revalidate_best()
             self.fit()
             results = self.test()
         finally:
@@ -192,6 +202,26 @@ class Trainer:
         self.record("val", {"loss": val["loss"], self.score: score})
         self.save_last()
         self.progress.write(f"step {self.step}: val {describe_score(self.score, val)}" + ("  (best)" if improved else ""))
+
+    def revalidate_best(self) -> None:
+        """Score best.pt on this run's validation episodes: best_val was measured on the episodes of
+        the eval.* settings this run changed, and later steps must be compared on the same ones."""
+        best = self.checkpoint_dir / "best.pt"
+        if not best.exists():  # no validation has scored yet: nothing to compare with
+            self.best_val = math.inf if self.score == "mse" else -math.inf
+            return
+        state = load_checkpoint(best, self.device)
+        resumed = {name: value.clone() for name, value in self.learner.state_dict().items()}
+        self.learner.load_state_dict(state["learner"])
+        val = self.evaluate("val", self.cfg.train.val_episodes)
+        self.learner.load_state_dict(resumed)
+        old, self.best_val = self.best_val, val[self.score]
+        if self.processes.main:
+            save_checkpoint({**state, "val": val}, best)  # its record now holds the score best_val compares
+        was = f"{100 * old:.1f}%" if self.score == "accuracy" else f"{old:.4f}"
+        self.progress.write(f"{', '.join(self.eval_changes)} since the last start: best.pt (step {state['step']}) "
+                            f"re-validated on the new validation episodes, val {describe_score(self.score, val)} "
+                            f"(best_val was {was} on the old ones)")
 
     def save_last(self) -> None:
         state = self.state()  # every rank takes part: it gathers their generators
@@ -278,6 +308,7 @@ class Trainer:
                 f"{self.run_dir} holds a run with a different config ({changed[0]}); "
                 "resume with the same overrides or choose a new hydra.run.dir"
             )
+        self.eval_changes = validation_changes(state.get("config", {}), config_container(self.cfg))
         saved = state.get("world_size", 1)
         if saved != self.processes.world_size:
             raise MetarunError(
@@ -407,6 +438,13 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], also_allowed: tuple
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key) and not key.startswith(allowed)
     ]
+
+
+def validation_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The VALIDATION_KEYS whose values differ between two configs, as "eval.KEY: OLD -> NEW"."""
+    old_eval, new_eval = old.get("eval", {}), new.get("eval", {})
+    return [f"eval.{key}: {old_eval.get(key)!r} -> {new_eval.get(key)!r}"
+            for key in VALIDATION_KEYS if old_eval.get(key) != new_eval.get(key)]
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:

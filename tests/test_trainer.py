@@ -117,6 +117,35 @@ def test_resume_refuses_a_run_directory_with_a_different_config(make_config, tmp
         Trainer(small_run(make_config, "train.steps=20", "optimizer.lr=0.002"), tmp_path)
 
 
+def test_resume_with_other_validation_episodes_revalidates_the_best_checkpoint(make_config, tmp_path, capsys):
+    # 2-way validation scores high: kept as best_val, it would outscore every later 5-way validation,
+    # so best.pt would be chosen, and reported, by a score from other episodes.
+    run(small_run(make_config, "train.steps=10", "eval.n_way=2"), tmp_path)
+    capsys.readouterr()
+    resumed = small_run(make_config, "train.steps=20", "eval.n_way=5")
+    results = run(resumed, tmp_path)
+    log = capsys.readouterr().out
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    rescorer = Trainer(resumed, tmp_path / "rescore")
+    rescorer.learner.load_state_dict(best["learner"])
+    rescored = rescorer.evaluate("val", resumed.train.val_episodes)["accuracy"]
+    assert results["best_val_accuracy"] == pytest.approx(rescored, abs=1e-12)
+    assert best["val"]["accuracy"] == pytest.approx(rescored, abs=1e-12)
+    assert "eval.n_way: 2 -> 5 since the last start: best.pt (step 10) re-validated" in log
+
+
+def test_only_eval_keys_that_move_the_validation_episodes_call_for_revalidation():
+    from metarun.trainer import validation_changes
+
+    old = {"eval": {"episodes": 600, "seed": 0, "batch_size": 50, "episode": None, "n_way": 5, "k_shot": 1,
+                    "n_query": 15, "support_augment": 0}}
+    # The test's episode count and the batch size leave every validation score as it was.
+    assert validation_changes(old, {"eval": {**old["eval"], "episodes": 1000, "batch_size": 10}}) == []
+    assert validation_changes(old, {"eval": {**old["eval"], "seed": 1, "n_query": 5, "episode": "5w5s"}}) == [
+        "eval.seed: 0 -> 1", "eval.n_query: 15 -> 5"]
+    assert validation_changes(old, {"eval": {**old["eval"], "support_augment": 2}}) == ["eval.support_augment: 0 -> 2"]
+
+
 def test_truncated_last_checkpoint_is_reported_and_left_untouched(make_config, tmp_path):
     run(small_run(make_config, "train.steps=10"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"
