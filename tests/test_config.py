@@ -1,9 +1,12 @@
+import inspect
 import subprocess
 import sys
+from importlib.resources import files
 
 import pytest
+from hydra.utils import get_object
 
-from metarun.config import validate
+from metarun.config import PASSED_BY_TRAINER, validate
 from metarun.errors import MetarunError
 from tests.conftest import compose_config
 
@@ -89,3 +92,18 @@ def test_trainer_arguments_reach_only_the_algorithms_that_take_them():
     assert accepted_arguments(maml, offered) == {"model": "m", "n_way": 5}
     takes_any = OmegaConf.create({"_target_": "argparse.Namespace"})
     assert accepted_arguments(takes_any, offered) == offered
+
+
+ALGORITHMS = sorted(p.name.removesuffix(".yaml") for p in (files("metarun.conf") / "algorithm").iterdir()
+                    if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_yaml_lists_every_hyperparameter_its_learner_takes(name):
+    # A default only in code is a hyperparameter no config, log or results.json shows (MANN's
+    # key_strength was one); the trainer passes model, n_way and n_train_classes itself.
+    node = compose_config(f"algorithm={name}").algorithm
+    signature = inspect.signature(get_object(node._target_))
+    hidden = [key for key, p in signature.parameters.items()
+              if p.default is not p.empty and key not in PASSED_BY_TRAINER["algorithm"] and key not in node]
+    assert hidden == [], f"conf/algorithm/{name}.yaml does not list {', '.join(hidden)}"
