@@ -95,3 +95,17 @@ def test_metaoptnet_protonet_experiments_scale_their_distances_as_the_code_does(
     for name in ("protonet_resnet12_miniimagenet_5w1s", "protonet_resnet12_miniimagenet_5w5s", "protonet_fc100_5w1s"):
         algorithm = compose_config(f"+experiment={name}").algorithm
         assert algorithm.normalize_distance and algorithm.learn_scale, name
+
+
+def test_maml_family_experiments_claiming_mamls_settings_take_its_inner_loss_and_network():
+    # MAML's code applies its inner_lr to N x the mean support loss (inner_loss=sum_over_k) and on
+    # Omniglot downsamples by stride-2 convs; on mini-ImageNet it max-pools.
+    for name, downsample in (("maml_omniglot_5w1s", "stride"), ("anil_omniglot_5w1s", "stride"),
+                             ("maml_miniimagenet_5w1s", "pool"), ("maml_miniimagenet_5w5s", "pool")):
+        cfg = compose_config(f"+experiment={name}")
+        assert (cfg.algorithm.inner_loss, cfg.model.downsample) == ("sum_over_k", downsample), name
+    paper = compose_config("+experiment=maml_omniglot_5w1s")
+    assert (paper.algorithm.inner_lr, paper.algorithm.adaptation_steps, paper.episode.meta_batch_size) == (0.4, 1, 32)
+    # The algorithm's own defaults keep the mean loss and max-pooling: earlier results stand.
+    default = compose_config("algorithm=maml")
+    assert (default.algorithm.inner_loss, default.model.downsample) == ("mean", "pool")

@@ -34,7 +34,7 @@ class ANIL(MAML):
     """ANIL over `Classifier(model, n_way)`: the head adapts in the inner loop, the body only in the
     outer loop.
 
-    inner_lr (alpha), adaptation_steps, eval_adaptation_steps, first_order: as MAML, for the head.
+    inner_lr (alpha), inner_loss, adaptation_steps, eval_adaptation_steps, first_order: as MAML, for the head.
     task_batching: how the head's inner loop is mapped over tasks ("vmap" or "loop"; "auto": vmap
         on CUDA, loop on CPU). The body runs once per batch, outside that map, on `[T, B, C, H, W]`.
     Batch norm: support and query go through the body in separate calls, each task with its own
@@ -59,6 +59,7 @@ class ANIL(MAML):
             inner_lr=self.inner_lr,
             first_order=first_order,
             loss_scale=loss_scale,
+            inner_loss=self.inner_loss,
         )
 
     def adapted_params(

@@ -11,6 +11,9 @@ Options (Reptile's inner loop, Nichol et al., 2018): `inner_optimizer="adam"` re
 gradient step by Adam (Kingma & Ba, 2015) with fresh moments for every call, and `batch_indices`
 makes each step use a mini-batch of the support set instead of all of it. The update rules are
 pure functions on dicts of tensors (no torch.optim), so they work under vmap and stay differentiable.
+
+L_support is the mean loss over the support set (`inner_loss="mean"`) or, as MAML's code has it,
+each item's loss divided by K and summed (`"sum_over_k"`, N times the mean: `support_loss`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ from metarun.vmap import is_vmapped
 # of the parameter's shape, e.g. Meta-SGD's learned per-coordinate rates).
 InnerLR = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
 INNER_OPTIMIZERS = ("sgd", "adam")
+INNER_LOSSES = ("mean", "sum_over_k")
+
+
+def support_loss(outputs: Tensor, targets: Tensor, inner_loss: str = "mean") -> Tensor:
+    """The loss the inner loop differentiates, for one task's `outputs [M, N]` and `targets`.
+
+    mean: `task_loss`, the mean over the M items.
+    sum_over_k: each item's loss divided by K and summed over the N*K items, as MAML's code
+        (cbfinn/maml, utils.xent: softmax cross-entropy / update_batch_size, summed by tf.gradients):
+        N times the mean, so an inner step N times as large at the same inner_lr. With one output
+        (regression) it is the mean, as that code's mse.
+    """
+    loss = task_loss(outputs, targets)
+    return loss * outputs.shape[-1] if inner_loss == "sum_over_k" else loss
 
 
 def inner_loop(
@@ -43,6 +60,7 @@ def inner_loop(
     adapted_names: Collection[str] | None = None,
     loss_scale: float = 1.0,
     inner_optimizer: str = "sgd",
+    inner_loss: str = "mean",
     adam_betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
     batch_indices: Tensor | None = None,
@@ -59,12 +77,15 @@ def inner_loop(
         underflow too (as PyTorch's AMP notes do for gradient penalties).
     inner_optimizer: "sgd" (the step above) or "adam": `adam_step` with `adam_betas`, `adam_eps`,
         step size `inner_lr`, and moments that start at zero for this task.
+    inner_loss: "mean" or "sum_over_k", the support loss (`support_loss`).
     batch_indices `[adaptation_steps, B]` (long): step s computes the support loss on the items
         `batch_indices[s]` only (Reptile's inner mini-batches); default: every item at every step.
     Returns all parameters, the adapted ones replaced.
     """
     if inner_optimizer not in INNER_OPTIMIZERS:
         raise ValueError(f"inner_optimizer={inner_optimizer!r} is not one of {', '.join(INNER_OPTIMIZERS)}")
+    if inner_loss not in INNER_LOSSES:
+        raise ValueError(f"inner_loss={inner_loss!r} is not one of {', '.join(INNER_LOSSES)}")
     if batch_indices is not None and batch_indices.shape[0] != adaptation_steps:
         raise ValueError(
             f"batch_indices has {batch_indices.shape[0]} rows for {adaptation_steps} adaptation steps; "
@@ -76,7 +97,7 @@ def inner_loop(
 
     def scaled_support_loss(fast: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(module, {**frozen, **fast}, (x,))  # [N*K or B, n_way]
-        return task_loss(logits, y) * loss_scale
+        return support_loss(logits, y, inner_loss) * loss_scale
 
     vmapped = is_vmapped(support_x)
     # Fresh moments for every task: the tasks of a batch adapt independently (under vmap at once).

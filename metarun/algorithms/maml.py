@@ -3,6 +3,9 @@
 theta'_i = theta - alpha * grad_theta L_support_i(f_theta)                      (inner loop, per task)
 theta   <- theta - beta * grad_theta sum_i L_query_i(f_theta'_i)               (meta-update, by the trainer)
 
+L_support is the mean cross-entropy over the support set by default; the paper's code differentiates
+N times that (`inner_loss="sum_over_k"`), so its alpha takes N times the step (metarun.algorithms.inner_loop).
+
 First-order MAML (`first_order=True`, config `fomaml`) drops the second derivatives by treating
 each inner gradient as a constant.
 """
@@ -17,16 +20,25 @@ from torch.func import functional_call
 
 from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
                                      task_score)
-from metarun.algorithms.inner_loop import InnerLR, inner_loop
+from metarun.algorithms.inner_loop import INNER_LOSSES, InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, check_task_chunk, chunk_tasks, map_tasks
 from metarun.data.tasks import TaskBatch
+from metarun.errors import MetarunError
 from metarun.models.layers import Classifier, detached
+
+
+def check_inner_loss(inner_loss: str) -> None:
+    if inner_loss not in INNER_LOSSES:
+        raise MetarunError(f"algorithm.inner_loss={inner_loss!r} is not one of {', '.join(INNER_LOSSES)}; set "
+                           "algorithm.inner_loss=mean (the support set's mean loss) or sum_over_k (MAML's code)")
 
 
 class MAML(MetaLearner):
     """MAML over `Classifier(model, n_way)`; all its parameters adapt in the inner loop.
 
     inner_lr (alpha), adaptation_steps: the inner loop in meta-training;
+    inner_loss: "mean" (the support set's mean loss) or "sum_over_k" (each item's loss / K, summed:
+        N times the mean, the loss of the paper's code), see `inner_loop.support_loss`;
     eval_adaptation_steps: inner steps for `evaluate` and `adapt` (the paper adapts longer at test);
     task_batching: "vmap" maps the per-task computation over the tasks with `torch.func.vmap`,
         "loop" runs the tasks one after another, "auto" picks vmap on CUDA and loop on CPU
@@ -36,7 +48,8 @@ class MAML(MetaLearner):
         under vmap; see `task_batching.py`): memory holds one chunk's second-order graphs.
     `forward`'s loss_scale (an fp16 GradScaler's) scales the inner support loss too.
     Batch norm uses each set's own statistics (support while adapting, query when predicting):
-    the transductive setting of the paper's code.
+    the transductive setting of the paper's code. Every parameter adapts, batch-norm scale and shift
+    included; the paper's code has no scale and meta-learns the shift without adapting it.
     """
 
     fixed_for_n_way = "head"
@@ -47,6 +60,7 @@ class MAML(MetaLearner):
         model: nn.Module,
         n_way: int,
         inner_lr: float = 0.4,
+        inner_loss: str = "mean",
         adaptation_steps: int = 1,
         eval_adaptation_steps: int = 3,
         first_order: bool = False,
@@ -54,11 +68,13 @@ class MAML(MetaLearner):
         task_chunk: int | str = "auto",
     ):
         check_positive("inner_lr", inner_lr, "set algorithm.inner_lr=0.4 (MAML's Omniglot value)")
+        check_inner_loss(inner_loss)
         check_at_least("adaptation_steps", adaptation_steps, 1)
         check_at_least("eval_adaptation_steps", eval_adaptation_steps, 0,
                        "set algorithm.eval_adaptation_steps=3 or another count of inner steps")
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
+        self.inner_loss = inner_loss
         self.adaptation_steps = adaptation_steps
         self.eval_adaptation_steps = eval_adaptation_steps
         self.first_order = first_order
@@ -82,6 +98,7 @@ class MAML(MetaLearner):
             inner_lr=self.inner_rates(params),
             first_order=first_order,
             loss_scale=loss_scale,
+            inner_loss=self.inner_loss,
         )
 
     def task_loss(

@@ -45,8 +45,8 @@ class MetaSGD(MAML):
         optimizer updates with the initialization.
     adaptation_steps, eval_adaptation_steps: inner steps in meta-training and at test (the paper
         adapts in one step, both times).
-    first_order, task_batching, task_chunk, batch norm (support and query each with their own statistics):
-        as MAML.
+    inner_loss, first_order, task_batching, task_chunk, batch norm (support and query each with their
+        own statistics): as MAML.
     """
 
     fixed_for_n_way = "head (with its learned rates)"
@@ -57,6 +57,7 @@ class MetaSGD(MAML):
         n_way: int,
         inner_lr_min: float = 0.005,
         inner_lr_max: float = 0.1,
+        inner_loss: str = "mean",
         adaptation_steps: int = 1,
         eval_adaptation_steps: int = 1,
         first_order: bool = False,
@@ -71,6 +72,7 @@ class MetaSGD(MAML):
         super().__init__(
             model,
             n_way,
+            inner_loss=inner_loss,
             adaptation_steps=adaptation_steps,
             eval_adaptation_steps=eval_adaptation_steps,
             first_order=first_order,

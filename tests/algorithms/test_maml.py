@@ -169,6 +169,42 @@ def test_inner_loop_adapts_only_the_named_parameters_with_per_parameter_rates():
             assert adapted[name] is params[name]
 
 
+def test_sum_over_k_inner_step_is_the_papers_code_step_and_n_times_the_mean_step():
+    # A linear head on 3 features, N = 4 classes of K = 2 support items, written out by hand.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(3, 4).to(F64)
+    params = {name: p.detach() for name, p in head.named_parameters()}
+    x = torch.randn(8, 3, dtype=F64)  # [N*K, D]
+    y = torch.arange(4).repeat(2)  # [N*K]
+    n_way, k_shot, alpha = 4, 2, 0.3
+    # MAML's code (cbfinn/maml utils.xent): sum_i CE_i / K, whose gradient in the logits z_i is
+    # (softmax(z_i) - onehot(y_i)) / K.
+    dz = (torch.softmax(x @ params["weight"].T + params["bias"], dim=1) - F.one_hot(y, n_way)) / k_shot  # [N*K, N]
+    by_hand = {"weight": params["weight"] - alpha * dz.T @ x, "bias": params["bias"] - alpha * dz.sum(0)}
+    step = partial(inner_loop, head, params, x, y, adaptation_steps=1, first_order=True)
+    summed = step(inner_lr=alpha, inner_loss="sum_over_k")
+    assert max_abs_diff(summed, by_hand) < 1e-14
+    # ... the mean loss's step at N times the rate (N = 4 here).
+    assert max_abs_diff(summed, step(inner_lr=alpha * n_way, inner_loss="mean")) < 1e-14
+    assert max_abs_diff(summed, step(inner_lr=alpha, inner_loss="mean")) > 1e-3
+
+
+@pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])  # ANIL and Meta-SGD share MAML's inner loop
+def test_inner_loss_sum_over_k_reaches_every_learner_as_n_times_the_rate(learner):
+    def make(inner_loss, rate):
+        torch.manual_seed(0)
+        rates = dict(inner_lr_min=rate, inner_lr_max=rate) if learner is MetaSGD else dict(inner_lr=rate)
+        model = learner(Conv4(hidden=4, layers=2, image_size=8), n_way=5, inner_loss=inner_loss,
+                        task_batching="loop", **rates).to(F64)
+        return perturb_batch_norm(model)
+
+    tasks = make_tasks(T=2, image_size=8, dtype=F64)
+    rate = 0.125  # exact in float32, where Meta-SGD's rates are drawn before the learner moves to float64
+    summed, mean = make("sum_over_k", rate)(tasks)[0], make("mean", rate * 5)(tasks)[0]
+    torch.testing.assert_close(summed, mean, rtol=1e-12, atol=0)
+    assert abs(summed.item() - make("mean", rate)(tasks)[0].item()) > 1e-4
+
+
 @pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])  # ANIL and Meta-SGD inherit MAML's checks
 @pytest.mark.parametrize(
     "kwargs, key",
@@ -177,6 +213,7 @@ def test_inner_loop_adapts_only_the_named_parameters_with_per_parameter_rates():
         (dict(adaptation_steps=0), "adaptation_steps=0"),
         (dict(eval_adaptation_steps=-1), "eval_adaptation_steps=-1"),
         (dict(task_batching="parallel"), "auto, vmap, loop"),
+        (dict(inner_loss="sum"), "inner_loss='sum' is not one of mean, sum_over_k"),
     ],
 )
 def test_impossible_hyperparameters_name_the_key(learner, kwargs, key):

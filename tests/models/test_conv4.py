@@ -90,3 +90,31 @@ def test_conv4_pool_layers_none_is_the_unchanged_default():
 def test_conv4_rejects_pool_layers_outside_zero_to_layers():
     with pytest.raises(MetarunError, match=r"model.pool_layers=5 must be an integer from 0 to model.layers=4"):
         Conv4(hidden=4, pool_layers=5)
+
+
+def test_conv4_stride_downsampling_is_mamls_omniglot_network():
+    # cbfinn/maml on Omniglot: stride-2 3x3 convs with padding, no max-pooling, the last map averaged.
+    torch.manual_seed(0)
+    model = Conv4(hidden=64, downsample="stride")
+    assert [block.conv.stride for block in model.blocks] == [(2, 2)] * 4
+    assert not any(block.pool for block in model.blocks)
+    maps = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: maps.append(tuple(out.shape[1:])))
+    x = torch.randn(5, 1, 28, 28)
+    embedding = model(x)
+    assert maps == [(64, 14, 14), (64, 7, 7), (64, 4, 4), (64, 2, 2)]  # 28 -> 14 -> 7 -> 4 -> 2
+    # The paper's last hidden layer of 64: the 64x2x2 map averaged over its positions.
+    assert model.out_shape == (64, 1, 1) and model.out_features == 64
+    assert embedding.shape == (5, 64)
+    last_map = x
+    for block in model.blocks:
+        last_map = block(last_map)
+    torch.testing.assert_close(embedding, last_map.mean(dim=(2, 3)))
+    # Parameters named as the pooling network's: one checkpoint layout for both.
+    assert list(model.state_dict()) == list(Conv4(hidden=64).state_dict())
+
+
+def test_conv4_rejects_an_unknown_downsample():
+    with pytest.raises(MetarunError, match=r"model.downsample='avg' is not one of pool, stride; set model.downsample=pool"):
+        Conv4(hidden=4, downsample="avg")
