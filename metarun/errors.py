@@ -1,4 +1,8 @@
-"""The one exception type that the CLI turns into a single line and a non-zero exit."""
+"""The one exception type that the CLI turns into a single line and a non-zero exit; warnings and
+bad command lines as one line too."""
+
+import argparse
+from typing import NoReturn
 
 
 class MetarunError(Exception):
@@ -11,3 +15,10 @@ def warnings_as_lines(prog: str) -> None:
     import warnings
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"{prog}: warning: {message}\n"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one line, `prog: error: problem; see prog --help`, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

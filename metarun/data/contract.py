@@ -14,7 +14,10 @@ here. A new dataset is one subclass of `ClassDataset` (and one YAML in `conf/dat
     layout()          what was found on disk, for `metarun-data`: "layout", the data folder
                       under its config key ("root" or "path"), and the "cache" folder
 
-`n_classes(part)`, `class_names(part)` and `input_shape` follow from these.
+`n_classes(part)`, `class_names(part)` and `input_shape` follow from these, and `decode(image)`, one
+image file's pixels as the parts hold them (for a user's own images, `metarun.load`): converted to
+`channels` and resized like the dataset's own files; a dataset that decodes otherwise (Omniglot
+inverts its strokes) overrides it.
 
 A dataset of tasks drawn on the fly rather than images of classes (metarun.data.sinusoid) declares
 `name`, `machine_local`, `input_shape`, `task = "regression"` and `layout()`, and provides
@@ -29,8 +32,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import Tensor
 
+from metarun.data.images import decode_image
 from metarun.errors import MetarunError
 
 PARTS = ("train", "val", "test")
@@ -120,6 +125,10 @@ class ClassDataset(ABC):
 
     def class_names(self, part: str) -> list[str]:
         return list(self.part(part).names)
+
+    def decode(self, image: Image.Image) -> Tensor:
+        """A PIL image as uint8 `[channels, image_size, image_size]`, as the parts hold images."""
+        return torch.from_numpy(decode_image(image, self.image_size, self.channels).copy())  # writable, contiguous
 
     def check_part(self, part: str) -> None:
         if part not in self.parts:

@@ -15,11 +15,16 @@ MODES = {1: "L", 3: "RGB"}
 
 
 def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One image as uint8 `[channels, image_size, image_size]`. PIL's BILINEAR widens its kernel
-    when downscaling (antialiasing), as torchvision's Resize does."""
+    """One image file as uint8 `[channels, image_size, image_size]` (decode_image)."""
     with Image.open(path) as img:
-        img = img.convert(MODES[channels]).resize((image_size, image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
+        return decode_image(img, image_size, channels)
+
+
+def decode_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A PIL image as uint8 `[channels, image_size, image_size]`: grey or RGB, resized. PIL's
+    BILINEAR widens its kernel when downscaling (antialiasing), as torchvision's Resize does."""
+    img = img.convert(MODES[channels]).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 

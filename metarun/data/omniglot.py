@@ -85,15 +85,19 @@ def decode_character(path: Path, image_size: int) -> np.ndarray:
     out = np.empty((IMAGES_PER_CHARACTER, image_size, image_size), dtype=np.uint8)  # [20, S, S]
     for i, file in enumerate(files):
         with Image.open(file) as img:
-            # Mode "1" cannot be filtered; as "L" it is 0 (ink) / 255 (paper). PIL's BILINEAR widens
-            # its kernel when downscaling, i.e. antialiases, so thin strokes turn grey rather than
-            # vanish; it is torchvision's Resize default and twice as fast as LANCZOS here.
-            small = img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        out[i] = np.asarray(small)
+            out[i] = decode_drawing(img, image_size)
+    return out
+
+
+def decode_drawing(img: Image.Image, image_size: int) -> np.ndarray:
+    """One drawing as uint8 `[S, S]`, strokes 255 on background 0."""
+    # Mode "1" cannot be filtered; as "L" it is 0 (ink) / 255 (paper). PIL's BILINEAR widens its
+    # kernel when downscaling, i.e. antialiases, so thin strokes turn grey rather than vanish; it is
+    # torchvision's Resize default and twice as fast as LANCZOS here.
+    small = np.asarray(img.convert("L").resize((image_size, image_size), Image.Resampling.BILINEAR))
     # Inverted so that strokes are bright (255) and the background is 0: zero padding and zero
     # activations then mean "no ink", as in the MAML and Prototypical Networks pipelines.
-    np.subtract(255, out, out=out)
-    return out
+    return np.subtract(255, small, dtype=np.uint8)
 
 
 def decode_omniglot(root: str | Path, image_size: int) -> dict:
@@ -173,6 +177,10 @@ class Omniglot(ClassDataset):
     def part(self, part: str) -> ClassImages:
         names, images = self._part(part)
         return ClassImages.uniform(images, names)
+
+    def decode(self, image: Image.Image) -> torch.Tensor:
+        """A drawing as the parts hold it: strokes bright on black, in `channels` channels."""
+        return to_channels(torch.from_numpy(decode_drawing(image, self.image_size))[None], self.channels)
 
     def layout(self) -> dict[str, str]:
         return {"layout": f"torchvision's omniglot-py folders, split={self.split}", "root": str(self.root),

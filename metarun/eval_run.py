@@ -1,0 +1,101 @@
+"""`metarun-eval RUN_DIR [key=value ...]`: meta-test a trained run again, under other test settings.
+
+Reads the run's config and `checkpoints/best.pt` (`checkpoint=last`: last.pt), applies the
+overrides evaluation may change (metarun.saved_run: eval.*, dataset=/dataset.*, device=/device.*,
+algorithm.eval_adaptation_steps, model.batch_norm), meta-tests with the trainer's own building and
+evaluation code, and writes `RUN_DIR/eval/<name>/results.json` and `test_episodes.json` in the
+trainer's formats. Nothing else in RUN_DIR changes. Without overrides the numbers are the run's
+own test, episode by episode.
+
+<name> is made from the overrides (`eval.n_way=20` -> `n_way=20`; `default` without any), or
+chosen with `name=...`. Another dataset's test classes (`dataset=folder dataset.path=DIR`) are
+the cross-domain protocol of Chen et al. (2019), "A Closer Look at Few-shot Classification".
+
+Bad input is one line, `metarun-eval: error: problem; fix`, with exit code 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
+from metarun.saved_run import CHANGEABLE, open_run
+from metarun.trainer import config_container, describe_score, write_json
+
+OPTIONS = ("checkpoint", "name")  # metarun-eval's own key=value arguments, not config keys
+
+
+def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Meta-test the run under `arguments` (overrides, checkpoint=, name=); returns the folder
+    written and its results.json."""
+    options = {key: value for key, _, value in (a.partition("=") for a in arguments) if key in OPTIONS}
+    overrides = [a for a in arguments if a.partition("=")[0] not in OPTIONS]
+    checkpoint = options.get("checkpoint", "best")
+    name = options.get("name") or default_name(overrides, checkpoint)
+    check_name(name)
+    evaluator, state = open_run(run_dir, overrides, checkpoint)
+    started = time.perf_counter()
+    cfg, score = evaluator.cfg, evaluator.score
+    test = evaluator.evaluate("test", cfg.eval.episodes)
+    results = {
+        f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"], "test_loss": test["loss"],
+        "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none"),
+        "checkpoint": checkpoint, "step": state.get("step"), "overrides": overrides,
+        "wall_time_s": time.perf_counter() - started, "config": config_container(cfg),
+    }
+    out = run_dir / "eval" / name
+    write_json(out / "results.json", results)
+    write_json(out / "test_episodes.json",
+               {"score": score, "identity": evaluator.test_identity(), "values": test["per_episode"]})
+    return out, results
+
+
+def default_name(overrides: list[str], checkpoint: str) -> str:
+    """`n_way=20,split=background`: each override by its last key and, for a path, the last part
+    of the value; `default` for none."""
+    parts = []
+    for override in overrides + ([f"checkpoint={checkpoint}"] if checkpoint != "best" else []):
+        key, _, value = override.partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value.rstrip('/').rsplit('/', 1)[-1]}")
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))[:120] or "default"
+
+
+def check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or name.startswith("."):
+        raise MetarunError(f"name={name} must be a folder name (no '/', not starting with '.'); give e.g. name=n_way20")
+
+
+def parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="metarun-eval",
+        description="Meta-test a trained run again; writes RUN_DIR/eval/<name>/results.json and test_episodes.json.",
+        epilog=f"Overrides evaluation may make: {CHANGEABLE}. Also checkpoint=best|last and name=<folder>.\n"
+               "Examples: metarun-eval RUN eval.n_way=20 | eval.episode=20w1s | dataset.split=background | "
+               "dataset=folder dataset.path=DIR | algorithm.eval_adaptation_steps=10 | checkpoint=last")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, Hydra's syntax")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    warnings_as_lines("metarun-eval")
+    args = parser().parse_args(argv)
+    try:
+        out, results = evaluate_run(args.run_dir, args.overrides)
+    except MetarunError as e:
+        print(f"metarun-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    score = "accuracy" if "test_accuracy" in results else "mse"
+    print(f"test {describe_score(score, {score: results[f'test_{score}'], 'ci95': results['ci95']})} "
+          f"({results['episodes']} episodes, batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
+          f"wrote {out}/results.json")
+
+
+if __name__ == "__main__":
+    main()

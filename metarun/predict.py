@@ -1,0 +1,249 @@
+"""A trained run adapted to your own few-shot task: `metarun.load` in Python, `metarun-predict` on the CLI.
+
+    model = metarun.load(RUN_DIR)                   # checkpoints/best.pt; checkpoint="last", device="cpu"
+    task = model.adapt(support_images, support_labels)  # labels: any hashable names
+    task.predict(query_images)                      # -> those names
+    task.predict_proba(query_images)                # -> [M, N] probabilities, columns in task.classes
+
+Images are file paths, PIL images or tensors. Files and PIL images are decoded as the run's dataset
+decodes its own (`ClassDataset.decode`: channels, size, Omniglot's inversion); a tensor is an image
+as the dataset holds it after decoding, uint8 `[C, S, S]` or float in [0, 1] (a batch: `[M, C, S, S]`).
+Then, as the episode sampler does, pixels are scaled to [0, 1] and normalized with the dataset's mean
+and std. The learner is the trainer's (metarun.saved_run), in evaluation mode, and adapts with its
+evaluation settings (the gradient-based ones take `eval_adaptation_steps` inner steps). Predictions
+follow the run's batch-norm mode: with `task` the queries of one call are normalized together, as
+in the run's own test.
+
+`metarun-predict RUN_DIR --support DIR --query DIR_OR_FILE ... [--out predictions.csv]`: DIR holds one
+sub-folder of images per class; writes a CSV of file, predicted class and each class's probability,
+and prints a short table. Bad input is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2.functional import normalize
+
+from metarun.data.folder import class_folders, visible
+from metarun.device import autocast
+from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
+from metarun.saved_run import open_run
+
+ImageLike = Union[str, Path, Image.Image, Tensor]
+
+
+def load(run_dir: str | Path, checkpoint: str = "best", device: Optional[str | torch.device] = None) -> TrainedModel:
+    """The learner a run trained, from `checkpoints/<checkpoint>.pt`, on `device` ("cpu", "cuda";
+    None: the GPU when PyTorch sees one, else the CPU). Needs the run's dataset (its decoding and
+    normalization), not its episodes."""
+    device = "auto" if device in (None, "auto") else torch.device(device).type
+    evaluator, _ = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=())
+    if evaluator.score != "accuracy":
+        raise MetarunError(f"{run_dir} learned {evaluator.dataset.name} regression; metarun.load adapts image "
+                           "classifiers: give a run trained on images")
+    return TrainedModel(evaluator)
+
+
+class TrainedModel:
+    """A trained learner that adapts to a support set of any labels (`adapt`)."""
+
+    def __init__(self, evaluator):
+        self.learner = evaluator.learner.eval()
+        self.dataset = evaluator.dataset
+        self.device, self.amp = evaluator.device, evaluator.amp
+        mean, std = self.dataset.mean, self.dataset.std
+        identity = all(m == 0 for m in mean) and all(s == 1 for s in std)
+        self.mean_std = None if identity else (list(mean), list(std))
+
+    def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable]) -> AdaptedModel:
+        """Adapt to the support set: image i has label support_labels[i]. The classes keep the
+        order in which the labels first appear."""
+        support_x = self.images(support_images)  # [N*K, C, S, S]
+        labels = list(support_labels)
+        if len(labels) != len(support_x):
+            raise MetarunError(f"{len(support_x)} support images but {len(labels)} labels; give one label per image")
+        try:
+            classes = tuple(dict.fromkeys(labels))
+        except TypeError:
+            raise MetarunError("support labels must be hashable (names, numbers, tuples); give e.g. str labels") from None
+        learner = self.learner
+        if learner.fixed_for_n_way is not None and len(classes) != learner.n_way:
+            raise MetarunError(f"this run's {type(learner).__name__} classifies {learner.n_way} classes (its "
+                               f"{learner.fixed_for_n_way}) but the support set has {len(classes)}; "
+                               f"give exactly {learner.n_way} classes")
+        index = {label: i for i, label in enumerate(classes)}
+        support_y = torch.tensor([index[label] for label in labels], device=self.device)  # [N*K]
+        # Gradient-based learners take the inner-loop gradients they need themselves.
+        with autocast(self.device, self.amp):
+            predict = learner.adapt(support_x, support_y)
+        return AdaptedModel(self, predict, classes)
+
+    def images(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
+        """`images` as the model's input: float `[M, C, S, S]` on its device, normalized."""
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        pixels = self.tensor_pixels(images) if isinstance(images, Tensor) else [self.pixels(image) for image in images]
+        if len(pixels) == 0:
+            raise MetarunError("no images given; give file paths, PIL images or tensors")
+        x = (pixels if isinstance(pixels, Tensor) else torch.stack(pixels)).to(self.device)  # [M, C, S, S]
+        return x if self.mean_std is None else normalize(x, *self.mean_std)
+
+    def pixels(self, image: ImageLike) -> Tensor:
+        """One image as float `[C, S, S]` in [0, 1], as the episode sampler makes them."""
+        if isinstance(image, Tensor):
+            if image.dim() != 3:
+                raise MetarunError(f"an image tensor in a list must be one image [C, H, W], not shape "
+                                   f"{tuple(image.shape)}; give a batch [M, C, H, W] on its own, not in a list")
+            return self.tensor_pixels(image)[0].cpu()  # stacked with decoded files, then moved
+        if isinstance(image, Image.Image):
+            return self.dataset.decode(image).float().div_(255)
+        if not isinstance(image, (str, Path)):
+            raise MetarunError(f"a {type(image).__name__} is not an image here; give file paths, PIL images or tensors")
+        try:
+            with Image.open(image) as opened:
+                return self.dataset.decode(opened).float().div_(255)
+        except (OSError, ValueError) as e:  # missing, unreadable, not an image
+            reason = " ".join(str(e).split())[:120] or type(e).__name__
+            raise MetarunError(f"cannot read image {image} ({reason}); give image files PIL opens (PNG, JPEG, ...)") from None
+
+    def tensor_pixels(self, images: Tensor) -> Tensor:
+        """`[C, S, S]` or `[M, C, S, S]` decoded images as float `[M, C, S, S]` in [0, 1]."""
+        want = tuple(self.dataset.input_shape)  # (C, S, S)
+        batch = images[None] if images.dim() == len(want) else images
+        if batch.dim() != len(want) + 1 or tuple(batch.shape[1:]) != want:
+            shape = tuple(images.shape)
+            if batch.dim() == len(want) + 1 and batch.shape[1] != want[0]:
+                problem = f"have {batch.shape[1]} channels but this run's model takes {want[0]}"
+            else:
+                problem = f"have shape {shape} but this run's model takes {want} ([C, H, W]) or a batch of them"
+            raise MetarunError(f"image tensors {problem}; give tensors of shape {want} (or files and PIL images, "
+                               "which are decoded and resized as the run's dataset decodes its own)")
+        if not batch.is_floating_point():
+            return batch.float().div_(255)
+        if batch.min() < 0 or batch.max() > 1:
+            raise MetarunError("float image tensors must hold pixels in [0, 1], before normalization; "
+                               "give uint8 images or pixels / 255")
+        return batch.float()
+
+
+class AdaptedModel:
+    """A learner adapted to one support set: `classes` (the labels, in their order) and predictions."""
+
+    def __init__(self, model: TrainedModel, predict: Callable[[Tensor], Tensor], classes: tuple[Hashable, ...]):
+        self.model, self._predict, self.classes = model, predict, classes
+
+    def predict_proba(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
+        """Probabilities `[M, N]` on the CPU, column j for classes[j]: the softmax of the learner's
+        query scores (logits; Relation Networks' relation scores)."""
+        query_x = self.model.images(images)  # [M, C, S, S]
+        # Evaluation calls every learner under no_grad: those that need gradients (Baseline's
+        # fine-tuning) take them themselves.
+        with torch.no_grad(), autocast(self.model.device, self.model.amp):
+            scores = self._predict(query_x)  # [M, n_way]
+        return scores.float().softmax(dim=-1).cpu()
+
+    def predict(self, images: Iterable[ImageLike] | Tensor) -> list[Hashable]:
+        """The most probable class of each image, as given in the support labels."""
+        return [self.classes[i] for i in self.predict_proba(images).argmax(dim=-1).tolist()]
+
+
+# -- metarun-predict -----------------------------------------------------------------------------
+def read_support(folder: Path) -> tuple[list[Path], list[str]]:
+    """Every image of `folder`'s class sub-folders, with the sub-folder's name as its label."""
+    if not folder.is_dir():
+        raise MetarunError(f"--support {folder} is not a directory; give a folder holding one sub-folder of images per class")
+    classes = class_folders(folder)
+    if not classes:
+        raise MetarunError(f"--support {folder} holds no class folders; put one sub-folder of images per class in it")
+    for name, files in classes:
+        if not files:
+            raise MetarunError(f"support class {name} ({folder / name}) holds no images; "
+                               "put at least one image in it or remove the folder")
+    return [f for _, files in classes for f in files], [name for name, files in classes for _ in files]
+
+
+def find_queries(paths: Sequence[Path]) -> list[Path]:
+    """The files given, and every visible file below the folders given, sorted per folder."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            files = below(path)
+            if not files:
+                raise MetarunError(f"--query {path} holds no files; give image files or folders of them")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise MetarunError(f"--query {path} does not exist; give image files or folders of them")
+    return found
+
+
+def below(folder: Path) -> list[Path]:
+    files = []
+    for entry in visible(folder):
+        files += below(entry) if entry.is_dir() else [entry] if entry.is_file() else []
+    return files
+
+
+def write_predictions(path: Path, files: list[Path], classes: Sequence[Any], proba: Tensor) -> None:
+    """CSV: file, predicted class, then one column per class with its probability."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "predicted", *classes])
+        for file, chosen, row in zip(files, proba.argmax(dim=-1).tolist(), proba.tolist()):
+            writer.writerow([file, classes[chosen], *(f"{p:.6f}" for p in row)])
+
+
+def show(files: list[Path], classes: Sequence[Any], proba: Tensor, limit: int = 20) -> str:
+    """The first `limit` predictions as a table: file, predicted class, its probability."""
+    chosen = proba.argmax(dim=-1)  # [M]
+    best = proba.gather(1, chosen[:, None])[:, 0]  # [M]
+    names = [str(f) for f in files[:limit]]
+    width = max(len("file"), *(len(n) for n in names))
+    lines = [f"{'file':<{width}}  {'predicted':<20}  p"]
+    lines += [f"{n:<{width}}  {str(classes[c]):<20}  {p:.3f}" for n, c, p in zip(names, chosen.tolist(), best.tolist())]
+    if len(files) > limit:
+        lines.append(f"... and {len(files) - limit} more")
+    return "\n".join(lines)
+
+
+def parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="metarun-predict",
+        description="Adapt a trained run to a support set of your own and classify query images.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)")
+    p.add_argument("--support", type=Path, required=True, metavar="DIR", help="one sub-folder of images per class")
+    p.add_argument("--query", type=Path, nargs="+", required=True, metavar="DIR_OR_FILE",
+                   help="image files, or folders whose files (also in sub-folders) are classified")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: %(default)s)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    warnings_as_lines("metarun-predict")
+    args = parser().parse_args(argv)
+    try:
+        support, labels = read_support(args.support)
+        queries = find_queries(args.query)
+        task = load(args.run_dir, args.checkpoint, None if args.device == "auto" else args.device).adapt(support, labels)
+        proba = task.predict_proba(queries)
+    except MetarunError as e:
+        print(f"metarun-predict: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    write_predictions(args.out, queries, task.classes, proba)
+    print(show(queries, task.classes, proba))
+    print(f"wrote {args.out}: {len(queries)} images, {len(task.classes)} classes")
+
+
+if __name__ == "__main__":
+    main()
