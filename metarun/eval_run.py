@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
-
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
 from metarun.saved_run import CHANGEABLE, open_run
-from metarun.trainer import config_container, describe_score, write_json
+from metarun.trainer import config_container, describe_score, test_results
 
 OPTIONS = ("checkpoint", "name")  # metarun-eval's own key=value arguments, not config keys
 
@@ -44,15 +42,11 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     cfg, score = evaluator.cfg, evaluator.score
     test = evaluator.evaluate("test", cfg.eval.episodes)
     results = {
-        f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"], "test_loss": test["loss"],
-        "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none"),
-        "checkpoint": checkpoint, "step": state.get("step"), "overrides": overrides,
+        **test_results(test, score, cfg), "checkpoint": checkpoint, "step": state.get("step"), "overrides": overrides,
         "wall_time_s": time.perf_counter() - started, "config": config_container(cfg),
     }
     out = run_dir / "eval" / name
-    write_json(out / "results.json", results)
-    write_json(out / "test_episodes.json",
-               {"score": score, "identity": evaluator.test_identity(), "values": test["per_episode"]})
+    evaluator.write_test(out, results, test)
     return out, results
 
 

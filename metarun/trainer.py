@@ -245,26 +245,26 @@ class Trainer:
         test = self.evaluate("test", self.cfg.eval.episodes)
         score = self.score
         results = {
-            f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"],
-            "test_loss": test["loss"], f"best_val_{score}": self.best_val, "steps": self.step,
-            # Which batch norm produced the number: transductive (task), inductive (running) or none (MLP).
-            "batch_norm": OmegaConf.select(self.cfg, "model.batch_norm", default="none"),
+            **test_results(test, score, self.cfg), f"best_val_{score}": self.best_val, "steps": self.step,
             "wall_time_s": self.elapsed(), "processes": self.processes.world_size,
-            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+            "config": config_container(self.cfg),
         }
         if not self.processes.main:
             return results
-        write_json(self.run_dir / "results.json", results)
-        # Each test episode's score: runs with the same identity met the same episodes, so a
-        # report can compare them episode by episode (metarun-report).
-        write_json(self.run_dir / "test_episodes.json",
-                   {"score": score, "identity": self.test_identity(), "values": test["per_episode"]})
+        self.write_test(self.run_dir, results, test)
         self.record("test", {"loss": test["loss"], score: test[score]})
         self.log.hparams(hparams(self.cfg), {f"hparam/test_{score}": test[score], f"hparam/best_val_{score}": self.best_val})
         print(f"test {describe_score(score, test)} ({test['episodes']} episodes, batch_norm={results['batch_norm']})")
         if hasattr(self.dataset, "figures"):  # e.g. sinusoid: adaptation.png beside results.json
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
+
+    def write_test(self, directory: Path, results: dict[str, Any], test: dict[str, Any]) -> None:
+        """results.json, and test_episodes.json: each test episode's score. Runs with the same
+        identity met the same episodes, so a report can compare them episode by episode."""
+        write_json(directory / "results.json", results)
+        write_json(directory / "test_episodes.json",
+                   {"score": self.score, "identity": self.test_identity(), "values": test["per_episode"]})
 
     def test_identity(self) -> dict[str, Any]:
         """What fixes the test episodes: the dataset and its split, the episodes' shape, count and seed."""
@@ -366,6 +366,13 @@ def meta_backward(learner: MetaLearner, tasks: TaskBatch, *, diagnostics: bool =
         for name, value in chunk_metrics.items():
             metrics[name] = metrics.get(name, 0.0) + share * value
     return metrics
+
+
+def test_results(test: dict[str, Any], score: str, cfg: DictConfig) -> dict[str, Any]:
+    """A test's entries in results.json: the score, its CI, the episodes, the loss, and the batch
+    norm that produced them (transductive "task", inductive "running", or "none" for an MLP)."""
+    return {f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"], "test_loss": test["loss"],
+            "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none")}
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
