@@ -1,5 +1,5 @@
 """`metarun.load(RUN_DIR).adapt(...).predict(...)` and `metarun-predict` on real Omniglot drawings of
-test characters, with short real runs (ProtoNet, first-order MAML)."""
+test characters, with short real runs (ProtoNet, second-order MAML)."""
 
 from __future__ import annotations
 
