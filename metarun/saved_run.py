@@ -10,7 +10,7 @@ learner's test-time settings (`algorithm.eval_adaptation_steps`, `model.batch_no
 runs (`device=...`, `device.*`). Everything else made the checkpoint and stays as the run had it.
 Overrides are Hydra's syntax, applied as Hydra applies them: a group option replaces the group's
 node (composed from conf/ by Hydra), a key is set in place, and a key the run does not have is an
-error. The learner is built by the trainer's own code (`Evaluator`), so an evaluation without
+error. The learner is built by the trainer's own code, so an evaluation without
 overrides is the run's own test, number for number.
 """
 
@@ -43,23 +43,8 @@ EPISODE_KEYS = ("n_way", "k_shot", "n_query")
 RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
-class Evaluator(Trainer):
-    """The trainer's own building and checks (dataset, learner, episodes) for a trained run, with
-    evaluation episodes of `parts` only: evaluation draws no training tasks, so a dataset too small
-    for the training episodes can still be tested on."""
-
-    def __init__(self, cfg: DictConfig, run_dir: Path, parts: Sequence[str] = ("test",)):
-        self.parts = tuple(parts)
-        # The trainer resumes from its directory's checkpoints/last.pt; an evaluation must not, so it
-        # is given a folder below the run that holds no checkpoint. It writes nothing there.
-        super().__init__(cfg, run_dir / "eval")
-
-    def episode_sampler(self, part: str):
-        return super().episode_sampler(part) if part in self.parts else None
-
-
 def open_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "best",
-             parts: Sequence[str] = ("test",)) -> tuple[Evaluator, dict[str, Any]]:
+             parts: Sequence[str] = ("test",)) -> tuple[Trainer, dict[str, Any]]:
     """The run's learner with the checkpoint's weights, under its config changed by `overrides`;
     and the checkpoint (its "step", ...). Every problem is one MetarunError line; those of the
     command, the config and the checkpoint file are found before the dataset is read."""
@@ -68,7 +53,8 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     check_images_fit_model(cfg)
     path = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path, fix=checkpoint_fix(run_dir, checkpoint, "train it again"))
-    evaluator = Evaluator(cfg, run_dir, parts)
+    # The trainer's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.
+    evaluator = Trainer(cfg, run_dir, parts=parts, resume=False)
     restore(evaluator.learner, state, path)
     return evaluator, state
 

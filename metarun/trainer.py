@@ -18,7 +18,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -64,7 +64,12 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, processes: Processes = Processes()):
+    """`parts`: the splits to draw episodes of (an evaluation of a trained run needs "test" only, so
+    a dataset too small for the training episodes can still be tested on); `resume=False`: ignore a
+    checkpoints/last.pt in `run_dir` (an evaluation reads a checkpoint of its choice instead)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, processes: Processes = Processes(),
+                 parts: Sequence[str] = PARTS, resume: bool = True):
         validate(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
@@ -82,7 +87,7 @@ class Trainer:
         self.score = "mse" if getattr(dataset, "task", "classification") == "regression" else "accuracy"
         check_algorithm_learns(cfg.algorithm, dataset)
         self.augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
-        self.samplers = {part: self.episode_sampler(part) for part in PARTS}
+        self.samplers = {part: self.episode_sampler(part) for part in parts}
         torch.manual_seed(cfg.seed)
         model = build(cfg.model)
         check_model_input(model, dataset)
@@ -101,7 +106,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.best_val = math.inf if self.score == "mse" else -math.inf  # best validation score so far
         self.eval_changes: list[str] = []  # eval.* changes since last.pt that move the validation episodes
-        if (self.checkpoint_dir / "last.pt").exists():
+        if resume and (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
 
     def episode_sampler(self, part: str) -> EpisodeSampler:
