@@ -32,6 +32,7 @@ from torch import Tensor
 from torchvision.transforms.v2.functional import normalize
 
 from metarun.data.folder import class_folders, visible
+from metarun.data.sampler import normalization
 from metarun.device import autocast
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
 from metarun.saved_run import open_run
@@ -58,9 +59,7 @@ class TrainedModel:
         self.learner = evaluator.learner.eval()
         self.dataset = evaluator.dataset
         self.device, self.amp = evaluator.device, evaluator.amp
-        mean, std = self.dataset.mean, self.dataset.std
-        identity = all(m == 0 for m in mean) and all(s == 1 for s in std)
-        self.mean_std = None if identity else (list(mean), list(std))
+        self.mean_std = normalization(self.dataset.mean, self.dataset.std)  # as the episode sampler normalizes
 
     def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable]) -> AdaptedModel:
         """Adapt to the support set: image i has label support_labels[i]. The classes keep the

@@ -66,8 +66,7 @@ class EpisodeSampler:
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (classes, counts) per generator device
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.part, self.dataset_name = part, dataset_name
-        identity = mean is None or (all(m == 0 for m in mean) and all(s == 1 for s in std))
-        self.mean_std = None if identity else (list(mean), list(std))
+        self.mean_std = normalization(mean, std)
         if support_copies and augment is None:
             raise ValueError("support_copies needs an augment")
         self.augment = augment if augment is not None and augment.active else None
@@ -170,6 +169,14 @@ class EpisodeSampler:
             tasks.support_x = normalize(tasks.support_x, mean, std, inplace=True)
             tasks.query_x = normalize(tasks.query_x, mean, std, inplace=True)
         return tasks
+
+
+def normalization(mean, std) -> tuple[list[float], list[float]] | None:
+    """(mean, std) as torchvision's `normalize` takes them; None where normalizing changes nothing
+    (no statistics, or Omniglot's mean 0 and std 1)."""
+    if mean is None or (all(m == 0 for m in mean) and all(s == 1 for s in std)):
+        return None
+    return list(mean), list(std)
 
 
 def usable_classes(images: ClassImages, n_way: int, k_shot: int, n_query: int, where: str, config_key: str) -> Tensor:
