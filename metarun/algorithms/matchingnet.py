@@ -82,7 +82,8 @@ class FullContextEmbedding(nn.Module):
     def embed_support(self, support_emb: Tensor) -> Tensor:
         """g(x_i, S) `[T, S, D] -> [T, S, D]`: the support set is read in the order it is given."""
         support_emb = support_emb.to(self.support_lstm.weight_ih_l0.dtype)  # autocast hands us bf16
-        both, _ = self.support_lstm(support_emb)  # [T, S, 2D]: forward and backward hidden states
+        with full_precision(support_emb):
+            both, _ = self.support_lstm(support_emb)  # [T, S, 2D]: forward and backward hidden states
         forward, backward = both.chunk(2, dim=-1)
         return forward + backward + support_emb
 
@@ -96,9 +97,17 @@ class FullContextEmbedding(nn.Module):
         for _ in range(self.fce_steps):
             attention = (h.view(n_tasks, n_query, dim) @ support_g.transpose(1, 2)).softmax(dim=-1)  # [T, M, S]
             readout = (attention @ support_g).reshape(n_tasks * n_query, dim)  # [T*M, D]
-            h_hat, c = self.query_lstm(torch.cat([f, readout], dim=-1), (h, c))
+            with full_precision(f):
+                h_hat, c = self.query_lstm(torch.cat([f, readout], dim=-1), (h, c))
             h = h_hat + f
         return h.view(n_tasks, n_query, dim)
+
+
+def full_precision(x: Tensor) -> torch.autocast:
+    """Autocast off for the LSTMs, so they run in their weights' float32 under device.amp=bf16|fp16:
+    oneDNN has no bf16 LSTM on CPUs without AVX-512 (it fails to build one), and the two LSTMs are a
+    small share of an episode's cost next to the backbone, which autocast still runs in bf16/fp16."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class MatchingNet(EpisodeClassifier):

@@ -1,4 +1,8 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.models.resnet12 import ResNet12
 from metarun.trainer import Trainer
+from tests.conftest import REPO
 
 F64 = torch.float64
 
@@ -203,6 +208,14 @@ def test_fce_under_bf16_autocast_is_finite_and_close_to_float32():  # without FC
     assert torch.isfinite(loss16)
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
     assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+
+
+def test_fce_under_bf16_autocast_runs_on_a_cpu_without_avx512():
+    """oneDNN builds no bf16 LSTM without AVX-512; ONEDNN_MAX_CPU_ISA makes any x86 CPU such a one."""
+    test = f"{Path(__file__).relative_to(REPO)}::test_fce_under_bf16_autocast_is_finite_and_close_to_float32"
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
+                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True)
+    assert child.returncode == 0, child.stdout[-2000:]
 
 
 @pytest.mark.parametrize(
