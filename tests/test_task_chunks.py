@@ -4,7 +4,6 @@ backpropagates chunk by chunk, and the update is the one the whole batch at once
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -81,17 +80,22 @@ def test_chunked_meta_gradient_equals_the_whole_batch_one(make_config, tmp_path,
             torch.testing.assert_close(chunked[2][name].double(), value.double(), rtol=1e-6, atol=1e-9)
 
 
-def test_a_short_run_ends_with_the_same_results_one_task_at_a_time(make_config, tmp_path):
-    results = {}
+def test_a_real_run_one_task_at_a_time_ends_with_the_whole_batch_weights(make_config, tmp_path):
+    """Through the whole trainer (sampling, chunks, optimizer, checkpoint), two steps: float32 sums in
+    another order agree to rounding. Not trained accuracies, which amplify that rounding differently
+    on each CPU; the exact equality is the float64 test above."""
+    weights = {}
     for task_chunk in (1, 4):
-        cfg = make_config("algorithm=maml", "model.hidden=16", "episode.meta_batch_size=4",
+        cfg = make_config("algorithm=maml", "model.hidden=16", "episode.meta_batch_size=4", "train.steps=2",
+                          "train.val_every=2", "train.val_episodes=5", "eval.episodes=5",
                           f"algorithm.task_chunk={task_chunk}", "algorithm.task_batching=loop")
         Trainer(cfg, tmp_path / str(task_chunk)).run()
-        results[task_chunk] = json.loads((tmp_path / str(task_chunk) / "results.json").read_text())
-    # float32 sums in another order: equal to rounding after 20 steps, not bit for bit
-    assert results[1]["test_accuracy"] == pytest.approx(results[4]["test_accuracy"], abs=2e-3)
-    assert results[1]["test_loss"] == pytest.approx(results[4]["test_loss"], rel=1e-3)
-    assert results[1]["test_accuracy"] > 0.4  # and it learned: chance is 0.2
+        weights[task_chunk] = torch.load(tmp_path / str(task_chunk) / "checkpoints" / "last.pt")["learner"]
+    start = Trainer(make_config("algorithm=maml", "model.hidden=16"), tmp_path / "start").learner.state_dict()
+    for name, value in weights[4].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+        if value.is_floating_point() and name.endswith("weight"):
+            assert not torch.equal(value, start[name])  # it did train
 
 
 @pytest.mark.parametrize("value", [0, -2, "some"])
