@@ -138,7 +138,7 @@ def test_draw_on_a_cpu_generator_then_apply_equals_call_with_the_same_seed():
     assert torch.equal(aug.apply(x, aug.draw(len(x), seeded(3))), aug(x, seeded(3)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cpu_drawn_parameters_apply_alike_on_cuda_and_a_cuda_generator_draws_on_cuda():
     x, aug = images(), augment(**EVERYTHING)
     params = aug.draw(len(x), seeded(0))

@@ -123,7 +123,7 @@ def test_fixed_episodes_equal_stacked_single_episodes_on_any_sampler():
     assert not torch.equal(s1.episode(seed=1, index=0).support_x, batch.support_x[:1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_sampling_on_the_gpu_stays_there_and_fixed_episodes_match_the_cpu():
     images = id_images(20, 20)
     gpu = EpisodeSampler(images.cuda(), 5, 1, 15, part="val")
