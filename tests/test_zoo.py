@@ -63,7 +63,9 @@ def test_every_algorithm_learns_one_batch_and_evaluates_per_task(make_config, tm
     torch.testing.assert_close(again, (loss, accuracy), rtol=0, atol=0)  # deterministic
     # Per task: an episode's result does not depend on the episodes evaluated beside it.
     torch.testing.assert_close(torch.cat([a[0] for a in alone]), loss, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.cat([a[1] for a in alone]), accuracy)
+    # float32 sums in another order may flip a near-tie on some CPUs: at most one query's prediction.
+    one_query = 1 / episodes.query_y.shape[1]
+    torch.testing.assert_close(torch.cat([a[1] for a in alone]), accuracy, rtol=0, atol=one_query + 1e-6)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
