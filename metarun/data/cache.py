@@ -5,13 +5,17 @@ and keeps it in one file per (dataset, part, image size, root) under `dataset.ca
 `$METARUN_CACHE`, else `~/.cache/metarun`). The file is written atomically and memory-mapped when
 read back, so mini-ImageNet's 0.8 GB training part loads in well under a second and pages in as
 episodes touch it. It records a fingerprint of its source (each file's path, size and mtime): a
-changed, added or removed source file rebuilds it; so does a truncated or foreign cache file.
+changed, added or removed source file rebuilds it; a truncated or unreadable cache file is rebuilt
+too, with a warning. Processes that miss one cache at once (a sweep's jobs) build it once: the
+first holds `.<cache file>.lock` (metarun.lock) while it builds, the others wait and then read it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from metarun.atomic import write_atomically
+from metarun.lock import Lock
 
 
 def default_cache_dir() -> Path:
@@ -54,14 +59,35 @@ def source_fingerprint(files: Iterable[Path], *settings: object) -> str:
 
 
 def load_or_build(path: Path, source: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The payload cached at `path` if it was built from `source`; else `build()`, cached, returned."""
-    if path.is_file():
-        try:
-            payload = torch.load(path, mmap=True, weights_only=True)
-            if isinstance(payload, dict) and payload.get("source") == source:
-                return payload
-        except Exception:
-            pass  # truncated or foreign: build it again and overwrite it
-    payload = {**build(), "source": source}
-    write_atomically(path, lambda f: torch.save(payload, f))
+    """The payload cached at `path` if it was built from `source`; else `build()`, cached, returned.
+    Another process building the same file meanwhile is waited for, and its file read."""
+    payload, _ = read_cache(path, source)
+    if payload is not None:
+        return payload
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Lock(path.with_name(f".{path.name}.lock")):
+        payload, damage = read_cache(path, source)  # built by the process we waited for?
+        if payload is not None:
+            return payload
+        if damage:
+            warnings.warn(f"the dataset cache {path} is damaged ({damage}); rebuilding it", stacklevel=3)
+        payload = {**build(), "source": source}
+        write_atomically(path, lambda f: torch.save(payload, f))
     return payload
+
+
+def read_cache(path: Path, source: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the payload at `path` if it was built from `source`, else None; what is wrong with the file
+    if it cannot be read as a cache, else None: a missing or outdated cache is not damaged)."""
+    if not path.is_file():
+        return None, None
+    try:
+        payload = torch.load(path, mmap=True, weights_only=True)
+    except Exception as e:
+        if not zipfile.is_zipfile(path):  # torch's own message then asks for a torch.save option
+            return None, f"{path.stat().st_size} bytes, not a whole torch file: cut short or overwritten"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return None, (lines[0] if lines else type(e).__name__)[:120]
+    if not isinstance(payload, dict) or "source" not in payload:
+        return None, "not a metarun dataset cache"
+    return (payload, None) if payload["source"] == source else (None, None)
