@@ -33,9 +33,11 @@ SPLITS = Path(__file__).resolve().parent.parent / "splits"
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-# MetaOptNet's CIFAR-FS / FC100 normalization; one grey channel gets the luma-weighted value.
-MEAN = (0.5071, 0.4866, 0.4409)
-STD = (0.2009, 0.1984, 0.2023)
+# The normalization of MetaOptNet's CIFAR-FS and FC100 loaders (Lee et al., 2019; repository
+# kjunelee/MetaOptNet, data/CIFAR_FS.py and data/FC100.py): per-channel mean and std in 0-255 pixel
+# values, divided by 255. One grey channel gets the luma-weighted value.
+MEAN = tuple(v / 255 for v in (129.37731888, 124.10583864, 112.47758569))  # (0.5074, 0.4867, 0.4411)
+STD = tuple(v / 255 for v in (68.20947949, 65.43124043, 70.45866994))  # (0.2675, 0.2566, 0.2763)
 
 
 def read_class_list(folder: str, part: str) -> list[str]:
