@@ -121,11 +121,14 @@ class Baseline(EpisodeClassifier):
     metrics["accuracy"] is the all-class classifier's accuracy on that batch.
 
     Evaluation (`evaluate`, `adapt`): each episode's support and query images are embedded by the frozen
-    backbone in one call per task, so batch norm uses the episode's statistics (support and queries, as
-    ProtoNet does; the paper's code used the running statistics of training instead, which Conv4 here does
-    not keep). A new head, linear or cosine with scale `finetune_scale`, is fitted to the support
-    embeddings (`finetune_heads`) and classifies the queries. Any eval n_way works: the training head is
-    not used at test time.
+    backbone in one call per task. With `model.batch_norm=running` (the experiment configs) batch norm
+    uses the running statistics of training, so each image is embedded on its own and a query's
+    prediction depends only on the support set and itself: the paper's protocol (its code extracts the
+    test features in `model.eval()`, save_features.py). With `model.batch_norm=task` it uses the
+    episode's statistics, support and queries together (transductive, as ProtoNet's default). A new
+    head, linear or cosine with scale `finetune_scale`, is fitted to the support embeddings
+    (`finetune_heads`) and classifies the queries. Any eval n_way works: the training head is not used
+    at test time.
 
     scale: s of the training cosine classifier (Baseline++ only; the authors' code uses 10 for more than
         200 classes, as Omniglot's 4112, and 2 otherwise);

@@ -240,3 +240,24 @@ def test_short_baseline_pp_run_learns_well_above_chance(make_config, tmp_path):
                       "eval.episodes=100", "eval.batch_size=50")
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.2 + 0.45
+
+
+@pytest.mark.parametrize("experiment", ["baseline_omniglot_5w1s", "baselinepp_omniglot_5w1s"])
+def test_the_experiments_test_inductively_as_the_papers_code(make_config, tmp_path, experiment):
+    """The paper's code extracts test features in model.eval(), with the running statistics of
+    training: a query's prediction depends on the support set and itself, not on the other queries."""
+    cfg = make_config(f"+experiment={experiment}", "model.hidden=8", "train.val_episodes=4", "eval.episodes=4",
+                      "eval.n_query=3", "algorithm.finetune_epochs=2")
+    assert cfg.model.batch_norm == "running"
+    trainer = Trainer(cfg, tmp_path)
+    tasks = trainer.samplers["train"].sample(1, torch.Generator().manual_seed(0))
+    trainer.train_step(tasks)
+    trainer.train_step(tasks)
+    running_mean = trainer.learner.model.blocks[0].norm.running_mean
+    assert not torch.equal(running_mean, torch.zeros_like(running_mean))  # training kept statistics
+    episode = trainer.samplers["test"].episodes(seed=0, start=0, count=1)
+    predict = trainer.learner.eval().adapt(episode.support_x[0], episode.support_y[0])
+    with torch.no_grad():
+        together = predict(episode.query_x[0])  # [M, N]
+        alone = torch.cat([predict(query[None]) for query in episode.query_x[0]])  # [M, N]
+    torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
