@@ -1,8 +1,8 @@
-"""`metarun-report DIR [DIR...]`: one table of every run under the folders, and a paired comparison.
+"""`metarun-report DIR [DIR...]`: one table of every run under the folders, and a comparison of two rows.
 
-A run directory is a folder holding `.hydra/config.yaml` or `failed.json`: a single run, a Hydra
-multirun's SWEEP/0, SWEEP/1, ..., a SLURM sweep's jobs (hidden folders such as `.submitit/` are
-skipped). From each, read and never written:
+A run directory is a folder holding `.hydra/`, `failed.json`, `results.json` or `metrics.jsonl`: a
+single run, a Hydra multirun's SWEEP/0, SWEEP/1, ..., a SLURM sweep's jobs (hidden folders such as
+`.submitit/` are skipped). From each, read and never written:
 
   .hydra/overrides.yaml  the key=value overrides of its command line: they name its configuration
   .hydra/config.yaml     the composed config (train.steps, a running run's target)
@@ -11,9 +11,24 @@ skipped). From each, read and never written:
   metrics.jsonl          {"step", "split": "val", "<score>": ...} lines; a cut-off line is skipped
   failed.json            {"error": one line, "overrides": [...]}                       (failed)
 
-Runs whose overrides differ only in `seed` share a row. report.md, report.csv and curves.png go
-into the first DIR; the table is printed. Exit code: 2 for a bad argument (nothing is written),
-1 when any run failed (the report is still written), else 0.
+Runs whose overrides differ only in `seed` share a row. A record that is cut off or not what the
+trainer writes (a truncated results.json, no `.hydra/`) is named in the run's status and in a
+warning line, never taken for a finished run's numbers: a run whose results.json does not hold a
+test score is "damaged". report.md, report.csv and curves.png go into the first DIR; the table is
+printed. Exit code: 2 for a bad argument (nothing is written), 1 when any run failed or is damaged
+(the report is still written), else 0.
+
+Two rows are compared by B − A (metarun.stats). A sweep table asks whether configuration B is
+better than A, and a run's score moves with its seed (initial weights, training tasks) by an offset
+that is the same on every test episode, so a test over episodes cannot see it: the seed is the
+unit. With 2 or more finished seeds in both rows, each run is its mean score over the test episodes
+both rows share (their difficulty, the same for every run, cancels in B − A); rows that ran the
+same seeds are paired by seed (a seed fixes the initial weights and the training tasks, so the
+pairing removes the luck two runs of one seed share, and is valid where they share none, at the
+cost of degrees of freedom: n − 1), other rows are compared by Welch's t-test. A t-test rather than
+a bootstrap: resampling 2 to 5 seeds undercovers (3 seeds have 10 distinct resamples). With one
+seed in a row there is no seed-to-seed variance to estimate: its episodes are paired instead, which
+compares trained models on these episodes, and the report says so.
 """
 
 from __future__ import annotations
@@ -26,17 +41,17 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import yaml
 
 from metarun.errors import MetarunError
-from metarun.stats import mean_and_std, paired_difference
+from metarun.stats import Difference, mean_and_std, paired_difference, welch_difference
 
-STATUSES = ("finished", "running", "failed")
-SPREAD_NOTE = ("± is the std over seeds (ddof=1) where a row averages several finished seeds, else the run's "
-               "95% CI over test episodes; accuracy in %.")
+STATUSES = ("finished", "running", "failed", "damaged")
+SPREAD_NOTE = ("± is the std over a row's finished seeds (ddof=1); for a row of one finished run, its 95% CI over "
+               "the test episodes, which leaves out seed-to-seed variance; accuracy in %.")
 
 
 @dataclass
@@ -54,15 +69,23 @@ class Run:
     wall_time_s: Optional[float] = None
     error: Optional[str] = None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val score)
-    episodes: Optional[dict[str, Any]] = None  # test_episodes.json
+    episodes: Optional[dict[str, Any]] = None  # test_episodes.json, when it holds a list of scores
+    seed: Optional[str] = None  # its `seed` override, else its composed config's
+    recorded: bool = True  # its overrides are known (.hydra/overrides.yaml, or failed.json's)
+    problems: list[str] = field(default_factory=list)  # one line each: a record cut off, absent or malformed
 
 
 @dataclass
 class Row:
-    """One configuration: the runs whose overrides are equal once `seed` is left out."""
+    """One configuration: the runs whose overrides are equal once `seed` is left out (a run whose
+    overrides are unknown is a row of its own)."""
     number: int
     overrides: dict[str, str]
     runs: list[Run]
+
+    @property
+    def recorded(self) -> bool:
+        return all(run.recorded for run in self.runs)
 
 
 # -- reading runs ---------------------------------------------------------------------------------
@@ -74,15 +97,18 @@ def find_runs(dirs: list[Path]) -> list[Run]:
             raise MetarunError(f"{top} is not a directory; give a run or sweep folder, e.g. multirun/2024-05-01/12-00-00")
         found = list(run_dirs(top))
         if not found:
-            raise MetarunError(f"{top} holds no runs (no .hydra/config.yaml or failed.json below it); "
-                               "give the folder of a run or a sweep")
+            raise MetarunError(f"{top} holds no runs (no .hydra/, failed.json, results.json or metrics.jsonl "
+                               "below it); give the folder of a run or a sweep")
         runs += [read_run(path) for path in found if path.resolve() not in seen]
         seen.update(path.resolve() for path in found)
     return runs
 
 
+RUN_MARKERS = (".hydra", "failed.json", "results.json", "metrics.jsonl")  # what a run writes first or last
+
+
 def run_dirs(top: Path) -> Iterator[Path]:
-    if (top / ".hydra" / "config.yaml").is_file() or (top / "failed.json").is_file():
+    if any((top / name).exists() for name in RUN_MARKERS):
         yield top
         return
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
@@ -91,31 +117,93 @@ def run_dirs(top: Path) -> Iterator[Path]:
 
 
 def read_run(path: Path) -> Run:
-    failed, results = read_json(path / "failed.json"), read_json(path / "results.json")
-    listed = read_yaml(path / ".hydra" / "overrides.yaml")
-    if listed is None and failed is not None:
-        listed = failed.get("overrides")
-    status = "failed" if failed is not None else "finished" if results is not None else "running"
-    run = Run(path, parse_overrides(listed or []), status, episodes=read_json(path / "test_episodes.json"))
+    """What `path` says about itself; a damaged or missing record is a problem line, never an exception."""
+    problems: list[str] = []
+    failed = read_record(path / "failed.json", json.loads, dict, problems)
+    results = read_record(path / "results.json", json.loads, dict, problems)
+    episodes = read_record(path / "test_episodes.json", json.loads, dict, problems)
+    listed = read_record(path / ".hydra" / "overrides.yaml", yaml.safe_load, list, problems)
+    config = read_record(path / ".hydra" / "config.yaml", yaml.safe_load, dict, problems) or {}
+    if listed is None and isinstance(failed, dict) and isinstance(failed.get("overrides"), list):
+        listed = failed["overrides"]
+    recorded = listed is not None
+    if not recorded and not (path / ".hydra").exists():
+        problems.append("no .hydra/ record, so its overrides are unknown: it is a row of its own")
+    elif not recorded and not any(p.startswith(".hydra/overrides.yaml") for p in problems):
+        problems.append("no .hydra/overrides.yaml, so its overrides are unknown: it is a row of its own")
     results = results or {}
     metrics = read_metrics(path / "metrics.jsonl")
-    run.score = (next((k[5:] for k in results if k.startswith("test_") and k != "test_loss"), None)
-                 or (run.episodes or {}).get("score")
-                 or next((k for m in metrics if m.get("split") == "val" for k in m if k not in ("step", "split", "loss")), None))
-    run.curve = [(m["step"], m[run.score]) for m in metrics if m.get("split") == "val" and {"step", run.score} <= m.keys()]
-    run.test, run.ci95 = results.get(f"test_{run.score}"), results.get("ci95")
-    run.best_val = results.get(f"best_val_{run.score}")
-    if run.best_val is None and run.curve:
-        run.best_val = (min if run.score == "mse" else max)(value for _, value in run.curve)
-    run.steps = results.get("steps", max((m["step"] for m in metrics if "step" in m), default=None))
-    run.target_steps = ((read_yaml(path / ".hydra" / "config.yaml") or {}).get("train") or {}).get("steps")
-    run.wall_time_s = results.get("wall_time_s")
+    score = (next((k[5:] for k in results if k.startswith("test_") and k != "test_loss"), None)
+             or (episodes or {}).get("score")
+             or next((k for m in metrics if m.get("split") == "val" for k in m if k not in ("step", "split", "loss")), None))
+    score = score if isinstance(score, str) else None
+    test = number(results.get(f"test_{score}"))
     if failed is not None:
-        run.error = (str(failed.get("error") or "").strip().splitlines() or ["(failed.json gives no error)"])[0]
+        status = "failed"
+    elif (path / "results.json").exists():
+        status = "finished" if test is not None else "damaged"
+        if status == "damaged" and not any(p.startswith("results.json") for p in problems):
+            problems.append("results.json holds no test score")
+    else:
+        status = "running"
+    if episodes is not None and not is_scores(episodes.get("values")):
+        problems.append("test_episodes.json holds no list of episode scores; the run is left out of comparisons")
+        episodes = None
+    overrides = parse_overrides(listed or [])
+    run = Run(path, overrides, status, score=score, episodes=episodes, recorded=recorded, problems=problems)
+    run.curve = [(m["step"], m[score]) for m in metrics
+                 if m.get("split") == "val" and is_step(m.get("step")) and number(m.get(score)) is not None]
+    run.test, run.ci95 = test, number(results.get("ci95"))
+    run.best_val = number(results.get(f"best_val_{score}"))
+    if run.best_val is None and run.curve:
+        run.best_val = (min if score == "mse" else max)(value for _, value in run.curve)
+    steps = results.get("steps")
+    run.steps = steps if is_step(steps) else max((m["step"] for m in metrics if is_step(m.get("step"))), default=None)
+    train = config.get("train")
+    run.target_steps = train.get("steps") if isinstance(train, dict) and is_step(train.get("steps")) else None
+    run.wall_time_s = number(results.get("wall_time_s"))
+    composed = config or (results["config"] if isinstance(results.get("config"), dict) else {})
+    seed = overrides.get("seed", composed.get("seed"))
+    run.seed = None if seed is None else str(seed)
+    if failed is not None:
+        error = str(failed.get("error") or "").strip().splitlines()
+        damaged = [p for p in problems if p.startswith("failed.json")]
+        run.error = error[0] if error else damaged[0] if damaged else "(failed.json gives no error)"
+        problems[:] = [p for p in problems if p not in damaged]
     return run
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, str]:
+def read_record(path: Path, parse: Callable[[str], Any], kind: type, problems: list[str]) -> Any:
+    """`path` parsed, or None: absent (nothing said), or cut off or malformed (a line in `problems`)."""
+    if not path.exists():
+        return None
+    name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == ".hydra" else path.name
+    try:
+        item = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: JSON's errors and undecodable bytes
+        item = None
+    if isinstance(item, kind):
+        return item
+    what = "a JSON object" if kind is dict and path.suffix == ".json" else f"a YAML {'list' if kind is list else 'mapping'}"
+    problems.append(f"{name} is cut off or not {what}"
+                    + ("; its numbers are left out" if path.name == "results.json" else ""))
+    return {} if kind is dict and path.name == "failed.json" else None
+
+
+def number(value: Any) -> Optional[float]:
+    """`value` if it is an int or float (not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_scores(values: Any) -> bool:
+    return isinstance(values, list) and all(number(v) is not None for v in values)
+
+
+def parse_overrides(overrides: list[Any]) -> dict[str, str]:
     """`['+model.depth=4', 'seed=1']` -> {'model.depth': '4', 'seed': '1'}; `hydra.*` settings are left out."""
     pairs = {}
     for item in overrides:
@@ -127,8 +215,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's lines; one that does not parse (the last line of a killed run) is skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""
+    except OSError:
+        return []
     lines = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for line in text.splitlines():
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
@@ -138,31 +230,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def read_json(path: Path) -> Optional[dict]:
-    """None if the file is absent, {} if it does not hold a JSON object."""
-    if not path.exists():
-        return None
-    try:
-        item = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return item if isinstance(item, dict) else {}
-
-
-def read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) if path.exists() else None
-    except yaml.YAMLError:
-        return None
-
-
 # -- rows -----------------------------------------------------------------------------------------
 def group(runs: list[Run]) -> list[Row]:
-    """Runs whose overrides are equal apart from `seed`, one row each, numbered from 1 in run order."""
+    """Runs whose overrides are equal apart from `seed`, one row each, numbered from 1 in run order;
+    a run whose overrides are unknown, a row of its own."""
     rows: dict[tuple, Row] = {}
     for run in runs:
         config = {key: value for key, value in run.overrides.items() if key != "seed"}
-        rows.setdefault(tuple(sorted(config.items())), Row(len(rows) + 1, config, [])).runs.append(run)
+        key = tuple(sorted(config.items())) if run.recorded else ("unrecorded", str(run.path))
+        rows.setdefault(key, Row(len(rows) + 1, config, [])).runs.append(run)
     return list(rows.values())
 
 
@@ -189,6 +265,7 @@ def summarize(row: Row) -> dict[str, Any]:
         "wall_time_s": float(np.mean(times)) if times else None,
         **{status: sum(run.status == status for run in row.runs) for status in STATUSES},
         "error": next((run.error for run in row.runs if run.error), None),
+        "problems": "; ".join(dict.fromkeys(problem for run in row.runs for problem in run.problems)) or None,
     }
 
 
@@ -200,7 +277,8 @@ def status_text(row: Row, s: dict[str, Any]) -> str:
         text = run.status
         if run.status == "running" and run.steps is not None:
             text += f" (step {run.steps}" + (f"/{run.target_steps})" if run.target_steps else ")")
-    return f"{text}: {s['error']}" if s["error"] else text
+    notes = [note for note in (s["error"], s["problems"]) if note]
+    return f"{text}: {'; '.join(notes)}" if notes else text
 
 
 def fmt_score(score: Optional[str], value: Optional[float], spread: Optional[float] = None) -> str:
@@ -229,7 +307,7 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
     for row, s in zip(rows, summaries):
         steps = "-" if s["steps_min"] is None else str(s["steps_min"]) if s["steps_min"] == s["steps_max"] \
             else f"{s['steps_min']}–{s['steps_max']}"
-        lines.append([str(row.number), *(row.overrides.get(key, "-") for key in columns),
+        lines.append([str(row.number), *(row.overrides.get(key, "-") if row.recorded else "?" for key in columns),
                       fmt_score(s["score"], s["test_mean"], s["test_std"] if s["test_std"] is not None else s["test_ci95"]),
                       fmt_score(s["score"], s["best_val_mean"]), *([str(s["n_seeds"])] * seeds), steps,
                       fmt_duration(s["wall_time_s"]), status_text(row, s)])
@@ -264,43 +342,103 @@ def chosen_pair(rows: list[Row], compare: Optional[list[str]]) -> Optional[tuple
     return a, b
 
 
-def shared_episodes(a: Row, b: Row) -> tuple[np.ndarray, np.ndarray] | str:
-    """Each row's per-episode scores, averaged over its finished seeds; or why the two cannot be paired."""
+@dataclass
+class Comparison:
+    """B − A and how it was reached: `unit` "seed" (paired by seed, or Welch's) or "episode"."""
+    difference: Difference
+    unit: str
+    paired: bool
+    episodes: int  # test episodes both rows share
+    seeds: tuple[list[str], list[str]]  # A's and B's finished seeds
+
+
+def shared_episodes(a: Row, b: Row) -> dict[int, list[Run]] | str:
+    """Each row's finished runs, all tested on the same episodes; or why the two cannot be compared."""
     finished = {row.number: [run for run in row.runs if run.status == "finished"] for row in (a, b)}
     for row in (a, b):
         if not finished[row.number]:
             return f"row {row.number} has no finished run"
         missing = next((run for run in finished[row.number] if run.episodes is None), None)
         if missing:
-            return f"{missing.path} has no test_episodes.json"
+            why = "damaged" if (missing.path / "test_episodes.json").exists() else "absent"
+            return f"the test_episodes.json of {missing.path} is {why}"
     tested = [run.episodes for runs in finished.values() for run in runs]
     identities = [episodes.get("identity") for episodes in tested]
     if None in identities or any(identity != identities[0] for identity in identities):
         return "they were not tested on the same episodes (the identities in their test_episodes.json differ)"
-    lengths = sorted({len(episodes.get("values") or []) for episodes in tested})
+    lengths = sorted({len(episodes["values"]) for episodes in tested})
     if len(lengths) > 1:
         return f"they were not tested on the same episodes ({' and '.join(map(str, lengths))} episodes)"
-    a_values, b_values = (np.mean([run.episodes["values"] for run in finished[row.number]], axis=0) for row in (a, b))
-    return a_values, b_values
+    if lengths[0] == 0:
+        return "their test_episodes.json hold no episodes"
+    return finished
+
+
+def compare(a: Row, b: Row) -> Comparison | str:
+    """B − A with the seed as the unit where both rows have 2 or more finished seeds (paired by seed
+    when they ran the same ones, else Welch's), else paired over the episodes; or why not."""
+    finished = shared_episodes(a, b)
+    if isinstance(finished, str):
+        return finished
+    runs_a, runs_b = finished[a.number], finished[b.number]
+    n_episodes = len(runs_a[0].episodes["values"])
+    seeds_a, seeds_b = ([run.seed for run in runs] for runs in (runs_a, runs_b))
+    seeds = tuple(["?" if seed is None else seed for seed in row] for row in (seeds_a, seeds_b))
+    if min(len(runs_a), len(runs_b)) >= 2:
+        means = [[float(np.mean(run.episodes["values"])) for run in runs] for runs in (runs_a, runs_b)]
+        # The same seeds, each once in each row (one seed's run given twice, from two folders, is no pair).
+        same = None not in seeds_a and len(set(seeds_a)) == len(seeds_a) and sorted(seeds_a) == sorted(seeds_b)
+        if same:
+            a_by_seed, b_by_seed = dict(zip(seeds_a, means[0])), dict(zip(seeds_b, means[1]))
+            order = sorted(seeds_a, key=natural_key)
+            difference = paired_difference([a_by_seed[seed] for seed in order], [b_by_seed[seed] for seed in order])
+        else:
+            difference = welch_difference(*means)
+        return Comparison(difference, "seed", same, n_episodes, seeds)
+    if n_episodes < 2:
+        return "fewer than 2 test episodes"
+    a_values, b_values = (np.mean([run.episodes["values"] for run in runs], axis=0) for runs in (runs_a, runs_b))
+    return Comparison(paired_difference(a_values, b_values), "episode", True, n_episodes, seeds)
+
+
+def natural_key(text: Any) -> list:
+    """'seed 2' before 'seed 10'."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text))]
 
 
 def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> list[str]:
-    """The report's comparison section: B − A with its 95% CI and paired t-test, or a note why not."""
-    lines = ["## Paired comparison", "", f"A = row {a.number} ({label[a.number]}), B = row {b.number} ({label[b.number]})", ""]
-    paired = shared_episodes(a, b)
-    if isinstance(paired, str) or len(paired[0]) < 2:
-        why = paired if isinstance(paired, str) else "fewer than 2 test episodes"
-        return lines + [f"No paired test: {why}. Compare their ± intervals in the table instead."]
-    mean, ci95, p, n = paired_difference(*paired)
-    seeds = [sum(run.status == "finished" for run in row.runs) for row in (a, b)]
-    return lines + [
-        f"Paired over the {n} test episodes both rows share; each episode's {score or 'score'} is first averaged "
-        f"over a row's finished seeds ({seeds[0]} in A, {seeds[1]} in B).",
-        "",
-        (f"B − A = {100 * mean:+.2f} ± {100 * ci95:.2f} points of accuracy" if score == "accuracy" else
-         f"B − A = {mean:+.4g} ± {ci95:.2g} {score or 'score'}") + f" (95% CI, t with {n - 1} df); "
-        f"paired t-test p = {p:.2g}" + ("; lower mse is better." if score == "mse" else "."),
-    ]
+    """The report's comparison section: B − A with its 95% CI and t-test, or a note why there is none."""
+    lines = ["## Comparison", "", f"A = row {a.number} ({label[a.number]}), B = row {b.number} ({label[b.number]})", ""]
+    result = compare(a, b)
+    if isinstance(result, str):
+        return lines + [f"No test of B − A: {result}. Compare their ± in the table instead."]
+    d, name = result.difference, score or "score"
+    seeds_a, seeds_b = result.seeds
+    shared = f"the {result.episodes} test episodes both rows share"
+    if result.unit == "seed" and result.paired:
+        how = (f"Seed as the unit: each run's mean {name} over {shared}, paired by seed (seeds "
+               f"{', '.join(sorted(seeds_a, key=natural_key))} in both rows): a paired t-test over "
+               f"{len(seeds_a)} seeds.")
+        df = f"t with {d.df:.0f} df"
+    elif result.unit == "seed":
+        how = (f"Seed as the unit: each run's mean {name} over {shared}; the rows ran different seeds "
+               f"({', '.join(sorted(seeds_a, key=natural_key))} in A, {', '.join(sorted(seeds_b, key=natural_key))} "
+               f"in B): Welch's t-test over {len(seeds_a)} and {len(seeds_b)} runs.")
+        df = f"Welch's t with {d.df:.1f} df"
+    else:
+        how = (f"Paired over {shared}, each episode's {name} averaged over a row's finished seeds "
+               f"({len(seeds_a)} in A, {len(seeds_b)} in B): a paired t-test over episodes.")
+        df = f"t with {d.df:.0f} df"
+    lines += [how, "",
+              (f"B − A = {100 * d.mean:+.2f} ± {100 * d.ci95:.2f} points of accuracy" if score == "accuracy" else
+               f"B − A = {d.mean:+.4g} ± {d.ci95:.2g} {name}") + f" (95% CI, {df}); p = {d.p:.2g}"
+              + ("; lower mse is better." if score == "mse" else ".")]
+    if result.unit == "episode":
+        single = " and ".join(side for side, seeds in (("A", seeds_a), ("B", seeds_b)) if len(seeds) == 1)
+        lines += ["", f"With one seed in {single}, this compares trained models on these episodes and leaves out "
+                      "seed-to-seed variance: it does not tell whether one configuration is better than the other. "
+                      "Run 2 or more seeds per row (e.g. seed=0,1,2) for that."]
+    return lines
 
 
 # -- outputs --------------------------------------------------------------------------------------
@@ -343,13 +481,18 @@ def parser() -> argparse.ArgumentParser:
         prog="metarun-report", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tabulate every run under DIRs (single runs, multirun and SLURM sweeps); runs differing only "
                     "in seed share a row. Writes report.md, report.csv and curves.png into the first DIR.",
-        epilog="With exactly two rows, they are compared on their shared test episodes without --compare;\n"
-               "each episode's score is first averaged over a row's finished seeds.\n"
-               "Exit code: 2 for a bad argument, 1 if any run failed (the report is still written), else 0.")
+        epilog="Two rows (with exactly two, without --compare) are compared on the test episodes they share.\n"
+               "With 2 or more finished seeds in each row the seed is the unit: each run's mean over the\n"
+               "episodes, paired by seed when both rows ran the same seeds (paired t-test), else Welch's\n"
+               "t-test. With one seed in a row the episodes are paired instead (each averaged over a row's\n"
+               "seeds): that compares trained models on these episodes and leaves out seed-to-seed\n"
+               "variance.\n"
+               "Exit code: 2 for a bad argument, 1 if any run failed or is damaged (the report is still\n"
+               "written), else 0.")
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run folder or a folder of runs")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="the rows to compare episode by episode (B − A): a row number from the table, or an "
-                        "override only that row has, e.g. --compare optimizer.lr=0.01 optimizer.lr=0.001")
+                   help="the rows to compare (B − A): a row number from the table, or an override only that "
+                        "row has, e.g. --compare optimizer.lr=0.01 optimizer.lr=0.001")
     return p
 
 
@@ -363,13 +506,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"metarun-report: error: {e}", file=sys.stderr)
         return 2
     out = args.dirs[0]
-    columns = differing([row.overrides for row in rows])
+    for run in runs:
+        for problem in run.problems:
+            print(f"metarun-report: warning: {run.path}: {problem}", file=sys.stderr)
+    columns = differing([row.overrides for row in rows if row.recorded])
     summaries = [summarize(row) for row in rows]
-    run_keys = differing([run.overrides for run in runs])
+    run_keys = differing([run.overrides for run in runs if run.recorded])
     run_label = {run.path: " ".join(f"{k}={run.overrides[k]}" for k in run_keys if k in run.overrides) or run.path.name
                  for run in runs}
     row_label = {row.number: " ".join(f"{k}={row.overrides[k]}" for k in columns if k in row.overrides) or "defaults"
-                 for row in rows}
+                 if row.recorded else os.path.relpath(row.runs[0].path, out) for row in rows}
     body = [table(rows, columns, summaries), "", SPREAD_NOTE]
     failed = [run for run in runs if run.status == "failed"]
     if failed:
@@ -377,7 +523,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if pair:
         body += [""] + comparison(*pair, row_label, summaries[pair[0].number - 1]["score"])
     elif len(rows) > 2:
-        body += ["", "Compare two rows on their shared test episodes with `--compare A B` (row numbers)."]
+        body += ["", "Compare two rows with `--compare A B` (row numbers, or an override only that row has)."]
     text = "\n".join(body)
     (out / "report.md").write_text(f"# metarun report\n\n{len(runs)} runs under "
                                    f"{', '.join(str(d) for d in args.dirs)}\n\n{text}\n\n![validation curves](curves.png)\n")
@@ -385,7 +531,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_curves(out / "curves.png", rows, run_label)
     print(text)
     print(f"wrote {out / 'report.md'}, report.csv, curves.png", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or any(run.status == "damaged" for run in runs) else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -15,8 +18,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from metarun.report import main
-from metarun.stats import paired_difference
+from metarun.report import Row, Run, comparison, main
+from metarun.stats import paired_difference, welch_difference
+from metarun.trainer import Trainer
+from tests.conftest import SMALL_RUN, compose_config
+from tests.fixtures.folder import write_folder
 
 IDENTITY = {"dataset": "omniglot", "split": "test", "eval.seed": 0, "n_way": 5, "k_shot": 1}
 
@@ -181,15 +187,13 @@ def test_a_missing_or_empty_dir_is_one_line_naming_the_fix_and_exit_2(capsys, tm
     assert not list(tmp_path.iterdir())
 
 
-# -- the paired comparison ------------------------------------------------------------------------
+# -- comparing two rows ---------------------------------------------------------------------------
 A_SEEDS = [[0.6, 0.8, 1.0, 0.4, 0.8, 0.6], [0.8, 0.8, 0.8, 0.6, 0.6, 0.4]]
-B_SEEDS = [[0.8, 1.0, 1.0, 0.6, 0.8, 0.8], [1.0, 0.8, 1.0, 0.6, 1.0, 0.6]]
+B_SEEDS = [[0.8, 1.0, 1.0, 0.6, 0.8, 0.8], [1.0, 0.8, 1.0, 0.6, 1.0, 0.8]]
 
 
-def hand_paired(a_seeds, b_seeds) -> tuple[float, float, float]:
-    """Mean of d over episodes (each averaged over seeds first), t-quantile CI, two-sided p from the t cdf."""
-    a = [sum(column) / len(column) for column in zip(*a_seeds)]
-    b = [sum(column) / len(column) for column in zip(*b_seeds)]
+def hand_paired(a, b) -> tuple[float, float, float]:
+    """Mean of d = b - a, its t-quantile CI half-width, and the two-sided p from the t cdf."""
     d = [y - x for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
@@ -198,10 +202,11 @@ def hand_paired(a_seeds, b_seeds) -> tuple[float, float, float]:
     return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n), 2 * stats.t.sf(abs(t), n - 1)
 
 
-def write_pair(root: Path, b_identity: dict | None = None, b_length: int | None = None) -> None:
-    for seed, values in enumerate(A_SEEDS):
+def write_pair(root: Path, b_identity: dict | None = None, b_length: int | None = None,
+               a_seeds: tuple[int, ...] = (0, 1), b_seeds: tuple[int, ...] = (0, 1)) -> None:
+    for seed, values in zip(a_seeds, A_SEEDS):
         write_run(root / f"a{seed}", ["algorithm=maml", f"seed={seed}"], test=float(np.mean(values)), episodes=values)
-    for seed, values in enumerate(B_SEEDS):
+    for seed, values in zip(b_seeds, B_SEEDS):
         values = values[:b_length] if b_length else values
         write_run(root / f"b{seed}", ["algorithm=protonet", f"seed={seed}"], test=float(np.mean(values)),
                   episodes=values, identity=b_identity)
@@ -211,34 +216,109 @@ def test_paired_difference_matches_a_hand_computation():
     a, b = [0.5, 0.7, 0.9, 0.6], [0.7, 0.8, 0.9, 0.9]
     # d = [0.2, 0.1, 0.0, 0.3]: mean 0.15, sd sqrt(0.05 / 3), t = 0.15 / (sd / 2)
     sd = math.sqrt(0.05 / 3)
-    mean, ci95, p, n = paired_difference(a, b)
-    assert n == 4 and mean == pytest.approx(0.15)
+    mean, ci95, p, df = paired_difference(a, b)
+    assert df == 3 and mean == pytest.approx(0.15)
     assert ci95 == pytest.approx(3.182446305284263 * sd / 2)  # t_{0.975, 3}
     assert p == pytest.approx(2 * stats.t.sf(0.15 / (sd / 2), 3))
     assert p == pytest.approx(0.1027, abs=1e-4)  # t = 2.324 on 3 df
 
 
-def test_two_configurations_are_compared_on_episodes_averaged_over_seeds(capsys, tmp_path):
+def test_welch_difference_matches_a_hand_computation_and_scipys_interval():
+    a, b = [0.90, 0.93, 0.96], [0.80, 0.82, 0.87, 0.85]
+    # squared standard errors: s_a² / 3 = 0.0009 / 3 = 3e-4; s_b² / 4 = (0.0029 / 3) / 4
+    va, vb = 0.0009 / 3, 0.0029 / 12
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    mean, ci95, p, got_df = welch_difference(a, b)
+    assert mean == pytest.approx(0.835 - 0.93) and got_df == pytest.approx(df)
+    assert df == pytest.approx(4.55, abs=0.01)  # (5.417e-4)² / ((3e-4)² / 2 + (2.417e-4)² / 3)
+    assert ci95 == pytest.approx(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+    assert p == pytest.approx(2 * stats.t.sf(0.095 / math.sqrt(va + vb), df))
+    low, high = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert (mean - ci95, mean + ci95) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_rows_that_ran_the_same_seeds_are_paired_by_seed(capsys, tmp_path):
     write_pair(tmp_path)
     code, out, err = report(capsys, tmp_path)
     assert code == 0, err
-    mean, ci95, p = hand_paired(A_SEEDS, B_SEEDS)
-    assert mean == pytest.approx(0.8 - 0.65)  # B averages 0.8 over its episodes, A 0.65
+    # Each run's mean over its 6 episodes: A = [0.7, 0.6667], B = [0.8333, 0.8667]; d = [0.1333, 0.2]
+    mean, ci95, p = hand_paired([np.mean(v) for v in A_SEEDS], [np.mean(v) for v in B_SEEDS])
+    assert mean == pytest.approx(1 / 6) and p == pytest.approx(0.1257, abs=1e-4)  # t = 5 on 1 df
     assert "A = row 1 (algorithm=maml), B = row 2 (algorithm=protonet)" in out
-    assert "averaged over a row's finished seeds (2 in A, 2 in B)" in out
-    # a = [.7, .8, .9, .5, .7, .5], b = [.9, .9, 1., .6, .9, .7]: d = .15 ± .05 each, sd = sqrt(.015 / 5)
-    assert "B − A = +15.00 ± 5.75 points of accuracy (95% CI, t with 5 df); paired t-test p = 0.0011." in out
-    assert f"B − A = {100 * mean:+.2f} ± {100 * ci95:.2f} points of accuracy (95% CI, t with 5 df); " \
-           f"paired t-test p = {p:.2g}." in out
-    assert "## Paired comparison" in (tmp_path / "report.md").read_text()
+    assert ("Seed as the unit: each run's mean accuracy over the 6 test episodes both rows share, paired by seed "
+            "(seeds 0, 1 in both rows): a paired t-test over 2 seeds.") in out
+    assert f"B − A = {100 * mean:+.2f} ± {100 * ci95:.2f} points of accuracy (95% CI, t with 1 df); p = {p:.2g}." in out
+    assert "B − A = +16.67 ± 42.35 points of accuracy (95% CI, t with 1 df); p = 0.13." in out
+    assert "With one seed" not in out  # the caveat is for one seed
+    assert "## Comparison" in (tmp_path / "report.md").read_text()
+
+
+def test_rows_that_ran_different_seeds_get_welchs_test_over_runs(capsys, tmp_path):
+    write_pair(tmp_path, a_seeds=(0, 1), b_seeds=(2, 3))
+    code, out, err = report(capsys, tmp_path)
+    assert code == 0, err
+    mean, ci95, p, df = welch_difference([np.mean(v) for v in A_SEEDS], [np.mean(v) for v in B_SEEDS])
+    # Both rows' runs lie 1/30 apart: equal variances and sizes, so df = n_a + n_b - 2 = 2
+    assert df == pytest.approx(2) and mean == pytest.approx(1 / 6)
+    assert "the rows ran different seeds (0, 1 in A, 2, 3 in B): Welch's t-test over 2 and 2 runs." in out
+    assert f"B − A = {100 * mean:+.2f} ± {100 * ci95:.2f} points of accuracy (95% CI, Welch's t with 2.0 df); " \
+           f"p = {p:.2g}." in out
+
+
+def test_one_seed_pairs_the_episodes_and_says_it_leaves_out_seed_variance(capsys, tmp_path):
+    write_pair(tmp_path, a_seeds=(0,))
+    code, out, err = report(capsys, tmp_path)
+    assert code == 0, err
+    b = [sum(column) / 2 for column in zip(*B_SEEDS)]  # each episode averaged over B's 2 seeds
+    mean, ci95, p = hand_paired(A_SEEDS[0], b)
+    assert ("Paired over the 6 test episodes both rows share, each episode's accuracy averaged over a row's "
+            "finished seeds (1 in A, 2 in B): a paired t-test over episodes.") in out
+    assert f"B − A = {100 * mean:+.2f} ± {100 * ci95:.2f} points of accuracy (95% CI, t with 5 df); p = {p:.2g}." in out
+    assert ("With one seed in A, this compares trained models on these episodes and leaves out seed-to-seed "
+            "variance: it does not tell whether one configuration is better than the other.") in out
+    assert "leaves out seed-to-seed variance" in (tmp_path / "report.md").read_text()
+    header, a_row, b_row = table_rows(out)
+    assert a_row[header.index("seeds")] == "1"
+
+
+def simulated_comparisons(seeds_a: list[int], seeds_b: list[int], n: int = 400, episodes: int = 600) -> list[float]:
+    """The report's p-values for `n` pairs of rows of one configuration: per-episode accuracy = the
+    shared episodes' difficulty + each seed's offset (std 1 point, constant over episodes) + noise."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 0.05, (n, 1, 1, episodes))  # the same fixed episodes for every run
+    offsets = rng.normal(0, 0.01, (n, 2, max(len(seeds_a), len(seeds_b)), 1))  # [n, row, seed, 1]
+    scores = 0.9 + difficulty + offsets + rng.normal(0, 0.15, (n, 2, offsets.shape[2], episodes))
+    label = {1: "A", 2: "B"}
+    p_values = []
+    for i in range(n):
+        rows = []
+        for r, seeds in enumerate((seeds_a, seeds_b)):
+            runs = []
+            for s, seed in enumerate(seeds):
+                run = Run(Path(f"sim/{r}/{seed}"), {"seed": str(seed)}, "finished", score="accuracy",
+                          episodes={"score": "accuracy", "identity": IDENTITY, "values": scores[i, r, s].tolist()})
+                run.seed = str(seed)
+                runs.append(run)
+            rows.append(Row(r + 1, {"optimizer.lr": "0.001"}, runs))
+        text = "\n".join(comparison(*rows, label, "accuracy"))
+        p_values.append(float(re.search(r"\bp = ([-+0-9.e]+|nan)", text).group(1).rstrip(".")))
+    return p_values
+
+
+@pytest.mark.parametrize("seeds_b", [[0, 1, 2], [3, 4, 5]], ids=["paired-by-seed", "welch"])
+def test_two_rows_of_one_configuration_differ_at_the_nominal_rate(seeds_b):
+    # Averaging each episode over seeds and pairing the episodes (the t-test ignoring seed offsets)
+    # calls about 30% of these significant; the seed as the unit, 5%.
+    p_values = np.array(simulated_comparisons([0, 1, 2], seeds_b))
+    assert 0.02 <= np.mean(p_values < 0.05) <= 0.08
 
 
 def test_compare_selects_rows_by_override_or_number(capsys, tmp_path):
     write_pair(tmp_path)
     write_run(tmp_path / "c0", ["algorithm=matchingnet"], test=0.7, episodes=[0.7] * 6)
     code, out, err = report(capsys, tmp_path)
-    assert "Paired comparison" not in out and "--compare A B" in out  # three rows: nothing chosen
-    mean, ci95, p = hand_paired(B_SEEDS, A_SEEDS)
+    assert "## Comparison" not in out and "--compare A B" in out  # three rows: nothing chosen
+    mean, ci95, p = hand_paired([np.mean(v) for v in B_SEEDS], [np.mean(v) for v in A_SEEDS])
     code, out, err = report(capsys, tmp_path, "--compare", "algorithm=protonet", "1")
     assert code == 0, err
     assert "A = row 2 (algorithm=protonet), B = row 1 (algorithm=maml)" in out
@@ -251,12 +331,99 @@ def test_different_episode_identities_give_a_note_and_no_test(capsys, tmp_path):
     write_pair(tmp_path, b_identity={**IDENTITY, "eval.seed": 1})
     code, out, err = report(capsys, tmp_path)
     assert code == 0, err
-    assert "No paired test: they were not tested on the same episodes (the identities" in out
-    assert "B − A" not in out and "t-test" not in out
+    assert "No test of B − A: they were not tested on the same episodes (the identities" in out
+    assert "B − A =" not in out and "t-test" not in out
 
 
 def test_different_episode_counts_give_a_note_and_no_test(capsys, tmp_path):
     write_pair(tmp_path, b_length=5)
     code, out, err = report(capsys, tmp_path)
-    assert "No paired test: they were not tested on the same episodes (5 and 6 episodes)" in out
-    assert "B − A" not in out
+    assert "No test of B − A: they were not tested on the same episodes (5 and 6 episodes)" in out
+    assert "B − A =" not in out
+
+
+# -- which episodes a run was tested on -----------------------------------------------------------
+def folder_identity(path: Path, cache: Path, run_dir: Path) -> dict:
+    """The test identity a run on the image folder `path` writes, as test_episodes.json holds it."""
+    cfg = compose_config("dataset=folder", f"dataset.path={path}", "dataset.image_size=16",
+                         f"dataset.cache_dir={cache}", *SMALL_RUN, "episode.n_query=2")
+    return json.loads(json.dumps(Trainer(cfg, run_dir).test_identity()))
+
+
+def test_folder_runs_pair_by_their_test_images_not_by_where_they_lie(capsys, tmp_path):
+    write_folder(tmp_path / "images", n_classes=25)  # 15 / 5 / 5 classes
+    shutil.copytree(tmp_path / "images", tmp_path / "moved" / "images")  # the same images elsewhere
+    write_folder(tmp_path / "other", n_classes=25, seed=1)  # the same class names and counts, other pixels
+    cache = tmp_path / "cache"
+    original, moved, other = (folder_identity(tmp_path / path, cache, tmp_path / f"run-{i}")
+                              for i, path in enumerate(["images", "moved/images", "other"]))
+    assert original == moved and other != original
+    assert "path" not in original["dataset"]  # where the data lies is machine-local: the content says which
+    assert original["test_images"]["classes"] == 5
+    assert other["test_images"]["images"] == original["test_images"]["images"]  # only the pixels differ
+    runs = tmp_path / "runs"
+    for name, identity in [("a", original), ("b", moved), ("c", other)]:
+        write_run(runs / name, [f"dataset.path={name}"], test=0.8, episodes=[0.8, 0.6, 0.9], identity=identity)
+    code, out, err = report(capsys, runs, "--compare", "1", "2")
+    assert code == 0, err
+    assert "B − A = +0.00 ± 0.00 points of accuracy" in out
+    code, out, err = report(capsys, runs, "--compare", "1", "3")
+    assert "No test of B − A: they were not tested on the same episodes (the identities" in out
+    assert "B − A =" not in out
+
+
+def test_a_dataset_of_drawn_tasks_is_identified_by_its_config(tmp_path):
+    cfg = compose_config("+experiment=maml_sinusoid", "device=cpu")
+    identity = Trainer(cfg, tmp_path).test_identity()
+    assert identity["dataset"]["amplitude"] == [0.1, 5.0] and "test_images" not in identity
+    assert (identity["n_way"], identity["k_shot"], identity["episodes"]) == (1, 10, cfg.eval.episodes)
+
+
+# -- damaged and partial run directories ----------------------------------------------------------
+def test_a_truncated_results_json_is_a_damaged_run_not_a_finished_one(capsys, tmp_path):
+    write_run(tmp_path / "0", ["optimizer.lr=0.1", "seed=0"], test=0.9, best_val=0.88)
+    cut = write_run(tmp_path / "1", ["optimizer.lr=0.1", "seed=1"], test=0.5, best_val=0.5, val=[(3000, 0.52)])
+    alone = write_run(tmp_path / "2", ["optimizer.lr=0.01", "seed=0"], test=0.7)
+    for run in (cut, alone):
+        results = run / "results.json"
+        os.truncate(results, results.stat().st_size // 2)  # a copy cut off half-way
+    code, out, err = report(capsys, tmp_path)
+    assert code == 1  # a result was lost
+    _, both, damaged = table_rows(out)
+    damage = "results.json is cut off or not a JSON object; its numbers are left out"
+    # The damaged seed's numbers are absent, not averaged in as missing: the row is seed 0 alone.
+    assert both[1:] == ["0.1", "90.0 ± 1.0", "88.0", "1", "3000", "2m03s", f"1 finished, 1 damaged: {damage}"]
+    assert damaged[1:] == ["0.01", "-", "-", "0", "-", "-", f"damaged: {damage}"]
+    assert err.splitlines()[:2] == [f"metarun-report: warning: {cut}: {damage}",
+                                    f"metarun-report: warning: {alone}: {damage}"]
+    assert "Traceback" not in err
+    assert [row["damaged"] for row in read_csv(tmp_path / "report.csv")] == ["1", "1"]
+
+
+def test_a_run_without_hydra_record_is_found_and_gets_a_row_of_its_own(capsys, tmp_path):
+    write_run(tmp_path / "0", ["optimizer.lr=0.1"], test=0.9)
+    write_run(tmp_path / "1", ["optimizer.lr=0.01"], test=0.8)
+    lost = write_run(tmp_path / "2", ["optimizer.lr=0.001"], test=0.7, hydra_record=False)
+    code, out, err = report(capsys, tmp_path)
+    assert code == 0, err
+    _, _, _, unknown = table_rows(out)
+    assert unknown[1:3] == ["?", "70.0 ± 1.0"]
+    assert unknown[-1] == "finished: no .hydra/ record, so its overrides are unknown: it is a row of its own"
+    assert f"metarun-report: warning: {lost}: no .hydra/ record" in err
+    code, out, err = report(capsys, lost)  # given alone, it is still a run
+    assert code == 0 and table_rows(out)[1][-1].startswith("finished: no .hydra/ record")
+
+
+def test_damaged_episode_and_hydra_records_are_one_line_each_never_a_traceback(capsys, tmp_path):
+    write_pair(tmp_path)
+    (tmp_path / "b1" / "test_episodes.json").write_text('{"score": "accuracy", "values": [0.8, 1.0')  # cut off
+    (tmp_path / "a0" / ".hydra" / "config.yaml").write_text("a line of text, not a mapping\n")
+    (tmp_path / "a1" / ".hydra" / "config.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    code, out, err = report(capsys, tmp_path)
+    assert code == 0 and "Traceback" not in err
+    assert f"No test of B − A: the test_episodes.json of {tmp_path / 'b1'} is damaged." in out
+    assert f"metarun-report: warning: {tmp_path / 'b1'}: test_episodes.json is cut off or not a JSON object" in err
+    assert f"metarun-report: warning: {tmp_path / 'a0'}: .hydra/config.yaml is cut off or not a YAML mapping" in err
+    assert f"metarun-report: warning: {tmp_path / 'a1'}: .hydra/config.yaml is cut off or not a YAML mapping" in err
+    _, a, b = table_rows(out)
+    assert a[2] == "68.3 ± 2.4" and b[-1] == "2 finished: test_episodes.json is cut off or not a JSON object"
