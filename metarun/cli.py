@@ -6,8 +6,10 @@ one process group first and take rank 0's run directory.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,7 @@ from metarun import config  # noqa: F401  (registers the schema that conf/config
 from metarun.distributed import Processes
 from metarun.errors import MetarunError, warnings_as_lines
 from metarun.hydra_errors import one_line_composition_errors
+from metarun.lock import RunDirBusy
 from metarun.preemption import Stopped
 from metarun.sweep import clear_failure, error_line, objective, record_failure
 from metarun.trainer import Trainer
@@ -48,9 +51,12 @@ def run(cfg: DictConfig) -> float | None:
     except Exception as e:
         # failed.json lets the sweep's summary (sweep.FailedJobs) and a report show the failure. A single
         # run writes it only once training started: a bad command leaves an existing directory as it was.
+        # A directory that another live process trains is that process's: nothing is written there.
         line = error_line(e)
-        if (sweep_job or trainer is not None) and processes.main:
-            record_failure(run_dir, line, list(hydra_cfg.overrides.task))
+        if (sweep_job or trainer is not None) and processes.main and not isinstance(e, RunDirBusy):
+            # A full disk or a directory that cannot be written refuses failed.json too: the line says so.
+            with contextlib.suppress(MetarunError):
+                record_failure(run_dir, line, list(hydra_cfg.overrides.task))
         if sweep_job:  # one bad sweep point must not stop the others
             if not isinstance(e, MetarunError):
                 traceback.print_exc()
@@ -63,7 +69,7 @@ def run(cfg: DictConfig) -> float | None:
         if not existed and run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it for us; a run that never started leaves nothing behind
         print(f"metarun: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)  # 2: a command that cannot run as given; 1: a run that failed (errors.RunFailed)
     if processes.main:
         clear_failure(run_dir)
     return objective(results)
@@ -78,9 +84,24 @@ def agreed_run_dir(mine: Path, processes: Processes) -> Path:
     return agreed
 
 
+@contextlib.contextmanager
+def one_line_directory_errors() -> Iterator[None]:
+    """Hydra makes the run (or sweep) directory before the run starts: one it cannot make (under a
+    file, on a read-only file system) is one line. An OSError from inside a run keeps its traceback."""
+    try:
+        yield
+    except OSError as e:
+        inside_run = any(frame.f_code is run.__wrapped__.__code__ for frame, _ in traceback.walk_tb(e.__traceback__))
+        if inside_run or not e.filename:
+            raise
+        print(f"metarun: error: cannot make {e.filename} ({e.strerror}); choose another hydra.run.dir "
+              "(hydra.sweep.dir for a sweep)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     warnings_as_lines("metarun")
-    with one_line_composition_errors():
+    with one_line_composition_errors(), one_line_directory_errors():
         run()
 
 

@@ -1,12 +1,22 @@
-"""The one exception type that the CLI turns into a single line and a non-zero exit; warnings and
-bad command lines as one line too."""
+"""The exceptions that the CLI turns into a single line and a non-zero exit; warnings and bad
+command lines as one line too."""
 
 import argparse
 from typing import NoReturn
 
 
 class MetarunError(Exception):
-    """A user-facing problem: the message names what is wrong and how to fix it, in one line."""
+    """A user-facing problem: the message names what is wrong and how to fix it, in one line.
+    The CLI exits with `exit_code`: 2, a command that cannot run as given."""
+
+    exit_code = 2
+
+
+class RunFailed(MetarunError):
+    """A run that had started and cannot go on (its numbers diverged, a write failed): exit code 1.
+    Its checkpoints are the last good ones."""
+
+    exit_code = 1
 
 
 def warnings_as_lines(prog: str) -> None:
