@@ -24,7 +24,7 @@ from metarun.algorithms.inner_loop import INNER_LOSSES, InnerLR, inner_loop
 from metarun.algorithms.task_batching import check_task_batching, check_task_chunk, chunk_tasks, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
-from metarun.models.layers import Classifier, detached
+from metarun.models.layers import Classifier, detached, no_statistics_update
 
 
 def check_inner_loss(inner_loss: str) -> None:
@@ -119,9 +119,10 @@ class MAML(MetaLearner):
         query_logits = functional_call(self.model, adapted, (query_x,))  # [N*Q, N]
         out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
-            # Detached parameters: metrics only, no graph.
-            before = functional_call(self.model, detached(params), (support_x,))  # [N*K, N]
-            after = functional_call(self.model, detached(adapted), (support_x,))  # [N*K, N]
+            # Detached parameters and uncounted batch statistics: metrics only, no graph, no state.
+            with no_statistics_update(self.model):
+                before = functional_call(self.model, detached(params), (support_x,))  # [N*K, N]
+                after = functional_call(self.model, detached(adapted), (support_x,))  # [N*K, N]
             out += (task_score(before, support_y), task_score(after, support_y))
         return out
 

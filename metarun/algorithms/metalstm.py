@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy, check_at_least
-from metarun.models.layers import Classifier
+from metarun.models.layers import Classifier, no_statistics_update
 from metarun.algorithms.task_batching import (check_task_batching, check_task_chunk, chunk_tasks, map_tasks,
                                               resolve_task_batching)
 from metarun.data.tasks import TaskBatch
@@ -286,7 +286,7 @@ class MetaLSTM(MetaLearner):
         loss = losses.mean()
         metrics = {"loss": loss.detach(), "accuracy": accs.mean()}
         if diagnostics:
-            with torch.no_grad():
+            with torch.no_grad(), no_statistics_update(self.model):  # a metric: the running statistics stay
                 support_acc_after = self.query_losses(theta.detach(), tasks.support_x, tasks.support_y)[1]
             metrics.update({key: value.mean() for key, value in stats.items()})
             metrics["support_acc_after"] = support_acc_after.mean()

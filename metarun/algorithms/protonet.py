@@ -43,7 +43,8 @@ class ProtoNet(EpisodeClassifier):
     Omniglot 60-way) evaluates on fewer. `distance_scale`, `learn_scale`, `normalize_distance`: see
     the module docstring. task_chunk: episodes per backward pass in training ("auto": one at a time
     on the CPU, where the backbone embeds them one by one anyway; all of them on CUDA), as MAML's;
-    with `model.batch_norm=running` each chunk updates the running statistics.
+    with `model.batch_norm=running` the running statistics move once per meta-batch whatever the
+    chunks (metarun.models.layers).
     """
 
     def __init__(self, model: nn.Module, n_way: int, distance_scale: float = 1.0, learn_scale: bool = False,

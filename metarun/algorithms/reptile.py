@@ -22,7 +22,7 @@ from torch.func import functional_call
 from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
                                      task_score)
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
-from metarun.models.layers import Classifier, detached
+from metarun.models.layers import Classifier, detached, no_statistics_update
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
@@ -155,8 +155,9 @@ class Reptile(MetaLearner):
         query_logits = self.score_queries(phi, support_x, query_x)  # [N*Q, N]
         out = (phi, task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
-            before = functional_call(self.model, theta, (support_x,))  # [N*K, N]
-            after = functional_call(self.model, phi, (support_x,))  # [N*K, N]
+            with no_statistics_update(self.model):  # metrics only: the running statistics stay as they were
+                before = functional_call(self.model, theta, (support_x,))  # [N*K, N]
+                after = functional_call(self.model, phi, (support_x,))  # [N*K, N]
             out += (task_score(before, support_y), task_score(after, support_y))
         return out
 

@@ -8,15 +8,26 @@ Batch norm (`model.batch_norm`):
                  second-order meta-gradient (relative error 1.5e-2 at one inner step in float64),
                  so the plain tensor version runs there;
              (b) per-task statistics make evaluation independent of how many episodes are batched.
-  running  training normalizes each task with its own batch statistics and updates running
-           statistics (their mean over the tasks, momentum 0.1, as nn.BatchNorm2d; passes inside a
-           torch.func transform, which cannot update buffers in place, do not count); evaluation
-           (`learner.eval()`) normalizes with the running statistics, so a query's prediction
-           depends only on the support set and itself. Inductive, as the Prototypical Networks code
-           evaluates (`model.eval()`).
+  running  training normalizes each task with its own batch statistics and keeps running
+           statistics for evaluation (`learner.eval()`), which then normalizes with them, so a
+           query's prediction depends only on the support set and itself. Inductive, as the
+           Prototypical Networks code evaluates (`model.eval()`).
+
+Running statistics move once per meta-batch: each training pass records its tasks' batch
+statistics, and `commit_running_statistics(learner)`, called by the trainer's `meta_backward`
+after the last chunk of a step, moves the running mean and (unbiased) variance towards their mean
+over every recorded task, with momentum 0.1 (nn.BatchNorm2d's). So the result is the same whether
+the tasks ran one by one (the CPU), all in one call (CUDA) or in chunks (`algorithm.task_chunk`).
+Every training pass of a task counts once (MAML: each inner step's support pass and the query
+pass), except passes inside a torch.func transform, whose statistics cannot leave it (Meta-LSTM's
+support passes), and passes under `no_statistics_update(module)`, which diagnostics use so that a
+logged step changes nothing a checkpoint holds.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +92,10 @@ class TaskBatchNorm(nn.Module):
         if mode == "running":
             self.register_buffer("running_mean", torch.zeros(channels))
             self.register_buffer("running_var", torch.ones(channels))
+        # This meta-batch's recorded statistics until committed: (sums over tasks of each task's
+        # mean and variance [2, C], number of tasks). Not a buffer: a checkpoint never holds it.
+        self.pending: tuple[Tensor, int] | None = None
+        self.counting = True  # False under no_statistics_update
 
     def forward(self, x: Tensor, n_tasks: int = 1) -> Tensor:
         if self.mode == "task":
@@ -91,18 +106,54 @@ class TaskBatchNorm(nn.Module):
         if is_vmapped(x):
             raise MetarunError("model.batch_norm=running updates running statistics, which torch.func.vmap "
                                "cannot do in place; set algorithm.task_batching=loop or model.batch_norm=task")
-        if not is_transformed(x):  # Meta-LSTM's support passes run inside torch.func.grad: not counted
-            self.update_running_statistics(x.detach(), n_tasks)
+        if self.counting and not is_transformed(x):  # Meta-LSTM's support passes run inside torch.func.grad
+            self.record_statistics(x.detach(), n_tasks)
         return task_batch_norm(x, n_tasks, self.weight, self.bias, self.eps)
 
     @torch.no_grad()
-    def update_running_statistics(self, x: Tensor, n_tasks: int) -> None:
-        """Move the running statistics towards the mean over tasks of each task's batch statistics
-        (unbiased variance, as nn.BatchNorm2d keeps)."""
-        xt = x.float().unflatten(0, (n_tasks, -1))  # [T, B, C, H, W]
+    def record_statistics(self, x: Tensor, n_tasks: int) -> None:
+        """Add each task's batch mean and unbiased variance (as nn.BatchNorm2d keeps) to this meta-batch's."""
+        xt = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(0, (n_tasks, -1))  # [T, B, C, H, W]
         var, mean = torch.var_mean(xt, dim=(1, 3, 4), correction=1 if xt[0, :, 0].numel() > 1 else 0)  # [T, C]
-        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(var.mean(0).to(self.running_var.dtype), self.momentum)
+        sums = torch.stack([mean.sum(0), var.sum(0)])  # [2, C]
+        if self.pending is not None:
+            sums, n_tasks = self.pending[0] + sums, self.pending[1] + n_tasks
+        self.pending = (sums, n_tasks)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """One momentum step of the running statistics towards the mean over the recorded tasks;
+        nothing when none are recorded."""
+        if self.pending is None:
+            return
+        sums, n_tasks = self.pending
+        self.pending = None
+        mean, var = (sums / n_tasks).unbind(0)  # [C] each
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+
+
+def commit_running_statistics(module: nn.Module) -> None:
+    """End of a meta-batch: every running-mode batch norm in `module` takes one momentum step
+    towards the mean of the statistics its training passes recorded since the last commit."""
+    for norm in module.modules():
+        if isinstance(norm, TaskBatchNorm):
+            norm.commit()
+
+
+@contextlib.contextmanager
+def no_statistics_update(module: nn.Module) -> Iterator[None]:
+    """Training passes of `module` inside do not count towards its running statistics: passes that
+    only measure (diagnostics) leave the state as it was."""
+    norms = [norm for norm in module.modules() if isinstance(norm, TaskBatchNorm)]
+    before = [norm.counting for norm in norms]
+    for norm in norms:
+        norm.counting = False
+    try:
+        yield
+    finally:
+        for norm, counting in zip(norms, before):
+            norm.counting = counting
 
 
 class Backbone(nn.Module):
