@@ -8,7 +8,8 @@
   would fire on every chunk's backward (or need `no_sync` around all but the last) and its
   forward wrapper is bypassed; one flat all-reduce is what DDP would do, with nothing to bypass.
 - Buffers (batch norm's running statistics) follow rank 0's, as DDP's `broadcast_buffers` does.
-- Rank 0 alone writes logs, TensorBoard, checkpoints and results (`main`).
+- Rank 0 alone writes logs, TensorBoard, checkpoints and results (`main`); the training metrics it
+  logs are first averaged over every rank's tasks (`mean_over_tasks`, one all-reduce per logged step).
 - Evaluation episodes are split across ranks by batch and gathered in episode order.
 
 With one process every method is a no-op, and `Processes()` is that single process.
@@ -27,8 +28,10 @@ from torch import nn
 from metarun.errors import MetarunError
 
 # Rank r's training generator is seeded with seed + r * SEED_STRIDE: rank 0 keeps the run's own
-# seed (a one-process run is unchanged), and no two ranks' streams start at the same place.
-SEED_STRIDE = 2**32
+# seed (a one-process run is unchanged), and no two ranks' streams start at the same place. Under
+# 2**32: a CPU generator (mt19937) keeps only a seed's low 32 bits, so with a stride of 2**32 every
+# rank of a CPU run drew rank 0's tasks. A prime, so seeds a few apart never share a stream.
+SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,18 @@ class Processes:
         flat /= self.world_size
         for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(reduced.view_as(grad))
+
+    def mean_over_tasks(self, metrics: dict[str, torch.Tensor], tasks: int) -> dict[str, torch.Tensor]:
+        """Each of this rank's metrics (means over its `tasks` tasks) as the mean over every rank's
+        tasks, each rank weighted by its share: one all-reduce of all of them."""
+        if not self.several:
+            return metrics
+        names = list(metrics)
+        device = next(iter(metrics.values())).device
+        weighted = [torch.as_tensor(metrics[name], device=device).float().reshape(()) * tasks for name in names]
+        sums = torch.stack([*weighted, torch.tensor(float(tasks), device=device)])  # [metrics + 1]
+        dist.all_reduce(sums)
+        return {name: total / sums[-1] for name, total in zip(names, sums)}
 
     def broadcast(self, module: nn.Module, buffers_only: bool = False) -> None:
         """Rank 0's parameters (unless `buffers_only`) and buffers on every rank."""
