@@ -37,6 +37,11 @@ class Amp(str, Enum):
     fp16 = "fp16"
 
 
+class Normalization(str, Enum):
+    train = "train"
+    target = "target"
+
+
 @dataclass
 class EpisodeConfig:
     n_way: int = 5
@@ -76,6 +81,9 @@ class EvalConfig:
     # M augmented copies of each support image at validation and test time (the augment group's
     # settings, or the dataset's standard augmentation with augment=none); 0: none.
     support_augment: int = 0
+    # Another dataset's images (metarun-eval RUN dataset=...) are normalized with the mean and std of
+    # the dataset the run trained on (train; Chen et al., 2019's cross-domain protocol), or their own (target).
+    normalization: Normalization = Normalization.train
 
 
 @dataclass

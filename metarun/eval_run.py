@@ -5,11 +5,13 @@ overrides evaluation may change (metarun.saved_run: eval.*, dataset=/dataset.*, 
 algorithm.eval_adaptation_steps, model.batch_norm), meta-tests with the trainer's own building and
 evaluation code, and writes `RUN_DIR/eval/<name>/results.json` and `test_episodes.json` in the
 trainer's formats. Nothing else in RUN_DIR changes. Without overrides the numbers are the run's
-own test, episode by episode.
+own test, episode by episode. A run that has not finished (still training, stopped before its
+test) is tested only with its checkpoint named, `checkpoint=best` or `checkpoint=last`.
 
 <name> is made from the overrides (`eval.n_way=20` -> `n_way=20`; `default` without any), or
 chosen with `name=...`. Another dataset's test classes (`dataset=folder dataset.path=DIR`) are
-the cross-domain protocol of Chen et al. (2019), "A Closer Look at Few-shot Classification".
+the cross-domain protocol of Chen et al. (2019), "A Closer Look at Few-shot Classification": its
+images are normalized with the training dataset's mean and std (`eval.normalization=target`: their own).
 
 Bad input is one line, `metarun-eval: error: problem; fix`, with exit code 2 and nothing written.
 """
@@ -34,10 +36,10 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     written and its results.json."""
     options = {key: value for key, _, value in (a.partition("=") for a in arguments) if key in OPTIONS}
     overrides = [a for a in arguments if a.partition("=")[0] not in OPTIONS]
-    checkpoint = options.get("checkpoint", "best")
-    name = options.get("name") or default_name(overrides, checkpoint)
+    checkpoint = options.get("checkpoint")  # None: best.pt of a finished run
+    name = options.get("name") or default_name(overrides, checkpoint or "best")
     check_name(name)
-    evaluator, state = open_run(run_dir, overrides, checkpoint)
+    evaluator, state, checkpoint, _ = open_run(run_dir, overrides, checkpoint)
     started = time.perf_counter()
     cfg, score = evaluator.cfg, evaluator.score
     test = evaluator.evaluate("test", cfg.eval.episodes)

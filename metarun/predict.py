@@ -1,6 +1,6 @@
 """A trained run adapted to your own few-shot task: `metarun.load` in Python, `metarun-predict` on the CLI.
 
-    model = metarun.load(RUN_DIR)                   # checkpoints/best.pt; checkpoint="last", device="cpu"
+    model = metarun.load(RUN_DIR)                   # a finished run's best.pt; checkpoint="last", device="cpu"
     task = model.adapt(support_images, support_labels)  # labels: any hashable names
     task.predict(query_images)                      # -> those names
     task.predict_proba(query_images)                # -> [M, N] probabilities, columns in task.classes
@@ -8,11 +8,13 @@
 Images are file paths, PIL images or tensors. Files and PIL images are decoded as the run's dataset
 decodes its own (`ClassDataset.decode`: channels, size, Omniglot's inversion); a tensor is an image
 as the dataset holds it after decoding, uint8 `[C, S, S]` or float in [0, 1] (a batch: `[M, C, S, S]`).
-Then, as the episode sampler does, pixels are scaled to [0, 1] and normalized with the dataset's mean
-and std. The learner is the trainer's (metarun.saved_run), in evaluation mode, and adapts with its
-evaluation settings (the gradient-based ones take `eval_adaptation_steps` inner steps). Predictions
-follow the run's batch-norm mode: with `task` the queries of one call are normalized together, as
-in the run's own test.
+Then, as the episode sampler does, pixels are scaled to [0, 1] and normalized with the mean and std
+the model trained with. The learner is the trainer's (metarun.saved_run), in evaluation mode, and
+adapts with the run's evaluation settings: the gradient-based ones take `eval_adaptation_steps`
+inner steps, and a run tested with `eval.support_augment=M` adapts to each support image followed
+by M augmented copies, as its test episodes hold them. Predictions follow the run's batch-norm mode:
+with `task` the queries of one call are normalized together, as in the run's own test. Loading
+leaves the caller's random state as it was.
 
 `metarun-predict RUN_DIR --support DIR --query DIR_OR_FILE ... [--out predictions.csv]`: DIR holds one
 sub-folder of images per class; writes a CSV of file, predicted class and each class's probability,
@@ -31,43 +33,66 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2.functional import normalize
 
+from metarun.data.augment import Augment
 from metarun.data.folder import class_folders, visible
-from metarun.data.sampler import normalization
 from metarun.device import autocast
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
-from metarun.saved_run import open_run
+from metarun.saved_run import SavedRun, open_run
 
 ImageLike = Union[str, Path, Image.Image, Tensor]
 
 
-def load(run_dir: str | Path, checkpoint: str = "best", device: Optional[str | torch.device] = None) -> TrainedModel:
-    """The learner a run trained, from `checkpoints/<checkpoint>.pt`, on `device` ("cpu", "cuda";
-    None: the GPU when PyTorch sees one, else the CPU). Needs the run's dataset (its decoding and
-    normalization), not its episodes."""
+def load(run_dir: str | Path, checkpoint: Optional[str] = None,
+         device: Optional[str | torch.device] = None) -> TrainedModel:
+    """The learner a run trained, from `checkpoints/<checkpoint>.pt` (None: best.pt of a finished
+    run; "best" or "last" also read a run that has not finished), on `device` ("cpu", "cuda"; None:
+    the GPU when PyTorch sees one, else the CPU). Needs the run's dataset (its decoding), not its
+    episodes."""
+    return read_run(run_dir, checkpoint, device, option='checkpoint="{}"')
+
+
+def read_run(run_dir: str | Path, checkpoint: Optional[str], device: Optional[str | torch.device],
+             option: str) -> TrainedModel:
+    """`load`, with fixes that name the checkpoint as `option` does."""
     device = "auto" if device in (None, "auto") else torch.device(device).type
-    evaluator, _ = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=())
-    if evaluator.score != "accuracy":
-        raise MetarunError(f"{run_dir} learned {evaluator.dataset.name} regression; metarun.load adapts image "
+    # Building the learner seeds torch's generators (Trainer); the caller's random state is theirs.
+    gpu = (device != "cpu" and torch.cuda.is_available()) or torch.cuda.is_initialized()
+    cuda = list(range(torch.cuda.device_count())) if gpu else []
+    with torch.random.fork_rng(devices=cuda):
+        run = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=(), option=option)
+    if run.trainer.score != "accuracy":
+        raise MetarunError(f"{run_dir} learned {run.trainer.dataset.name} regression; metarun.load adapts image "
                            "classifiers: give a run trained on images")
-    return TrainedModel(evaluator)
+    return TrainedModel(run)
 
 
 class TrainedModel:
     """A trained learner that adapts to a support set of any labels (`adapt`)."""
 
-    def __init__(self, evaluator):
+    def __init__(self, run: SavedRun):
+        evaluator = run.trainer
         self.learner = evaluator.learner.eval()
         self.dataset = evaluator.dataset
         self.device, self.amp = evaluator.device, evaluator.amp
-        self.mean_std = normalization(self.dataset.mean, self.dataset.std)  # as the episode sampler normalizes
+        self.mean_std = run.mean_std  # as the run's test episodes are normalized
+        self.support_copies, self.seed = evaluator.cfg.eval.support_augment, evaluator.cfg.eval.seed
+        # The copies' augmentation, as Trainer.episode_sampler gives it to the test episodes: the
+        # augment group's, or the dataset's standard one with augment=none.
+        standard = evaluator.augment or Augment().resolve(getattr(self.dataset, "standard_augment", {}))
+        self.augment = standard if self.support_copies else None
 
-    def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable]) -> AdaptedModel:
+    def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable],
+              generator: Optional[torch.Generator] = None) -> AdaptedModel:
         """Adapt to the support set: image i has label support_labels[i]. The classes keep the
-        order in which the labels first appear."""
-        support_x = self.images(support_images)  # [N*K, C, S, S]
+        order in which the labels first appear. A run tested with eval.support_augment=M adapts to
+        each image followed by M augmented copies, as its test episodes hold them, drawn from
+        `generator` (by default a CPU generator seeded with the run's eval.seed: the same support
+        set gives the same predictions; a test episode's own generator gives that episode's copies)."""
+        support_pixels = self.pixels_of(support_images)  # [N*K, C, S, S] in [0, 1]
         labels = list(support_labels)
-        if len(labels) != len(support_x):
-            raise MetarunError(f"{len(support_x)} support images but {len(labels)} labels; give one label per image")
+        if len(labels) != len(support_pixels):
+            raise MetarunError(f"{len(support_pixels)} support images but {len(labels)} labels; "
+                               "give one label per image")
         try:
             classes = tuple(dict.fromkeys(labels))
         except TypeError:
@@ -79,20 +104,38 @@ class TrainedModel:
                                f"give exactly {learner.n_way} classes")
         index = {label: i for i, label in enumerate(classes)}
         support_y = torch.tensor([index[label] for label in labels], device=self.device)  # [N*K]
+        if self.support_copies:
+            generator = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+            support_pixels, support_y = self.with_copies(support_pixels, support_y, generator)
+        support_x = self.normalized(support_pixels)  # [N*K*(1+M), C, S, S]
         # Gradient-based learners take the inner-loop gradients they need themselves.
         with autocast(self.device, self.amp):
             predict = learner.adapt(support_x, support_y)
         return AdaptedModel(self, predict, classes)
 
+    def with_copies(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Each support image followed by M augmented copies, `[N*K*(1+M)]`, drawn and ordered as the
+        episode sampler adds them to a test episode (EpisodeSampler._with_support_copies)."""
+        M = self.support_copies
+        params = self.augment.draw(len(x) * M, generator)
+        copies = self.augment.apply(x.repeat_interleave(M, dim=0), params)  # [N*K*M, C, S, S]
+        return torch.cat([x, copies]), torch.cat([y, y.repeat_interleave(M)])
+
     def images(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
         """`images` as the model's input: float `[M, C, S, S]` on its device, normalized."""
+        return self.normalized(self.pixels_of(images))
+
+    def normalized(self, x: Tensor) -> Tensor:
+        return x if self.mean_std is None else normalize(x, *self.mean_std)
+
+    def pixels_of(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
+        """`images` as float `[M, C, S, S]` in [0, 1] on the model's device."""
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         pixels = self.tensor_pixels(images) if isinstance(images, Tensor) else [self.pixels(image) for image in images]
         if len(pixels) == 0:
             raise MetarunError("no images given; give file paths, PIL images or tensors")
-        x = (pixels if isinstance(pixels, Tensor) else torch.stack(pixels)).to(self.device)  # [M, C, S, S]
-        return x if self.mean_std is None else normalize(x, *self.mean_std)
+        return (pixels if isinstance(pixels, Tensor) else torch.stack(pixels)).to(self.device)  # [M, C, S, S]
 
     def pixels(self, image: ImageLike) -> Tensor:
         """One image as float `[C, S, S]` in [0, 1], as the episode sampler makes them."""
@@ -223,7 +266,8 @@ def parser() -> OneLineArgumentParser:
     p.add_argument("--query", type=Path, nargs="+", required=True, metavar="DIR_OR_FILE",
                    help="image files, or folders whose files (also in sub-folders) are classified")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: %(default)s)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
 
@@ -234,7 +278,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         support, labels = read_support(args.support)
         queries = find_queries(args.query)
-        task = load(args.run_dir, args.checkpoint, None if args.device == "auto" else args.device).adapt(support, labels)
+        model = read_run(args.run_dir, args.checkpoint, args.device, option="--checkpoint {}")
+        task = model.adapt(support, labels)
         proba = task.predict_proba(queries)
     except MetarunError as e:
         print(f"metarun-predict: error: {e}", file=sys.stderr)

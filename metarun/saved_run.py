@@ -3,6 +3,11 @@ and its learner restored from a checkpoint. Nothing in the run directory is writ
 
   RUN_DIR/.hydra/config.yaml   the config the run trained with (the trainer writes it)
   RUN_DIR/checkpoints/best.pt  the best validation checkpoint; last.pt the last one
+  RUN_DIR/results.json         its test, written last: the run is finished
+
+A run that is still training, stopped before its test, or whose results.json is damaged is read
+only when a checkpoint is named (`checkpoint=best|last`); otherwise each such state, and a damaged
+config or checkpoint, is one MetarunError line saying what to do.
 
 Evaluation may change what draws and scores the test tasks (`eval.*`), the data they come from
 (`dataset=...`, `dataset.*`: another split, or another dataset whose images the model takes), the
@@ -12,14 +17,21 @@ Overrides are Hydra's syntax, applied as Hydra applies them: a group option repl
 node (composed from conf/ by Hydra), a key is set in place, and a key the run does not have is an
 error. The learner is built by the trainer's own code, so an evaluation without
 overrides is the run's own test, number for number.
+
+Images reach the learner normalized as in training: another dataset's (Chen et al., 2019, "A Closer
+Look at Few-shot Classification": source and target under one normalization) with the training
+dataset's mean and std, which checkpoints record (`eval.normalization=target`: the target's own).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import json
+from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -30,10 +42,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import MetaLearner
 from metarun.checkpoint import load_checkpoint
-from metarun.config import Config, check_resolves, eval_episode
+from metarun.config import Config, Normalization, check_resolves, eval_episode
+from metarun.data.sampler import EpisodeSampler, normalization
 from metarun.errors import MetarunError
 from metarun.hydra_errors import describe
-from metarun.trainer import Trainer
+from metarun.lock import RUN_LOCK, RunDirBusy, check_run_dir_free
+from metarun.sweep import FAILED
+from metarun.trainer import Trainer, build, config_container
 
 CHECKPOINTS = ("best", "last")
 CHANGEABLE_GROUPS = ("dataset", "device")
@@ -41,22 +56,109 @@ CHANGEABLE_KEYS = ("eval.", "dataset.", "device.", "algorithm.eval_adaptation_st
 CHANGEABLE = "eval.*, dataset=... and dataset.*, device=... and device.*, algorithm.eval_adaptation_steps, model.batch_norm"
 EPISODE_KEYS = ("n_way", "k_shot", "n_query")
 RUNNING_STATISTICS = ("running_mean", "running_var")
+RUN_FILES = ("checkpoints", "results.json", "metrics.jsonl", "test_episodes.json")  # what tells a run directory
 
 
-def open_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str = "best",
-             parts: Sequence[str] = ("test",)) -> tuple[Trainer, dict[str, Any]]:
-    """The run's learner with the checkpoint's weights, under its config changed by `overrides`;
-    and the checkpoint (its "step", ...). Every problem is one MetarunError line; those of the
-    command, the config and the checkpoint file are found before the dataset is read."""
+class SavedRun(NamedTuple):
+    trainer: Trainer  # the learner with the checkpoint's weights, its dataset, the episodes of `parts`
+    state: dict[str, Any]  # the checkpoint: "step", ...
+    checkpoint: str  # "best" or "last"
+    mean_std: Optional[tuple[list[float], list[float]]]  # how images reaching the learner are normalized
+
+
+def open_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
+             parts: Sequence[str] = ("test",), option: str = "checkpoint={}") -> SavedRun:
+    """The run's learner with the checkpoint's weights, under its config changed by `overrides`.
+    `checkpoint` None: best.pt of a finished run; named ("best", "last"): that checkpoint, finished
+    or not. Every problem is one MetarunError line, whose fixes name the checkpoint as `option`
+    does (metarun-eval's `checkpoint={}`); those of the command, the run directory, the config and
+    the checkpoint file are found before the dataset is read."""
     run_dir = Path(run_dir)
-    cfg = changed_config(read_config(run_dir), overrides)
+    saved = read_config(run_dir)
+    cfg = changed_config(saved, overrides)
     check_images_fit_model(cfg)
-    path = checkpoint_path(run_dir, checkpoint)
-    state = load_checkpoint(path, fix=checkpoint_fix(run_dir, checkpoint, "train it again"))
+    if checkpoint is None:
+        check_finished(run_dir, option)
+    chosen = "best" if checkpoint is None else checkpoint
+    path = checkpoint_path(run_dir, chosen, option)
+    state = load_checkpoint(path, fix=checkpoint_fix(run_dir, chosen, "train it again", option))
     # The trainer's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.
     evaluator = Trainer(cfg, run_dir, parts=parts, resume=False)
     restore(evaluator.learner, state, path)
-    return evaluator, state
+    mean_std = images_normalization(saved, cfg, state, evaluator.dataset)
+    for sampler in evaluator.samplers.values():
+        if isinstance(sampler, EpisodeSampler):
+            sampler.mean_std = mean_std
+    return SavedRun(evaluator, state, chosen, mean_std)
+
+
+def images_normalization(saved: DictConfig, cfg: DictConfig, state: dict[str, Any], dataset: Any):
+    """The (mean, std) that images reaching the learner are normalized with (as sampler.normalization
+    gives them): the training dataset's, as the checkpoint records it (a checkpoint too old to record
+    it: read from the run's dataset), unless eval.normalization=target asks for the dataset's own."""
+    own = normalization(getattr(dataset, "mean", None), getattr(dataset, "std", None))
+    if cfg.eval.normalization == Normalization.target:
+        return own
+    if "normalization" in state:
+        recorded = state["normalization"]
+        return None if recorded is None else normalization(recorded["mean"], recorded["std"])
+    if config_container(saved.dataset) == config_container(cfg.dataset):
+        return own  # the run's own dataset
+    try:
+        trained_on = build(saved.dataset)
+    except MetarunError as e:
+        raise MetarunError(f"this run's checkpoint does not record the mean and std its model learned with, and its "
+                           f"training dataset cannot be read to find them ({e}); make that dataset readable where the "
+                           "run's config says, or give eval.normalization=target to use the tested dataset's own") from None
+    return normalization(getattr(trained_on, "mean", None), getattr(trained_on, "std", None))
+
+
+def check_finished(run_dir: Path, option: str) -> None:
+    """A finished run: no live process trains it and results.json, written after its test, reads.
+    Otherwise one line saying so, with the checkpoint to name to test it as it is."""
+    have = [name for name in CHECKPOINTS if (run_dir / "checkpoints" / f"{name}.pt").is_file()]
+    name = f"give {option.format(have[0])} to test the checkpoint it has now" if have else ""
+    trainer = training_process(run_dir)
+    if trainer is not None:
+        wait = "wait for it to finish (it writes results.json after its test)"
+        raise MetarunError(f"{run_dir} is still training ({trainer}); {wait}{', or ' + name if name else ''}")
+    if not have:
+        return  # checkpoint_path says there is nothing to test, and how to train it
+    results = run_dir / "results.json"
+    if not results.is_file():
+        held = "only checkpoints/last.pt" if have == ["last"] else "checkpoints/" + " and ".join(f"{c}.pt" for c in have)
+        how = f"failed ({failure})" if (failure := failed_with(run_dir)) else "stopped"
+        raise MetarunError(f"{run_dir} has not finished: it {how} before its test (no results.json) with {held}; resume "
+                           f"it to the end (metarun ... hydra.run.dir={run_dir}, the overrides it started with) or {name}")
+    try:
+        record = json.loads(results.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:100] or type(e).__name__
+        raise MetarunError(f"{results} is cut short or damaged ({reason}); give {option.format('best')} to test its "
+                           "best checkpoint anyway, or restore results.json from a copy of the run") from None
+
+
+def failed_with(run_dir: Path) -> Optional[str]:
+    """The error line of failed.json, which a run that failed leaves (metarun.sweep.record_failure)."""
+    try:
+        return str(json.loads((run_dir / FAILED).read_text())["error"])[:200]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def training_process(run_dir: Path) -> Optional[str]:
+    """'process PID on HOST' when a live process holds the run directory's lock (metarun.lock); else None."""
+    try:
+        check_run_dir_free(run_dir)
+        return None
+    except RunDirBusy:
+        try:
+            holder = json.loads((run_dir / RUN_LOCK).read_text())
+            return f"process {holder['pid']} on {holder['host']}"
+        except (OSError, ValueError, KeyError, TypeError):  # it is writing its name in just now
+            return "another process"
 
 
 def read_config(run_dir: Path) -> DictConfig:
@@ -65,20 +167,41 @@ def read_config(run_dir: Path) -> DictConfig:
     trained with when evaluation changes what they followed."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
+        if any((run_dir / name).exists() for name in RUN_FILES):
+            raise MetarunError(f"{run_dir} holds a run's files but no .hydra/config.yaml (the config it trained with); "
+                               "copy the run's .hydra/ folder back from a copy of the run, or train it again")
         problem = "does not exist" if not run_dir.exists() else "holds no .hydra/config.yaml"
         raise MetarunError(f"{run_dir} {problem}; give the directory of a metarun run (outputs/<date>/<time>_...)")
+    cut_short = (f"{path} is cut short or damaged ({{}}); copy .hydra/config.yaml back from a copy of the run, "
+                 "or train it again")
     try:
-        saved = OmegaConf.load(path)
-        if not isinstance(saved, DictConfig):
-            raise ValueError("not a mapping")
+        text = path.read_text()
+        saved = OmegaConf.create(text)
+    except Exception as e:  # not text, not YAML (a file cut inside a line)
+        raise MetarunError(cut_short.format(first_line(e))) from None
+    if not isinstance(saved, DictConfig):
+        raise not_a_config(path, ValueError("not a mapping"))
+    # The trainer writes every key of the schema, the seed last, and a final newline: a file cut
+    # short lacks some, and the schema would fill them with defaults the run never had.
+    missing = [f.name for f in dataclasses.fields(Config) if f.name not in saved]
+    if missing or not text.endswith("\n"):
+        raise MetarunError(cut_short.format(f"no {', '.join(missing)}" if missing else "no final newline"))
+    try:
         check_resolves(saved)
         return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(saved, resolve=True))
     except MetarunError:
         raise
-    except Exception as e:  # not YAML, not a mapping, keys the schema does not know
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MetarunError(f"{path} is not the config of a metarun run ({reason[:120]}); "
-                           "give the directory of a run that metarun wrote") from None
+    except Exception as e:  # keys the schema does not know, values of the wrong type
+        raise not_a_config(path, e) from None
+
+
+def not_a_config(path: Path, e: Exception) -> MetarunError:
+    return MetarunError(f"{path} is not the config of a metarun run ({first_line(e)}); "
+                        "give the directory of a run that metarun wrote")
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:120]
 
 
 def changed_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -144,8 +267,11 @@ def set_key(cfg: DictConfig, override: Override) -> None:
         OmegaConf.update(cfg, key, override.value(), merge=True)
     except OmegaConfBaseException as e:
         reason = str(e).strip().splitlines()[0]
-        raise MetarunError(f"{line}: {reason}; give {key} a value of its type "
-                           f"(it is {OmegaConf.select(cfg, key)!r} in this run)") from None
+        current = OmegaConf.select(cfg, key)
+        if isinstance(current, Enum):  # eval.normalization, device.type: name the choices
+            raise MetarunError(f"{line}: {reason}; give {key} one of {', '.join(c.value for c in type(current))} "
+                               f"(it is {current.value} in this run)") from None
+        raise MetarunError(f"{line}: {reason}; give {key} a value of its type (it is {current!r} in this run)") from None
 
 
 def check_images_fit_model(cfg: DictConfig) -> None:
@@ -157,22 +283,22 @@ def check_images_fit_model(cfg: DictConfig) -> None:
                                f"set dataset.{data_key}={trained} (the dataset converts its images)")
 
 
-def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+def checkpoint_path(run_dir: Path, checkpoint: str, option: str = "checkpoint={}") -> Path:
     if checkpoint not in CHECKPOINTS:
-        raise MetarunError(f"checkpoint={checkpoint} is not one of {', '.join(CHECKPOINTS)}; "
-                           "give checkpoint=best (the best validation) or checkpoint=last")
+        raise MetarunError(f"{option.format(checkpoint)} is not one of {', '.join(CHECKPOINTS)}; "
+                           f"give {option.format('best')} (the best validation) or {option.format('last')}")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise MetarunError(f"{run_dir} has no checkpoints/{checkpoint}.pt; "
-                           f"{checkpoint_fix(run_dir, checkpoint, 'train it first')}")
+                           f"{checkpoint_fix(run_dir, checkpoint, 'train it first', option)}")
     return path
 
 
-def checkpoint_fix(run_dir: Path, checkpoint: str, train: str) -> str:
+def checkpoint_fix(run_dir: Path, checkpoint: str, train: str, option: str = "checkpoint={}") -> str:
     """'train it first or give checkpoint=last': the other checkpoint, where the run has it."""
     other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
     if (run_dir / "checkpoints" / f"{other}.pt").is_file():
-        return f"{train} or give checkpoint={other}"
+        return f"{train} or give {option.format(other)}"
     return f"{train} (metarun ... hydra.run.dir={run_dir})"
 
 

@@ -7,8 +7,15 @@ import json
 import shutil
 
 import pytest
+import torch
 
+from metarun.data.sampler import EpisodeSampler
 from metarun.eval_run import main
+from metarun.evaluation import evaluate as meta_test
+from metarun.saved_run import open_run
+from metarun.trainer import Trainer, build
+from tests.conftest import compose_config
+from tests.test_zoo import tiny
 from tests.trained_runs import trained_run
 
 
@@ -84,6 +91,32 @@ def test_another_dataset_of_the_same_image_shape_tests_across_domains(protonet_r
     assert 0 <= results["test_accuracy"] <= 1 and len(episodes["values"]) == 10
 
 
+def test_another_dataset_is_normalized_with_the_training_datasets_statistics(make_config, colour_datasets, tmp_path):
+    """Chen et al. (2019)'s cross-domain protocol normalizes source and target images alike: a
+    mini-ImageNet run tested on CIFAR-FS classes gets them normalized with mini-ImageNet's mean and
+    std (eval.normalization=train, the default), and with CIFAR's own only when asked (target)."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(tiny(make_config, "protonet", "train.steps=2", "train.val_every=2", dataset="miniimagenet"),
+                      run_dir)
+    trainer.run()  # its learner now holds best.pt's weights
+    cifar = build(compose_config(*colour_datasets["cifarfs"]).dataset)
+    stats = {"train": (trainer.dataset.mean, trainer.dataset.std), "target": (cifar.mean, cifar.std)}
+    assert stats["train"] != stats["target"]
+    for normalization, arguments in (("train", ()), ("target", ("eval.normalization=target",))):
+        overrides = [*colour_datasets["cifarfs"], *arguments]
+        mean, std = stats[normalization]
+        expected = EpisodeSampler(cifar.part("test"), 5, 1, 2, "test", mean=mean, std=std)
+        # The images that reach the learner ...
+        reached = open_run(run_dir, overrides)[0].samplers["test"].episodes(0, 0, 2)
+        assert torch.equal(reached.support_x, expected.episodes(0, 0, 2).support_x)
+        assert torch.equal(reached.query_x, expected.episodes(0, 0, 2).query_x)
+        # ... and the numbers metarun-eval writes from them.
+        results, episodes = evaluate(run_dir, normalization, *overrides, f"name={normalization}")
+        own = meta_test(trainer.learner, expected, 4, 0, 4)
+        assert episodes["values"] == own["per_episode"] and results["test_loss"] == own["loss"]
+        assert results["config"]["eval"]["normalization"] == normalization
+
+
 def test_maml_adapts_with_more_steps_when_asked(maml_run):
     run_dir, trained = maml_run
     same, _ = evaluate(run_dir, "default")
@@ -103,6 +136,7 @@ def test_maml_adapts_with_more_steps_when_asked(maml_run):
         ("protonet", ("+eval.extra=1",), "evaluation only changes keys the run has"),
         ("protonet", ("eval.n_wya=20",), "this run's config has no eval.n_wya; did you mean eval.n_way?"),
         ("protonet", ("eval.n_way=abc",), "give eval.n_way a value of its type"),
+        ("protonet", ("eval.normalization=own",), "give eval.normalization one of train, target (it is train"),
         ("protonet", ("eval.n_way=5,20",), "tests one setting at a time"),
         ("protonet", ("eval.episode=7w1s",), "eval.episode=7w1s is not in conf/episode/"),
         ("protonet", ("dataset=nothing",), "dataset/nothing"),

@@ -4,6 +4,7 @@ test characters, with short real runs (ProtoNet, second-order MAML)."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -13,10 +14,12 @@ import torch
 from PIL import Image
 
 import metarun
-from metarun.checkpoint import save_checkpoint
+from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.data.sampler import episode_seed
 from metarun.predict import main
+from metarun.saved_run import read_config
 from metarun.trainer import Trainer
-from tests.conftest import REPO, one_line_error
+from tests.conftest import REPO, compose_config, one_line_error
 from tests.test_zoo import ALGORITHMS, tiny
 from tests.trained_runs import trained_run
 
@@ -32,6 +35,18 @@ def protonet_run(tmp_path_factory, omniglot_root, omniglot_cache):
 @pytest.fixture(scope="module")
 def maml_run(tmp_path_factory, omniglot_root, omniglot_cache):
     return trained_run("maml", tmp_path_factory, omniglot_root, omniglot_cache)[0]
+
+
+@pytest.fixture(scope="module")
+def augmented_run(tmp_path_factory, omniglot_root, omniglot_cache) -> Path:
+    """A short ProtoNet run validated and tested with 2 augmented copies of each support image."""
+    run_dir = tmp_path_factory.mktemp("augmented")
+    cfg = compose_config(f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false",
+                         "device=cpu", "algorithm=protonet", "model.hidden=16", "episode.meta_batch_size=2",
+                         "episode.n_query=5", "train.steps=10", "train.val_every=10", "train.val_episodes=10",
+                         "train.log_every=10", "eval.support_augment=2", "eval.episodes=10", "eval.batch_size=1")
+    Trainer(cfg, run_dir).run()
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +94,14 @@ def test_adapted_model_names_held_out_drawings_of_new_characters(request, charac
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_in_the_zoo_adapts_and_predicts(make_config, tmp_path, characters, algorithm):
-    """Untrained learners, each saved as a run's best checkpoint: the contract, not accuracy. On the
-    folder fixture (RGB, 16x16, normalized with its own mean and std), so the PNGs are decoded as a
-    folder dataset decodes its files."""
+    """Untrained learners, each saved as a run's best checkpoint (a run not tested yet, so the
+    checkpoint is named): the contract, not accuracy. On the folder fixture (RGB, 16x16, normalized
+    with its own mean and std), so the PNGs are decoded as a folder dataset decodes its files."""
     trainer = Trainer(tiny(make_config, algorithm, dataset="folder"), tmp_path)
     trainer.write_config()
     save_checkpoint({"learner": trainer.learner.state_dict(), "step": 0}, tmp_path / "checkpoints" / "best.pt")
     support, labels, query, _ = task_files(characters)
-    task = metarun.load(tmp_path, device="cpu").adapt(support, labels)
+    task = metarun.load(tmp_path, "best", device="cpu").adapt(support, labels)
     proba = task.predict_proba(query)
     assert proba.shape == (len(query), 5) and torch.allclose(proba.sum(dim=1), torch.ones(len(query)))
     assert set(task.predict(query)) <= set(labels)
@@ -131,6 +146,48 @@ def test_wrong_image_shapes_channels_and_class_counts_are_one_line(protonet_run,
     assert "classifies 5 classes (its head) but the support set has 3; give exactly 5" in one_line_error(
         lambda: maml.adapt(support[:3], labels[:3]))
     assert "3 support images but 2 labels" in one_line_error(lambda: maml.adapt(support[:3], labels[:2]))
+
+
+def test_adapt_adds_the_runs_support_copies_and_predicts_as_its_own_test(augmented_run):
+    """A run tested with eval.support_augment=2 adapts to each support image and 2 augmented copies:
+    given the generator its test episode drew them from, metarun.load predicts that episode's queries
+    exactly as the run's own test did; by default the copies come from a generator seeded with
+    eval.seed, so the same support set always gives the same predictions."""
+    model = metarun.load(augmented_run, device="cpu")
+    cfg = read_config(augmented_run)
+    own = Trainer(cfg, augmented_run, parts=("test",), resume=False)  # the run's own test episodes and learner
+    own.learner.load_state_dict(load_checkpoint(augmented_run / "checkpoints" / "best.pt")["learner"])
+    own.learner.eval()
+    sampler, seed, originals = own.samplers["test"], cfg.eval.seed, 5 * 1  # N*K support images before the copies
+    tested = json.loads((augmented_run / "test_episodes.json").read_text())["values"]
+    accuracies = []
+    for index in range(10):
+        episode = sampler.episode(seed, index)
+        support_x, support_y = episode.support_x[0], episode.support_y[0]
+        assert len(support_x) == originals * 3
+        generator = torch.Generator().manual_seed(episode_seed(seed, index))
+        sampler._draw(1, generator)  # the generator as the episode's draw of classes and images leaves it
+        task = model.adapt(support_x[:originals], support_y[:originals].tolist(), generator=generator)
+        predicted = torch.tensor(task.predict(episode.query_x[0]))
+        with torch.no_grad():
+            expected = own.learner.adapt(support_x, support_y)(episode.query_x[0]).argmax(dim=-1)
+        assert torch.equal(predicted, expected), index
+        accuracies.append((predicted == episode.query_y[0]).float().mean().item())
+    assert accuracies == tested  # the run's own test, episode by episode
+    episode = sampler.episode(seed, 0)
+    support, labels = episode.support_x[0, :originals], episode.support_y[0, :originals].tolist()
+    once, again = (model.adapt(support, labels).predict_proba(episode.query_x[0]) for _ in range(2))
+    assert torch.equal(once, again)
+
+
+def test_load_leaves_the_callers_random_state_as_it_was(protonet_run):
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    expected = torch.rand(5)  # what the caller's next draw would have been without load
+    torch.set_rng_state(before)
+    metarun.load(protonet_run, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(5), expected)
 
 
 def test_load_without_a_checkpoint_is_one_line(protonet_run, tmp_path):

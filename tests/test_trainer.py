@@ -273,3 +273,29 @@ def test_a_resumed_run_may_move_its_data_but_not_change_it(make_config, tmp_path
     assert moved.step == 10  # dataset.cache_dir is machine-local: the folder dataset declares it
     with pytest.raises(MetarunError, match=r"different config \(dataset.image_size: 16 -> 32\)"):
         Trainer(small_run(make_config, "train.steps=20", "dataset.image_size=32", dataset="folder"), tmp_path)
+
+
+def test_resume_on_another_device_type_restarts_the_task_generator_with_one_warning(make_config, tmp_path):
+    """last.pt holds the task generator's state of the device it was written on, which a generator of
+    another type cannot take (a CUDA generator's state is its seed and offset, 16 bytes; a CPU one's
+    5056): resumed there, the generator restarts from a seed of (seed, step) and one warning says
+    that the tasks from then on differ from an uninterrupted run's."""
+    from metarun.checkpoint import save_checkpoint
+    from metarun.data.sampler import episode_seed
+
+    few = ("train.val_every=2", "train.val_episodes=5", "eval.episodes=5")
+    run(small_run(make_config, "train.steps=2", *few), tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["device"] == "cpu"
+    # last.pt as a run on the GPU writes it: its device type, and a CUDA generator's state.
+    save_checkpoint({**state, "device": "cuda", "rng": {**state["rng"], "train_sampler": torch.zeros(16, dtype=torch.uint8)}},
+                    last)
+    with pytest.warns(UserWarning) as warned:
+        resumed = Trainer(small_run(make_config, "train.steps=4", *few), tmp_path)
+    lines = [str(w.message) for w in warned if "was written on cuda" in str(w.message)]
+    assert lines == [f"{last} was written on cuda and this run resumes on cpu, whose task generator cannot take its "
+                     "state: it restarts from a seed of (seed, step 2), so the tasks from step 2 on differ from "
+                     "those of an uninterrupted run"]
+    assert resumed.step == 2 and resumed.generator.initial_seed() == episode_seed(0, 2)
+    assert resumed.run()["steps"] == 4

@@ -179,6 +179,14 @@ def normalization(mean, std) -> tuple[list[float], list[float]] | None:
     return list(mean), list(std)
 
 
+def statistics(dataset) -> dict[str, list[float]] | None:
+    """The mean and std that `dataset`'s episodes are normalized with, as checkpoints record them:
+    a run tested on another dataset normalizes its images as the model learned (metarun.saved_run).
+    None for a dataset without them (drawn tasks)."""
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    return None if mean is None else {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
 def usable_classes(images: ClassImages, n_way: int, k_shot: int, n_query: int, where: str, config_key: str) -> Tensor:
     """Indices of the classes holding at least k_shot + n_query images; those with fewer are named
     in a warning, and too few left for `n_way` is one line naming the fix."""
