@@ -96,8 +96,7 @@ def make_protonet():
     return ProtoNet(perturb_batch_norm(Conv4(hidden=4, batch_norm="running")), 5).double()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the all-tasks-in-one-call path of a GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])  # cuda: one call for all tasks
 @pytest.mark.parametrize("make_learner", [make_maml, make_protonet], ids=["maml", "protonet"])
 def test_one_step_updates_the_running_statistics_once_whatever_the_task_chunk(make_learner, device):
     torch.manual_seed(0)
