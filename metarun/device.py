@@ -21,7 +21,7 @@ def resolve_device(kind: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise MetarunError(
-            f"device=cuda but PyTorch {torch.__version__} sees no CUDA device on this machine; "
+            f"device=cuda but PyTorch {torch.__version__} sees no CUDA device; "
             "use device=cpu or device=auto"
         )
     return torch.device(kind)
