@@ -33,8 +33,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2.functional import normalize
 
-from metarun.data.augment import Augment
 from metarun.data.folder import class_folders, visible
+from metarun.data.sampler import with_support_copies
 from metarun.device import autocast
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
 from metarun.saved_run import SavedRun, open_run
@@ -76,10 +76,7 @@ class TrainedModel:
         self.device, self.amp = evaluator.device, evaluator.amp
         self.mean_std = run.mean_std  # as the run's test episodes are normalized
         self.support_copies, self.seed = evaluator.cfg.eval.support_augment, evaluator.cfg.eval.seed
-        # The copies' augmentation, as Trainer.episode_sampler gives it to the test episodes: the
-        # augment group's, or the dataset's standard one with augment=none.
-        standard = evaluator.augment or Augment().resolve(getattr(self.dataset, "standard_augment", {}))
-        self.augment = standard if self.support_copies else None
+        self.augment = evaluator.support_copies_augment() if self.support_copies else None
 
     def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable],
               generator: Optional[torch.Generator] = None) -> AdaptedModel:
@@ -114,12 +111,10 @@ class TrainedModel:
         return AdaptedModel(self, predict, classes)
 
     def with_copies(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Each support image followed by M augmented copies, `[N*K*(1+M)]`, drawn and ordered as the
-        episode sampler adds them to a test episode (EpisodeSampler._with_support_copies)."""
-        M = self.support_copies
-        params = self.augment.draw(len(x) * M, generator)
-        copies = self.augment.apply(x.repeat_interleave(M, dim=0), params)  # [N*K*M, C, S, S]
-        return torch.cat([x, copies]), torch.cat([y, y.repeat_interleave(M)])
+        """Each support image followed by M augmented copies, `[N*K*(1+M)]`, as the episode sampler
+        adds them to a test episode."""
+        x, y = with_support_copies(self.augment, x[None], y[None], self.support_copies, [generator])
+        return x[0], y[0]
 
     def images(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
         """`images` as the model's input: float `[M, C, S, S]` on its device, normalized."""

@@ -140,15 +140,18 @@ class Trainer:
         dataset, cfg = self.dataset, self.cfg
         if hasattr(dataset, "sampler"):
             return dataset.sampler(part, *episode_shape(cfg, part), episode_key(cfg, part), self.device)
-        augment = self.augment
         copies = 0 if part == "train" else cfg.eval.support_augment
-        if copies and augment is None:  # augment=none: the copies use the dataset's standard augmentation
-            augment = Augment().resolve(dataset.standard_augment)
+        augment = self.support_copies_augment() if copies else self.augment
         return EpisodeSampler(
             dataset.part(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
             config_key=episode_key(cfg, part), mean=dataset.mean, std=dataset.std,
             augment=augment if part == "train" or copies else None, support_copies=copies,
         )
+
+    def support_copies_augment(self) -> Augment:
+        """What draws eval.support_augment's copies: the augment group's augmentation, or with
+        augment=none the dataset's standard one."""
+        return self.augment or Augment().resolve(self.dataset.standard_augment)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

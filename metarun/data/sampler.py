@@ -151,16 +151,8 @@ class EpisodeSampler:
         return TaskBatch(support_x, s_y, query_x, q_y, self.n_way, classes)
 
     def _with_support_copies(self, tasks: TaskBatch, generators: list[torch.Generator]) -> TaskBatch:
-        """Each support image followed by M augmented copies: support `[T, N*K*(1+M)]`. Episode t's
-        copies are drawn from its own generator, so it still depends on (seed, index) alone."""
-        T, n = tasks.support_y.shape
-        M = self.support_copies
-        params = [self.augment.draw(n * M, g) for g in generators]
-        params = {key: torch.cat([p[key] for p in params]) for key in params[0]}
-        originals = tasks.support_x.repeat_interleave(M, dim=1).flatten(0, 1)  # [T*N*K*M, C, H, W]
-        copies = self.augment.apply(originals, params).unflatten(0, (T, n * M))  # [T, N*K*M, C, H, W]
-        tasks.support_x = torch.cat([tasks.support_x, copies], dim=1)
-        tasks.support_y = torch.cat([tasks.support_y, tasks.support_y.repeat_interleave(M, dim=1)], dim=1)
+        tasks.support_x, tasks.support_y = with_support_copies(
+            self.augment, tasks.support_x, tasks.support_y, self.support_copies, generators)
         return tasks
 
     def _normalized(self, tasks: TaskBatch) -> TaskBatch:
@@ -169,6 +161,19 @@ class EpisodeSampler:
             tasks.support_x = normalize(tasks.support_x, mean, std, inplace=True)
             tasks.query_x = normalize(tasks.query_x, mean, std, inplace=True)
         return tasks
+
+
+def with_support_copies(augment, support_x: torch.Tensor, support_y: torch.Tensor, copies: int,
+                        generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each support image followed by M = `copies` augmented copies: `[T, N*K, ...] -> [T, N*K*(1+M), ...]`.
+    Episode t's copies are drawn from its own generator, so it still depends on (seed, index) alone."""
+    T, n = support_y.shape
+    params = [augment.draw(n * copies, g) for g in generators]
+    params = {key: torch.cat([p[key] for p in params]) for key in params[0]}
+    originals = support_x.repeat_interleave(copies, dim=1).flatten(0, 1)  # [T*N*K*M, C, H, W]
+    added = augment.apply(originals, params).unflatten(0, (T, n * copies))  # [T, N*K*M, C, H, W]
+    return (torch.cat([support_x, added], dim=1),
+            torch.cat([support_y, support_y.repeat_interleave(copies, dim=1)], dim=1))
 
 
 def normalization(mean, std) -> tuple[list[float], list[float]] | None:
