@@ -1,0 +1,121 @@
+"""A short run's files, number for number, as the code before the issue-18 redesign wrote them.
+
+`tests/fixtures/unchanged/<run>/` holds results.json, test_episodes.json and metrics.jsonl of each
+command in RUNS (and of a metarun-eval of the first), written by that code and stripped as below; each test runs the same
+command through the console scripts and compares. What depends on the machine is left out: wall
+times, tasks per second, where the data lies. Floats agree to 1e-4 relative (another CPU's kernels
+round differently); everything else exactly. `python -m tests.test_unchanged_outputs` rewrites the
+fixtures, for a change that is meant to change the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DATA_ROOT, REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "unchanged"
+SHORT = ("device=cpu", "train.steps=6", "train.val_every=3", "train.log_every=2", "train.val_episodes=10",
+         "eval.episodes=12")
+RUNS = {
+    "protonet": ("algorithm=protonet", "episode.n_query=5", "dataset.download=false"),
+    "maml_sinusoid": ("+experiment=maml_sinusoid",),
+}
+EVAL = ("eval.n_way=10",)  # metarun-eval of the protonet run
+FILES = ("results.json", "test_episodes.json", "metrics.jsonl")
+MACHINE = ("wall_time_s", "tasks_per_s", "root", "cache_dir")  # keys whose values depend on the machine
+
+
+def scripts() -> Path:
+    return Path(sys.executable).parent
+
+
+def train(name: str, run_dir: Path, cache: Path) -> None:
+    extra = (f"dataset.root={DATA_ROOT / 'omniglot'}", f"dataset.cache_dir={cache}") if name == "protonet" else ()
+    subprocess.run([scripts() / "metarun", *RUNS[name], *SHORT, *extra, f"hydra.run.dir={run_dir}"],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def evaluate(run_dir: Path) -> Path:
+    subprocess.run([scripts() / "metarun-eval", run_dir, *EVAL, "name=unchanged"], check=True, capture_output=True)
+    return run_dir / "eval" / "unchanged"
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """The folder's files as data, the machine-dependent values left out."""
+    out = {}
+    for name in FILES:
+        path = folder / name
+        if path.exists():
+            text = path.read_text()
+            records = [json.loads(line) for line in text.splitlines()] if name.endswith(".jsonl") else json.loads(text)
+            out[name] = strip(records)
+    return out
+
+
+def strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: strip(v) for k, v in value.items() if k not in MACHINE}
+    if isinstance(value, list):
+        return [strip(v) for v in value]
+    return value
+
+
+def differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        if old.keys() != new.keys():
+            return [f"{where}: keys {sorted(old.keys() ^ new.keys())} differ"]
+        return [d for k in old for d in differences(old[k], new[k], f"{where}.{k}")]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{where}: {len(old)} entries, now {len(new)}"]
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+    if isinstance(old, float) and isinstance(new, float):
+        return [] if math.isclose(old, new, rel_tol=1e-4, abs_tol=1e-7) else [f"{where}: {old} -> {new}"]
+    return [] if old == new and type(old) is type(new) else [f"{where}: {old!r} -> {new!r}"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, omniglot_root, omniglot_cache) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("unchanged")
+    folders = {}
+    for name in RUNS:
+        train(name, base / name, omniglot_cache)
+        folders[name] = base / name
+    folders["protonet_eval"] = evaluate(base / "protonet")
+    return folders
+
+
+@pytest.mark.parametrize("run", [*RUNS, "protonet_eval"])
+def test_a_short_run_writes_what_it_wrote_before_the_redesign(written, run):
+    expected = read(FIXTURES / run)
+    assert set(expected) >= {"results.json", "test_episodes.json"}
+    found = differences(expected, read(written[run]))
+    assert not found, f"{run}: " + "; ".join(found[:5])
+
+
+if __name__ == "__main__":  # rewrite the fixtures from what the code writes now
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        cache = Path(os.environ.get("METARUN_CACHE") or base / "cache")
+        for name in RUNS:
+            train(name, base / name, cache)
+        folders = {name: base / name for name in RUNS} | {"protonet_eval": evaluate(base / "protonet")}
+        for name, folder in folders.items():
+            shutil.rmtree(FIXTURES / name, ignore_errors=True)
+            (FIXTURES / name).mkdir(parents=True)
+            for file, records in read(folder).items():  # stripped: no machine's paths or timings
+                lines = [json.dumps(r) for r in records] if file.endswith(".jsonl") else [json.dumps(records, indent=2)]
+                (FIXTURES / name / file).write_text("\n".join(lines) + "\n")
+            print(f"wrote {FIXTURES / name}")
