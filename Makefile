@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # Real Omniglot for `make run` and the tests: $METARUN_DATA, else the checkout's neighbour ../shared/data.
 export METARUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-all lint bench clean
 
 $(BIN)/metarun: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 
 test-all: install  # also the slow end-to-end reproduction runs
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+# ruff's formatter and linter (pyproject.toml [tool.ruff]): `make lint` fails on code they would change.
+lint: install
+	test -x $(BIN)/ruff || $(BIN)/pip install -q 'ruff>=0.6'
+	$(BIN)/ruff format --check metarun tests scripts
+	$(BIN)/ruff check metarun tests scripts
 
 # Installs the peers it compares with first (higher, learn2learn, easyfsl); a peer that does not
 # install is left out of the tables, named. Then one process against two (torchrun, gloo).

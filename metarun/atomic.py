@@ -20,10 +20,17 @@ class WriteFailed(RunFailed):
     """Writing `path` failed: a full disk, a file-size limit, an I/O error. `fix` ends the line;
     `with_fix` gives the same failure with the fix its caller knows better."""
 
-    def __init__(self, path: str | Path, error: OSError, fix: str = "free space there or write somewhere else"):
+    def __init__(
+        self,
+        path: str | Path,
+        error: OSError,
+        fix: str = "free space there or write somewhere else",
+    ):
         self.path, self.error = Path(path), error
         reason = error.strerror or str(error) or type(error).__name__
-        super().__init__(f"cannot write {path}: {reason} ({free_space(Path(path))} free there); {fix}")
+        super().__init__(
+            f"cannot write {path}: {reason} ({free_space(Path(path))} free there); {fix}"
+        )
 
     def with_fix(self, fix: str) -> WriteFailed:
         failed = WriteFailed(self.path, self.error, fix)
@@ -43,7 +50,9 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; run directories and caches are shared read-only
+            os.chmod(
+                tmp, 0o644
+            )  # mkstemp makes 0600; run directories and caches are shared read-only
             os.replace(tmp, path)
     except BaseException:
         if tmp is not None:

@@ -18,7 +18,9 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load_checkpoint(path: Path, map_location: torch.device | str = "cpu", fix: str | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, map_location: torch.device | str = "cpu", fix: str | None = None
+) -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint; anything else is one MetarunError line ending
     in `fix` (by default: how a training run starts over)."""
     fix = fix or f"delete {path} to start this run over, or choose a new hydra.run.dir"

@@ -39,7 +39,9 @@ def run(cfg: DictConfig) -> float | None:
     trainer = None
     resume = f"`metarun ... hydra.run.dir={run_dir}` with the same overrides resumes from its last checkpoint"
     try:
-        trainer = Trainer(cfg, run_dir, processes)  # checks the command, the data and any checkpoint; writes nothing
+        trainer = Trainer(
+            cfg, run_dir, processes
+        )  # checks the command, the data and any checkpoint; writes nothing
         results = trainer.run()
         processes.close()
     except KeyboardInterrupt:
@@ -69,7 +71,9 @@ def run(cfg: DictConfig) -> float | None:
         if not existed and run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # Hydra made it for us; a run that never started leaves nothing behind
         print(f"metarun: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)  # 2: a command that cannot run as given; 1: a run that failed (errors.RunFailed)
+        sys.exit(
+            e.exit_code
+        )  # 2: a command that cannot run as given; 1: a run that failed (errors.RunFailed)
     if processes.main:
         clear_failure(run_dir)
     return objective(results)
@@ -91,11 +95,17 @@ def one_line_directory_errors() -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        inside_run = any(frame.f_code is run.__wrapped__.__code__ for frame, _ in traceback.walk_tb(e.__traceback__))
+        inside_run = any(
+            frame.f_code is run.__wrapped__.__code__
+            for frame, _ in traceback.walk_tb(e.__traceback__)
+        )
         if inside_run or not e.filename:
             raise
-        print(f"metarun: error: cannot make {e.filename} ({e.strerror}); choose another hydra.run.dir "
-              "(hydra.sweep.dir for a sweep)", file=sys.stderr)
+        print(
+            f"metarun: error: cannot make {e.filename} ({e.strerror}); choose another hydra.run.dir "
+            "(hydra.sweep.dir for a sweep)",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -20,7 +20,11 @@ from hydra.utils import get_object
 from importlib.resources import files
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError, MissingMandatoryValue
+from omegaconf.errors import (
+    InterpolationKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+)
 
 from metarun.errors import MetarunError
 
@@ -111,8 +115,12 @@ def eval_episode(name: Optional[str], key: str, default: int) -> int:
     episodes = files("metarun.conf") / "episode"
     path = episodes / f"{name}.yaml"
     if not path.is_file():
-        choices = sorted(p.name.removesuffix(".yaml") for p in episodes.iterdir() if p.name.endswith(".yaml"))
-        raise MetarunError(f"eval.episode={name} is not in conf/episode/; choose one of: {', '.join(choices)}")
+        choices = sorted(
+            p.name.removesuffix(".yaml") for p in episodes.iterdir() if p.name.endswith(".yaml")
+        )
+        raise MetarunError(
+            f"eval.episode={name} is not in conf/episode/; choose one of: {', '.join(choices)}"
+        )
     return OmegaConf.create(path.read_text())[key]
 
 
@@ -120,16 +128,31 @@ OmegaConf.register_new_resolver("eval_episode", eval_episode, replace=True)
 
 # Keys that must be positive; the algorithm checks its own (inner_lr, adaptation_steps, ...).
 POSITIVE = (
-    "episode.n_way", "episode.k_shot", "episode.n_query", "episode.meta_batch_size",
-    "train.steps", "train.val_every", "train.val_episodes", "train.log_every", "train.grad_clip",
-    "eval.episodes", "eval.batch_size", "eval.n_way", "eval.k_shot", "eval.n_query", "optimizer.lr",
+    "episode.n_way",
+    "episode.k_shot",
+    "episode.n_query",
+    "episode.meta_batch_size",
+    "train.steps",
+    "train.val_every",
+    "train.val_episodes",
+    "train.log_every",
+    "train.grad_clip",
+    "eval.episodes",
+    "eval.batch_size",
+    "eval.n_way",
+    "eval.k_shot",
+    "eval.n_query",
+    "optimizer.lr",
 )
 NON_NEGATIVE = ("eval.support_augment",)
 TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler", "augment")
 # Arguments the trainer passes itself rather than the config; an algorithm receives
 # n_train_classes (the training split's class count) only if its constructor names it.
-PASSED_BY_TRAINER = {"algorithm": {"model", "n_way", "n_train_classes"}, "optimizer": {"params"},
-                     "scheduler": {"optimizer"}}
+PASSED_BY_TRAINER = {
+    "algorithm": {"model", "n_way", "n_train_classes"},
+    "optimizer": {"params"},
+    "scheduler": {"optimizer"},
+}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -141,7 +164,9 @@ def validate(cfg: DictConfig) -> None:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise MetarunError(f"{key}={value!r} should be a number; pass {key}=<a number {wanted}>")
+                raise MetarunError(
+                    f"{key}={value!r} should be a number; pass {key}=<a number {wanted}>"
+                )
             if value < 0 or (value == 0 and wanted == "> 0"):
                 raise MetarunError(f"{key}={value} must be {words}; pass {key}=<a value {wanted}>")
     for group in TARGET_GROUPS:
@@ -157,21 +182,31 @@ def check_resolves(cfg: DictConfig) -> None:
     except InterpolationKeyError as e:
         # A group that follows another, e.g. model.in_channels: ${dataset.channels} with a dataset that has none.
         missing = str(e).split("'")[1] if str(e).count("'") >= 2 else "a key"
-        raise MetarunError(f"{e.full_key} follows {missing}, which this config does not set; choose a "
-                           f"{e.full_key.split('.')[0]} that fits the {missing.split('.')[0]} (e.g. dataset=sinusoid "
-                           "takes model=mlp) or set it") from None
+        raise MetarunError(
+            f"{e.full_key} follows {missing}, which this config does not set; choose a "
+            f"{e.full_key.split('.')[0]} that fits the {missing.split('.')[0]} (e.g. dataset=sinusoid "
+            "takes model=mlp) or set it"
+        ) from None
     except InterpolationResolutionError as e:
         # OmegaConf rewraps a resolver's exception; keep our own message without its prefix.
-        message = str(e).splitlines()[0].removeprefix(f"{MetarunError.__name__} raised while resolving interpolation: ")
+        message = (
+            str(e)
+            .splitlines()[0]
+            .removeprefix(f"{MetarunError.__name__} raised while resolving interpolation: ")
+        )
         raise MetarunError(message) from None
     except MissingMandatoryValue as e:
-        raise MetarunError(f"{e.full_key} must be set; pass {e.full_key}=<value> (metarun --cfg job shows the config)") from None
+        raise MetarunError(
+            f"{e.full_key} must be set; pass {e.full_key}=<value> (metarun --cfg job shows the config)"
+        ) from None
 
 
 def check_target_arguments(group: str, node: DictConfig) -> None:
     """Every key of a `_target_` group must be an argument of the target, of the annotated type."""
     if "_target_" not in node:
-        raise MetarunError(f"{group} has no _target_; choose a {group} from conf/{group}/ (metarun --help lists them)")
+        raise MetarunError(
+            f"{group} has no _target_; choose a {group} from conf/{group}/ (metarun --help lists them)"
+        )
     target = get_object(node._target_)
     signature = inspect.signature(target)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -184,7 +219,9 @@ def check_target_arguments(group: str, node: DictConfig) -> None:
             if accepts_kwargs:
                 continue
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean {group}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            hint = (
+                f"did you mean {group}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            )
             raise MetarunError(f"{group}.{key} is not a parameter of {node._target_}; {hint}")
         expected = hints.get(key)
         if expected in (int, float, bool, str) and not _is_instance(value, expected):
@@ -197,7 +234,9 @@ def check_target_arguments(group: str, node: DictConfig) -> None:
 def _type_hints(target: Any) -> dict[str, Any]:
     try:
         return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:  # targets from other libraries may have hints we cannot resolve; skip the type check
+    except (
+        Exception
+    ):  # targets from other libraries may have hints we cannot resolve; skip the type check
         return {}
 
 

@@ -43,9 +43,13 @@ def report(dataset) -> str:
     lines = [f"dataset  {dataset.name} ({type(dataset).__module__}.{type(dataset).__name__})"]
     lines += [f"{key:<8} {value}" for key, value in dataset.layout().items()]
     if not hasattr(dataset, "part"):  # tasks drawn on the fly (sinusoid): nothing stored to count
-        return "\n".join(lines + [f"items    {'x'.join(map(str, dataset.input_shape))} numbers, drawn per task"])
-    lines.append(f"images   {'x'.join(map(str, dataset.input_shape))} uint8; normalized with "
-                 f"mean {fmt(dataset.mean)}, std {fmt(dataset.std)}")
+        return "\n".join(
+            lines + [f"items    {'x'.join(map(str, dataset.input_shape))} numbers, drawn per task"]
+        )
+    lines.append(
+        f"images   {'x'.join(map(str, dataset.input_shape))} uint8; normalized with "
+        f"mean {fmt(dataset.mean)}, std {fmt(dataset.std)}"
+    )
     lines.append(f"{'part':<8} {'classes':>8} {'images':>8}  images per class")
     for part in dataset.parts:
         counts = dataset.part(part).counts

@@ -29,7 +29,9 @@ def resolve_device(kind: str) -> torch.device:
 
 def check_amp(device: torch.device, amp: str) -> None:
     if amp == "fp16" and device.type != "cuda":
-        raise MetarunError(f"device.amp=fp16 needs CUDA but the run is on {device.type}; use device.amp=bf16 there")
+        raise MetarunError(
+            f"device.amp=fp16 needs CUDA but the run is on {device.type}; use device.amp=bf16 there"
+        )
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:

@@ -94,14 +94,19 @@ class Processes:
         for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
             grad.copy_(reduced.view_as(grad))
 
-    def mean_over_tasks(self, metrics: dict[str, torch.Tensor], tasks: int) -> dict[str, torch.Tensor]:
+    def mean_over_tasks(
+        self, metrics: dict[str, torch.Tensor], tasks: int
+    ) -> dict[str, torch.Tensor]:
         """Each of this rank's metrics (means over its `tasks` tasks) as the mean over every rank's
         tasks, each rank weighted by its share: one all-reduce of all of them."""
         if not self.several:
             return metrics
         names = list(metrics)
         device = next(iter(metrics.values())).device
-        weighted = [torch.as_tensor(metrics[name], device=device).float().reshape(()) * tasks for name in names]
+        weighted = [
+            torch.as_tensor(metrics[name], device=device).float().reshape(()) * tasks
+            for name in names
+        ]
         sums = torch.stack([*weighted, torch.tensor(float(tasks), device=device)])  # [metrics + 1]
         dist.all_reduce(sums)
         return {name: total / sums[-1] for name, total in zip(names, sums)}

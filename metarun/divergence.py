@@ -40,13 +40,19 @@ class NonFiniteSteps:
 
     def __init__(self, patience: int = 1):
         self.patience = patience
-        self.pending: list[tuple[int, torch.Tensor]] = []  # steps not read yet: (step, [loss, grad norm])
+        self.pending: list[
+            tuple[int, torch.Tensor]
+        ] = []  # steps not read yet: (step, [loss, grad norm])
         self.in_a_row = 0
-        self.first: tuple[int, float, float] | None = None  # (step, loss, grad norm) opening the current run
+        self.first: tuple[int, float, float] | None = (
+            None  # (step, loss, grad norm) opening the current run
+        )
 
     def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Record a step's values on their device: no sync."""
-        self.pending.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
+        self.pending.append(
+            (step, torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+        )
 
     def check(self) -> tuple[int, float, float, int] | None:
         """(first step, its loss, its gradient norm, steps in a row) of a run of `patience`
@@ -73,7 +79,9 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    return torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(grads)]))
+    return torch.linalg.vector_norm(
+        torch.stack([norm.float() for norm in torch._foreach_norm(grads)])
+    )
 
 
 def nonfinite_entries(state: dict[str, Any]) -> list[str]:
@@ -88,13 +96,21 @@ def nonfinite_entries(state: dict[str, Any]) -> list[str]:
 def remedies(cfg: DictConfig, lr: float | None = None) -> str:
     """What usually brings a diverging run back: a lower learning rate, clipping, another AMP mode.
     `lr`: the learning rate at the failing step, named when a scheduler moved it from optimizer.lr."""
-    rates = [f"{key} (now {value:g})" for key in ("optimizer.lr", "algorithm.inner_lr")
-             if isinstance(value := OmegaConf.select(cfg, key), (int, float)) and not isinstance(value, bool)]
+    rates = [
+        f"{key} (now {value:g})"
+        for key in ("optimizer.lr", "algorithm.inner_lr")
+        if isinstance(value := OmegaConf.select(cfg, key), (int, float))
+        and not isinstance(value, bool)
+    ]
     if rates and lr is not None and lr != OmegaConf.select(cfg, "optimizer.lr"):
         rates[0] = rates[0][:-1] + f", {lr:g} at this step)"
     fixes = [f"lower {' or '.join(rates)}" if rates else "lower the learning rate"]
     clip = cfg.train.grad_clip
-    fixes.append("set train.grad_clip (e.g. 1.0)" if clip is None else f"lower train.grad_clip (now {clip:g})")
+    fixes.append(
+        "set train.grad_clip (e.g. 1.0)"
+        if clip is None
+        else f"lower train.grad_clip (now {clip:g})"
+    )
     amp = getattr(cfg.device.amp, "value", cfg.device.amp)
     if amp != "none":
         fixes.append("use device.amp=bf16 or none" if amp == "fp16" else "use device.amp=none")

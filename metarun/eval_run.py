@@ -34,7 +34,9 @@ OPTIONS = ("checkpoint", "name")  # metarun-eval's own key=value arguments, not 
 def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, Any]]:
     """Meta-test the run under `arguments` (overrides, checkpoint=, name=); returns the folder
     written and its results.json."""
-    options = {key: value for key, _, value in (a.partition("=") for a in arguments) if key in OPTIONS}
+    options = {
+        key: value for key, _, value in (a.partition("=") for a in arguments) if key in OPTIONS
+    }
     overrides = [a for a in arguments if a.partition("=")[0] not in OPTIONS]
     checkpoint = options.get("checkpoint")  # None: best.pt of a finished run
     name = options.get("name") or default_name(overrides, checkpoint or "best")
@@ -44,8 +46,12 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     cfg, score = evaluator.cfg, evaluator.score
     test = evaluator.evaluate("test", cfg.eval.episodes)
     results = {
-        **test_results(test, score, cfg), "checkpoint": checkpoint, "step": state.get("step"), "overrides": overrides,
-        "wall_time_s": time.perf_counter() - started, "config": config_container(cfg),
+        **test_results(test, score, cfg),
+        "checkpoint": checkpoint,
+        "step": state.get("step"),
+        "overrides": overrides,
+        "wall_time_s": time.perf_counter() - started,
+        "config": config_container(cfg),
     }
     out = run_dir / "eval" / name
     evaluator.write_test(out, results, test)
@@ -64,7 +70,9 @@ def default_name(overrides: list[str], checkpoint: str) -> str:
 
 def check_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or name.startswith("."):
-        raise MetarunError(f"name={name} must be a folder name (no '/', not starting with '.'); give e.g. name=n_way20")
+        raise MetarunError(
+            f"name={name} must be a folder name (no '/', not starting with '.'); give e.g. name=n_way20"
+        )
 
 
 def parser() -> OneLineArgumentParser:
@@ -72,10 +80,15 @@ def parser() -> OneLineArgumentParser:
         prog="metarun-eval",
         description="Meta-test a trained run again; writes RUN_DIR/eval/<name>/results.json and test_episodes.json.",
         epilog=f"Overrides evaluation may make: {CHANGEABLE}. Also checkpoint=best|last and name=<folder>.\n"
-               "Examples: metarun-eval RUN eval.n_way=20 | eval.episode=20w1s | dataset.split=background | "
-               "dataset=folder dataset.path=DIR | algorithm.eval_adaptation_steps=10 | checkpoint=last")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="evaluation overrides, Hydra's syntax")
+        "Examples: metarun-eval RUN eval.n_way=20 | eval.episode=20w1s | dataset.split=background | "
+        "dataset=folder dataset.path=DIR | algorithm.eval_adaptation_steps=10 | checkpoint=last",
+    )
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="evaluation overrides, Hydra's syntax"
+    )
     return p
 
 
@@ -88,9 +101,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"metarun-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
     score = "accuracy" if "test_accuracy" in results else "mse"
-    print(f"test {describe_score(score, {score: results[f'test_{score}'], 'ci95': results['ci95']})} "
-          f"({results['episodes']} episodes, batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
-          f"wrote {out}/results.json")
+    print(
+        f"test {describe_score(score, {score: results[f'test_{score}'], 'ci95': results['ci95']})} "
+        f"({results['episodes']} episodes, batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
+        f"wrote {out}/results.json"
+    )
 
 
 if __name__ == "__main__":

@@ -52,5 +52,10 @@ def evaluate(
     batches = {start: result for part in processes.gather(mine) for start, result in part.items()}
     losses, scores = (torch.cat([batches[start][i] for start in sorted(batches)]) for i in (0, 1))
     mean, ci95 = confidence_interval(scores)
-    return {"loss": losses.mean().item(), score: mean, "ci95": ci95, "episodes": episodes,
-            "per_episode": scores.tolist()}
+    return {
+        "loss": losses.mean().item(),
+        score: mean,
+        "ci95": ci95,
+        "episodes": episodes,
+        "per_episode": scores.tolist(),
+    }

@@ -47,7 +47,9 @@ def describe(error: BaseException) -> str:
     if isinstance(error, MissingConfigException) and error.options:
         return f"{_first_line(error)}; choose one of: {', '.join(error.options)}"
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(
+        cause, "full_key", None
+    ):
         return _unknown_key(cause)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"{cause.full_key}: {_first_line(cause)}; fix the value (metarun --cfg job shows the expected ones)"
@@ -63,8 +65,12 @@ def _missing_plugin(error: MissingConfigException) -> str | None:
             group = missing.rsplit("/", 1)[0]
             # Hydra names the config whose defaults list asked for the missing one: "In 'hydra/launcher/slurm': ..."
             parent = re.match(r"In '([^']+)':", str(error))
-            chosen = parent.group(1) if parent and parent.group(1).startswith(group + "/") else missing
-            return "{}={} needs {}: pip install 'metarun[{}]'".format(*chosen.rsplit("/", 1), plugin, extra)
+            chosen = (
+                parent.group(1) if parent and parent.group(1).startswith(group + "/") else missing
+            )
+            return "{}={} needs {}: pip install 'metarun[{}]'".format(
+                *chosen.rsplit("/", 1), plugin, extra
+            )
     return None
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from metarun.errors import MetarunError
 
-RUN_LOCK = ".metarun.lock"  # in the run directory: {"pid", "host", "started"} of the process training it
+RUN_LOCK = (
+    ".metarun.lock"  # in the run directory: {"pid", "host", "started"} of the process training it
+)
 # The errors of a file system without flock: go on unlocked (with a warning) rather than not run.
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -52,8 +54,11 @@ class Lock:
                 if e.errno not in NO_FLOCK:
                     os.close(fd)
                     raise
-                warnings.warn(f"{self.path.parent} is on a file system without flock ({os.strerror(e.errno)}), so "
-                              "nothing stops a second process writing there at once; start one run per directory")
+                warnings.warn(
+                    f"{self.path.parent} is on a file system without flock ({os.strerror(e.errno)}), so "
+                    "nothing stops a second process writing there at once; start one run per directory",
+                    stacklevel=2,
+                )
                 self.fd = fd
                 return True
             # The holder we waited for may have removed the file: a lock on it would exclude no one.
@@ -65,7 +70,9 @@ class Lock:
     def release(self) -> None:
         if self.fd is None:
             return
-        self.path.unlink(missing_ok=True)  # still holding it: a waiter then sees the file gone and retries
+        self.path.unlink(
+            missing_ok=True
+        )  # still holding it: a waiter then sees the file gone and retries
         os.close(self.fd)
         self.fd = None
 
@@ -124,10 +131,18 @@ def lock_run_dir(run_dir: Path, tries: int = 10) -> Lock:
         else:
             raise RunDirBusy(busy_message(run_dir))
     except OSError as e:
-        raise MetarunError(f"cannot make {lock.path} ({e.strerror}); free space there or choose another "
-                           "hydra.run.dir") from e
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, and the run's next write says so
+        raise MetarunError(
+            f"cannot make {lock.path} ({e.strerror}); free space there or choose another "
+            "hydra.run.dir"
+        ) from e
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+    with contextlib.suppress(
+        OSError
+    ):  # a full disk: the lock holds all the same, and the run's next write says so
         os.ftruncate(lock.fd, 0)
         os.pwrite(lock.fd, json.dumps(holder).encode() + b"\n", 0)
     return lock
@@ -139,7 +154,15 @@ def busy_message(run_dir: Path) -> str:
         holder = json.loads((Path(run_dir) / RUN_LOCK).read_text())
         who = f"process {holder['pid']} on {holder['host']} (started {holder['started'].replace('T', ' ')})"
         stop = f"stop it (kill {holder['pid']} on {holder['host']})"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # it is writing its name in just now
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ):  # it is writing its name in just now
         who, stop = "another process", "stop it"
-    return (f"{run_dir} is being trained by {who}; wait for it to end or {stop}, then start again to resume, "
-            "or choose a new hydra.run.dir")
+    return (
+        f"{run_dir} is being trained by {who}; wait for it to end or {stop}, then start again to resume, "
+        "or choose a new hydra.run.dir"
+    )

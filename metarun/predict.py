@@ -42,8 +42,11 @@ from metarun.saved_run import SavedRun, open_run
 ImageLike = Union[str, Path, Image.Image, Tensor]
 
 
-def load(run_dir: str | Path, checkpoint: Optional[str] = None,
-         device: Optional[str | torch.device] = None) -> TrainedModel:
+def load(
+    run_dir: str | Path,
+    checkpoint: Optional[str] = None,
+    device: Optional[str | torch.device] = None,
+) -> TrainedModel:
     """The learner a run trained, from `checkpoints/<checkpoint>.pt` (None: best.pt of a finished
     run; "best" or "last" also read a run that has not finished), on `device` ("cpu", "cuda"; None:
     the GPU when PyTorch sees one, else the CPU). Needs the run's dataset (its decoding), not its
@@ -51,8 +54,12 @@ def load(run_dir: str | Path, checkpoint: Optional[str] = None,
     return read_run(run_dir, checkpoint, device, option='checkpoint="{}"')
 
 
-def read_run(run_dir: str | Path, checkpoint: Optional[str], device: Optional[str | torch.device],
-             option: str) -> TrainedModel:
+def read_run(
+    run_dir: str | Path,
+    checkpoint: Optional[str],
+    device: Optional[str | torch.device],
+    option: str,
+) -> TrainedModel:
     """`load`, with fixes that name the checkpoint as `option` does."""
     device = "auto" if device in (None, "auto") else torch.device(device).type
     # Building the learner seeds torch's generators (Trainer); the caller's random state is theirs.
@@ -61,8 +68,10 @@ def read_run(run_dir: str | Path, checkpoint: Optional[str], device: Optional[st
     with torch.random.fork_rng(devices=cuda):
         run = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=(), option=option)
     if run.trainer.score != "accuracy":
-        raise MetarunError(f"{run_dir} learned {run.trainer.dataset.name} regression; metarun.load adapts image "
-                           "classifiers: give a run trained on images")
+        raise MetarunError(
+            f"{run_dir} learned {run.trainer.dataset.name} regression; metarun.load adapts image "
+            "classifiers: give a run trained on images"
+        )
     return TrainedModel(run)
 
 
@@ -78,8 +87,12 @@ class TrainedModel:
         self.support_copies, self.seed = evaluator.cfg.eval.support_augment, evaluator.cfg.eval.seed
         self.augment = evaluator.support_copies_augment() if self.support_copies else None
 
-    def adapt(self, support_images: Iterable[ImageLike] | Tensor, support_labels: Iterable[Hashable],
-              generator: Optional[torch.Generator] = None) -> AdaptedModel:
+    def adapt(
+        self,
+        support_images: Iterable[ImageLike] | Tensor,
+        support_labels: Iterable[Hashable],
+        generator: Optional[torch.Generator] = None,
+    ) -> AdaptedModel:
         """Adapt to the support set: image i has label support_labels[i]. The classes keep the
         order in which the labels first appear. A run tested with eval.support_augment=M adapts to
         each image followed by M augmented copies, as its test episodes hold them, drawn from
@@ -88,21 +101,29 @@ class TrainedModel:
         support_pixels = self.pixels_of(support_images)  # [N*K, C, S, S] in [0, 1]
         labels = list(support_labels)
         if len(labels) != len(support_pixels):
-            raise MetarunError(f"{len(support_pixels)} support images but {len(labels)} labels; "
-                               "give one label per image")
+            raise MetarunError(
+                f"{len(support_pixels)} support images but {len(labels)} labels; "
+                "give one label per image"
+            )
         try:
             classes = tuple(dict.fromkeys(labels))
         except TypeError:
-            raise MetarunError("support labels must be hashable (names, numbers, tuples); give e.g. str labels") from None
+            raise MetarunError(
+                "support labels must be hashable (names, numbers, tuples); give e.g. str labels"
+            ) from None
         learner = self.learner
         if learner.fixed_for_n_way is not None and len(classes) != learner.n_way:
-            raise MetarunError(f"this run's {type(learner).__name__} classifies {learner.n_way} classes (its "
-                               f"{learner.fixed_for_n_way}) but the support set has {len(classes)}; "
-                               f"give exactly {learner.n_way} classes")
+            raise MetarunError(
+                f"this run's {type(learner).__name__} classifies {learner.n_way} classes (its "
+                f"{learner.fixed_for_n_way}) but the support set has {len(classes)}; "
+                f"give exactly {learner.n_way} classes"
+            )
         index = {label: i for i, label in enumerate(classes)}
         support_y = torch.tensor([index[label] for label in labels], device=self.device)  # [N*K]
         if self.support_copies:
-            generator = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+            generator = (
+                generator if generator is not None else torch.Generator().manual_seed(self.seed)
+            )
             support_pixels, support_y = self.with_copies(support_pixels, support_y, generator)
         support_x = self.normalized(support_pixels)  # [N*K*(1+M), C, S, S]
         # Gradient-based learners take the inner-loop gradients they need themselves.
@@ -110,7 +131,9 @@ class TrainedModel:
             predict = learner.adapt(support_x, support_y)
         return AdaptedModel(self, predict, classes)
 
-    def with_copies(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def with_copies(
+        self, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Each support image followed by M augmented copies, `[N*K*(1+M)]`, as the episode sampler
         adds them to a test episode."""
         x, y = with_support_copies(self.augment, x[None], y[None], self.support_copies, [generator])
@@ -127,28 +150,40 @@ class TrainedModel:
         """`images` as float `[M, C, S, S]` in [0, 1] on the model's device."""
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        pixels = self.tensor_pixels(images) if isinstance(images, Tensor) else [self.pixels(image) for image in images]
+        pixels = (
+            self.tensor_pixels(images)
+            if isinstance(images, Tensor)
+            else [self.pixels(image) for image in images]
+        )
         if len(pixels) == 0:
             raise MetarunError("no images given; give file paths, PIL images or tensors")
-        return (pixels if isinstance(pixels, Tensor) else torch.stack(pixels)).to(self.device)  # [M, C, S, S]
+        return (pixels if isinstance(pixels, Tensor) else torch.stack(pixels)).to(
+            self.device
+        )  # [M, C, S, S]
 
     def pixels(self, image: ImageLike) -> Tensor:
         """One image as float `[C, S, S]` in [0, 1], as the episode sampler makes them."""
         if isinstance(image, Tensor):
             if image.dim() != 3:
-                raise MetarunError(f"an image tensor in a list must be one image [C, H, W], not shape "
-                                   f"{tuple(image.shape)}; give a batch [M, C, H, W] on its own, not in a list")
+                raise MetarunError(
+                    f"an image tensor in a list must be one image [C, H, W], not shape "
+                    f"{tuple(image.shape)}; give a batch [M, C, H, W] on its own, not in a list"
+                )
             return self.tensor_pixels(image)[0].cpu()  # stacked with decoded files, then moved
         if isinstance(image, Image.Image):
             return self.dataset.decode(image).float().div_(255)
         if not isinstance(image, (str, Path)):
-            raise MetarunError(f"a {type(image).__name__} is not an image here; give file paths, PIL images or tensors")
+            raise MetarunError(
+                f"a {type(image).__name__} is not an image here; give file paths, PIL images or tensors"
+            )
         try:
             with Image.open(image) as opened:
                 return self.dataset.decode(opened).float().div_(255)
         except (OSError, ValueError) as e:  # missing, unreadable, not an image
             reason = " ".join(str(e).split())[:120] or type(e).__name__
-            raise MetarunError(f"cannot read image {image} ({reason}); give image files PIL opens (PNG, JPEG, ...)") from None
+            raise MetarunError(
+                f"cannot read image {image} ({reason}); give image files PIL opens (PNG, JPEG, ...)"
+            ) from None
 
     def tensor_pixels(self, images: Tensor) -> Tensor:
         """`[C, S, S]` or `[M, C, S, S]` decoded images as float `[M, C, S, S]` in [0, 1]."""
@@ -160,20 +195,29 @@ class TrainedModel:
                 problem = f"have {batch.shape[1]} channels but this run's model takes {want[0]}"
             else:
                 problem = f"have shape {shape} but this run's model takes {want} ([C, H, W]) or a batch of them"
-            raise MetarunError(f"image tensors {problem}; give tensors of shape {want} (or files and PIL images, "
-                               "which are decoded and resized as the run's dataset decodes its own)")
+            raise MetarunError(
+                f"image tensors {problem}; give tensors of shape {want} (or files and PIL images, "
+                "which are decoded and resized as the run's dataset decodes its own)"
+            )
         if not batch.is_floating_point():
             return batch.float().div_(255)
         if batch.min() < 0 or batch.max() > 1:
-            raise MetarunError("float image tensors must hold pixels in [0, 1], before normalization; "
-                               "give uint8 images or pixels / 255")
+            raise MetarunError(
+                "float image tensors must hold pixels in [0, 1], before normalization; "
+                "give uint8 images or pixels / 255"
+            )
         return batch.float()
 
 
 class AdaptedModel:
     """A learner adapted to one support set: `classes` (the labels, in their order) and predictions."""
 
-    def __init__(self, model: TrainedModel, predict: Callable[[Tensor], Tensor], classes: tuple[Hashable, ...]):
+    def __init__(
+        self,
+        model: TrainedModel,
+        predict: Callable[[Tensor], Tensor],
+        classes: tuple[Hashable, ...],
+    ):
         self.model, self._predict, self.classes = model, predict, classes
 
     def predict_proba(self, images: Iterable[ImageLike] | Tensor) -> Tensor:
@@ -195,15 +239,23 @@ class AdaptedModel:
 def read_support(folder: Path) -> tuple[list[Path], list[str]]:
     """Every image of `folder`'s class sub-folders, with the sub-folder's name as its label."""
     if not folder.is_dir():
-        raise MetarunError(f"--support {folder} is not a directory; give a folder holding one sub-folder of images per class")
+        raise MetarunError(
+            f"--support {folder} is not a directory; give a folder holding one sub-folder of images per class"
+        )
     classes = class_folders(folder)
     if not classes:
-        raise MetarunError(f"--support {folder} holds no class folders; put one sub-folder of images per class in it")
+        raise MetarunError(
+            f"--support {folder} holds no class folders; put one sub-folder of images per class in it"
+        )
     for name, files in classes:
         if not files:
-            raise MetarunError(f"support class {name} ({folder / name}) holds no images; "
-                               "put at least one image in it or remove the folder")
-    return [f for _, files in classes for f in files], [name for name, files in classes for _ in files]
+            raise MetarunError(
+                f"support class {name} ({folder / name}) holds no images; "
+                "put at least one image in it or remove the folder"
+            )
+    return [f for _, files in classes for f in files], [
+        name for name, files in classes for _ in files
+    ]
 
 
 def find_queries(paths: Sequence[Path]) -> list[Path]:
@@ -213,12 +265,16 @@ def find_queries(paths: Sequence[Path]) -> list[Path]:
         if path.is_dir():
             files = below(path)
             if not files:
-                raise MetarunError(f"--query {path} holds no files; give image files or folders of them")
+                raise MetarunError(
+                    f"--query {path} holds no files; give image files or folders of them"
+                )
             found += files
         elif path.is_file():
             found.append(path)
         else:
-            raise MetarunError(f"--query {path} does not exist; give image files or folders of them")
+            raise MetarunError(
+                f"--query {path} does not exist; give image files or folders of them"
+            )
     return found
 
 
@@ -246,7 +302,10 @@ def show(files: list[Path], classes: Sequence[Any], proba: Tensor, limit: int = 
     names = [str(f) for f in files[:limit]]
     width = max(len("file"), *(len(n) for n in names))
     lines = [f"{'file':<{width}}  {'predicted':<20}  p"]
-    lines += [f"{n:<{width}}  {str(classes[c]):<20}  {p:.3f}" for n, c, p in zip(names, chosen.tolist(), best.tolist())]
+    lines += [
+        f"{n:<{width}}  {str(classes[c]):<20}  {p:.3f}"
+        for n, c, p in zip(names, chosen.tolist(), best.tolist())
+    ]
     if len(files) > limit:
         lines.append(f"... and {len(files) - limit} more")
     return "\n".join(lines)
@@ -255,14 +314,38 @@ def show(files: list[Path], classes: Sequence[Any], proba: Tensor, limit: int = 
 def parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="metarun-predict",
-        description="Adapt a trained run to a support set of your own and classify query images.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)")
-    p.add_argument("--support", type=Path, required=True, metavar="DIR", help="one sub-folder of images per class")
-    p.add_argument("--query", type=Path, nargs="+", required=True, metavar="DIR_OR_FILE",
-                   help="image files, or folders whose files (also in sub-folders) are classified")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: %(default)s)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
-                   help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)")
+        description="Adapt a trained run to a support set of your own and classify query images.",
+    )
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)"
+    )
+    p.add_argument(
+        "--support",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="one sub-folder of images per class",
+    )
+    p.add_argument(
+        "--query",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="DIR_OR_FILE",
+        help="image files, or folders whose files (also in sub-folders) are classified",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="the CSV to write (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default=None,
+        help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
 

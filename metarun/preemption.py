@@ -23,7 +23,9 @@ class Stopped(Exception):
 
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoints/last.pt holds it")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoints/last.pt holds it"
+        )
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

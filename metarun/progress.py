@@ -17,12 +17,19 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, initial: int, every: int, seconds: float = 60.0, enabled: bool = True):
+    def __init__(
+        self, total: int, initial: int, every: int, seconds: float = 60.0, enabled: bool = True
+    ):
         self.total, self.initial, self.every, self.seconds = total, initial, every, seconds
         self.terminal = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.terminal
-        self.bar = tqdm(total=total, initial=initial, desc="meta-train", dynamic_ncols=True,
-                        disable=not self.terminal)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="meta-train",
+            dynamic_ncols=True,
+            disable=not self.terminal,
+        )
         self.start = self.last_line = time.monotonic()
         self.values: dict[str, float] = {}
 
@@ -34,7 +41,9 @@ class Progress:
         if values is not None and self.terminal:
             self.bar.set_postfix(values)
         now = time.monotonic()
-        if self.lines and (step % self.every == 0 or step == self.total or now - self.last_line >= self.seconds):
+        if self.lines and (
+            step % self.every == 0 or step == self.total or now - self.last_line >= self.seconds
+        ):
             self.last_line = now
             print(self.line(step, now - self.start), flush=True)
 
@@ -42,7 +51,14 @@ class Progress:
         done = step - self.initial
         eta = tqdm.format_interval(elapsed / done * (self.total - step)) if done else "?"
         values = [f"{name} {value:.3g}" for name, value in self.values.items()]
-        return "  ".join([f"step {step}/{self.total}", *values, f"elapsed {tqdm.format_interval(elapsed)}", f"eta {eta}"])
+        return "  ".join(
+            [
+                f"step {step}/{self.total}",
+                *values,
+                f"elapsed {tqdm.format_interval(elapsed)}",
+                f"eta {eta}",
+            ]
+        )
 
     def write(self, line: str) -> None:
         """A line (e.g. a validation result) above the bar, or in the log."""

@@ -50,13 +50,16 @@ from metarun.errors import MetarunError
 from metarun.stats import Difference, mean_and_std, paired_difference, welch_difference
 
 STATUSES = ("finished", "running", "failed", "damaged")
-SPREAD_NOTE = ("± is the std over a row's finished seeds (ddof=1); for a row of one finished run, its 95% CI over "
-               "the test episodes, which leaves out seed-to-seed variance; accuracy in %.")
+SPREAD_NOTE = (
+    "± is the std over a row's finished seeds (ddof=1); for a row of one finished run, its 95% CI over "
+    "the test episodes, which leaves out seed-to-seed variance; accuracy in %."
+)
 
 
 @dataclass
 class Run:
     """What one run directory says about itself; scores are fractions (accuracy) or raw (mse)."""
+
     path: Path
     overrides: dict[str, str]
     status: str  # one of STATUSES
@@ -72,13 +75,16 @@ class Run:
     episodes: Optional[dict[str, Any]] = None  # test_episodes.json, when it holds a list of scores
     seed: Optional[str] = None  # its `seed` override, else its composed config's
     recorded: bool = True  # its overrides are known (.hydra/overrides.yaml, or failed.json's)
-    problems: list[str] = field(default_factory=list)  # one line each: a record cut off, absent or malformed
+    problems: list[str] = field(
+        default_factory=list
+    )  # one line each: a record cut off, absent or malformed
 
 
 @dataclass
 class Row:
     """One configuration: the runs whose overrides are equal once `seed` is left out (a run whose
     overrides are unknown is a row of its own)."""
+
     number: int
     overrides: dict[str, str]
     runs: list[Run]
@@ -94,25 +100,36 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     runs, seen = [], set()
     for top in dirs:
         if not top.is_dir():
-            raise MetarunError(f"{top} is not a directory; give a run or sweep folder, e.g. multirun/2024-05-01/12-00-00")
+            raise MetarunError(
+                f"{top} is not a directory; give a run or sweep folder, e.g. multirun/2024-05-01/12-00-00"
+            )
         found = list(run_dirs(top))
         if not found:
-            raise MetarunError(f"{top} holds no runs (no .hydra/, failed.json, results.json or metrics.jsonl "
-                               "below it); give the folder of a run or a sweep")
+            raise MetarunError(
+                f"{top} holds no runs (no .hydra/, failed.json, results.json or metrics.jsonl "
+                "below it); give the folder of a run or a sweep"
+            )
         runs += [read_run(path) for path in found if path.resolve() not in seen]
         seen.update(path.resolve() for path in found)
     return runs
 
 
-RUN_MARKERS = (".hydra", "failed.json", "results.json", "metrics.jsonl")  # what a run writes first or last
+RUN_MARKERS = (
+    ".hydra",
+    "failed.json",
+    "results.json",
+    "metrics.jsonl",
+)  # what a run writes first or last
 
 
 def run_dirs(top: Path) -> Iterator[Path]:
     if any((top / name).exists() for name in RUN_MARKERS):
         yield top
         return
-    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
-    for child in sorted((p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural):
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    for child in sorted(
+        (p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural
+    ):
         yield from run_dirs(child)
 
 
@@ -130,12 +147,25 @@ def read_run(path: Path) -> Run:
     if not recorded and not (path / ".hydra").exists():
         problems.append("no .hydra/ record, so its overrides are unknown: it is a row of its own")
     elif not recorded and not any(p.startswith(".hydra/overrides.yaml") for p in problems):
-        problems.append("no .hydra/overrides.yaml, so its overrides are unknown: it is a row of its own")
+        problems.append(
+            "no .hydra/overrides.yaml, so its overrides are unknown: it is a row of its own"
+        )
     results = results or {}
     metrics = read_metrics(path / "metrics.jsonl")
-    score = (next((k[5:] for k in results if k.startswith("test_") and k != "test_loss"), None)
-             or (episodes or {}).get("score")
-             or next((k for m in metrics if m.get("split") == "val" for k in m if k not in ("step", "split", "loss")), None))
+    score = (
+        next((k[5:] for k in results if k.startswith("test_") and k != "test_loss"), None)
+        or (episodes or {}).get("score")
+        or next(
+            (
+                k
+                for m in metrics
+                if m.get("split") == "val"
+                for k in m
+                if k not in ("step", "split", "loss")
+            ),
+            None,
+        )
+    )
     score = score if isinstance(score, str) else None
     test = number(results.get(f"test_{score}"))
     if failed is not None:
@@ -147,20 +177,39 @@ def read_run(path: Path) -> Run:
     else:
         status = "running"
     if episodes is not None and not is_scores(episodes.get("values")):
-        problems.append("test_episodes.json holds no list of episode scores; the run is left out of comparisons")
+        problems.append(
+            "test_episodes.json holds no list of episode scores; the run is left out of comparisons"
+        )
         episodes = None
     overrides = parse_overrides(listed or [])
-    run = Run(path, overrides, status, score=score, episodes=episodes, recorded=recorded, problems=problems)
-    run.curve = [(m["step"], m[score]) for m in metrics
-                 if m.get("split") == "val" and is_step(m.get("step")) and number(m.get(score)) is not None]
+    run = Run(
+        path,
+        overrides,
+        status,
+        score=score,
+        episodes=episodes,
+        recorded=recorded,
+        problems=problems,
+    )
+    run.curve = [
+        (m["step"], m[score])
+        for m in metrics
+        if m.get("split") == "val" and is_step(m.get("step")) and number(m.get(score)) is not None
+    ]
     run.test, run.ci95 = test, number(results.get("ci95"))
     run.best_val = number(results.get(f"best_val_{score}"))
     if run.best_val is None and run.curve:
         run.best_val = (min if score == "mse" else max)(value for _, value in run.curve)
     steps = results.get("steps")
-    run.steps = steps if is_step(steps) else max((m["step"] for m in metrics if is_step(m.get("step"))), default=None)
+    run.steps = (
+        steps
+        if is_step(steps)
+        else max((m["step"] for m in metrics if is_step(m.get("step"))), default=None)
+    )
     train = config.get("train")
-    run.target_steps = train.get("steps") if isinstance(train, dict) and is_step(train.get("steps")) else None
+    run.target_steps = (
+        train.get("steps") if isinstance(train, dict) and is_step(train.get("steps")) else None
+    )
     run.wall_time_s = number(results.get("wall_time_s"))
     composed = config or (results["config"] if isinstance(results.get("config"), dict) else {})
     seed = overrides.get("seed", composed.get("seed"))
@@ -177,16 +226,26 @@ def read_record(path: Path, parse: Callable[[str], Any], kind: type, problems: l
     """`path` parsed, or None: absent (nothing said), or cut off or malformed (a line in `problems`)."""
     if not path.exists():
         return None
-    name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == ".hydra" else path.name
+    name = (
+        path.relative_to(path.parent.parent).as_posix()
+        if path.parent.name == ".hydra"
+        else path.name
+    )
     try:
         item = parse(path.read_text())
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: JSON's errors and undecodable bytes
         item = None
     if isinstance(item, kind):
         return item
-    what = "a JSON object" if kind is dict and path.suffix == ".json" else f"a YAML {'list' if kind is list else 'mapping'}"
-    problems.append(f"{name} is cut off or not {what}"
-                    + ("; its numbers are left out" if path.name == "results.json" else ""))
+    what = (
+        "a JSON object"
+        if kind is dict and path.suffix == ".json"
+        else f"a YAML {'list' if kind is list else 'mapping'}"
+    )
+    problems.append(
+        f"{name} is cut off or not {what}"
+        + ("; its numbers are left out" if path.name == "results.json" else "")
+    )
     return {} if kind is dict and path.name == "failed.json" else None
 
 
@@ -258,14 +317,20 @@ def summarize(row: Row) -> dict[str, Any]:
     times = [run.wall_time_s for run in row.runs if run.wall_time_s is not None]
     return {
         "score": next((run.score for run in row.runs if run.score), None),
-        "test_mean": mean, "test_std": std if len(tested) > 1 else None,
-        "test_ci95": tested[0].ci95 if len(tested) == 1 else None, "n_seeds": len(tested),
+        "test_mean": mean,
+        "test_std": std if len(tested) > 1 else None,
+        "test_ci95": tested[0].ci95 if len(tested) == 1 else None,
+        "n_seeds": len(tested),
         "best_val_mean": float(np.mean(vals)) if vals else None,
-        "steps_min": min(steps, default=None), "steps_max": max(steps, default=None),
+        "steps_min": min(steps, default=None),
+        "steps_max": max(steps, default=None),
         "wall_time_s": float(np.mean(times)) if times else None,
         **{status: sum(run.status == status for run in row.runs) for status in STATUSES},
         "error": next((run.error for run in row.runs if run.error), None),
-        "problems": "; ".join(dict.fromkeys(problem for run in row.runs for problem in run.problems)) or None,
+        "problems": "; ".join(
+            dict.fromkeys(problem for run in row.runs for problem in run.problems)
+        )
+        or None,
     }
 
 
@@ -302,16 +367,44 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
     scores = " / ".join(dict.fromkeys(s["score"] for s in summaries if s["score"])) or "score"
     scores = scores.replace("accuracy", "accuracy (%)")
     seeds = any(len(row.runs) > 1 for row in rows)
-    header = ["#", *columns, f"test {scores}", f"best val {scores}", *(["seeds"] * seeds), "steps", "wall time", "status"]
+    header = [
+        "#",
+        *columns,
+        f"test {scores}",
+        f"best val {scores}",
+        *(["seeds"] * seeds),
+        "steps",
+        "wall time",
+        "status",
+    ]
     lines = [header, ["---"] * len(header)]
     for row, s in zip(rows, summaries):
-        steps = "-" if s["steps_min"] is None else str(s["steps_min"]) if s["steps_min"] == s["steps_max"] \
+        steps = (
+            "-"
+            if s["steps_min"] is None
+            else str(s["steps_min"])
+            if s["steps_min"] == s["steps_max"]
             else f"{s['steps_min']}–{s['steps_max']}"
-        lines.append([str(row.number), *(row.overrides.get(key, "-") if row.recorded else "?" for key in columns),
-                      fmt_score(s["score"], s["test_mean"], s["test_std"] if s["test_std"] is not None else s["test_ci95"]),
-                      fmt_score(s["score"], s["best_val_mean"]), *([str(s["n_seeds"])] * seeds), steps,
-                      fmt_duration(s["wall_time_s"]), status_text(row, s)])
-    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
+        )
+        lines.append(
+            [
+                str(row.number),
+                *(row.overrides.get(key, "-") if row.recorded else "?" for key in columns),
+                fmt_score(
+                    s["score"],
+                    s["test_mean"],
+                    s["test_std"] if s["test_std"] is not None else s["test_ci95"],
+                ),
+                fmt_score(s["score"], s["best_val_mean"]),
+                *([str(s["n_seeds"])] * seeds),
+                steps,
+                fmt_duration(s["wall_time_s"]),
+                status_text(row, s),
+            ]
+        )
+    return "\n".join(
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines
+    )
 
 
 # -- the paired comparison ------------------------------------------------------------------------
@@ -320,15 +413,21 @@ def select(rows: list[Row], spec: str) -> Row:
     if spec.isdigit():
         if 1 <= int(spec) <= len(rows):
             return rows[int(spec) - 1]
-        raise MetarunError(f"--compare {spec}: the table has rows 1 to {len(rows)}; give one of those numbers")
+        raise MetarunError(
+            f"--compare {spec}: the table has rows 1 to {len(rows)}; give one of those numbers"
+        )
     key, sep, value = spec.partition("=")
     matches = [row for row in rows if sep and row.overrides.get(key.lstrip("+")) == value]
     if not matches:
-        raise MetarunError(f"--compare {spec}: no row has that override; give a row number (1 to {len(rows)}) "
-                           "or a key=value shown in the table")
+        raise MetarunError(
+            f"--compare {spec}: no row has that override; give a row number (1 to {len(rows)}) "
+            "or a key=value shown in the table"
+        )
     if len(matches) > 1:
-        raise MetarunError(f"--compare {spec}: rows {', '.join(str(r.number) for r in matches)} all have it; "
-                           "give a row number instead")
+        raise MetarunError(
+            f"--compare {spec}: rows {', '.join(str(r.number) for r in matches)} all have it; "
+            "give a row number instead"
+        )
     return matches[0]
 
 
@@ -338,13 +437,16 @@ def chosen_pair(rows: list[Row], compare: Optional[list[str]]) -> Optional[tuple
         return (rows[0], rows[1]) if len(rows) == 2 else None
     a, b = (select(rows, spec) for spec in compare)
     if a is b:
-        raise MetarunError(f"--compare {' '.join(compare)}: both select row {a.number}; choose two different rows")
+        raise MetarunError(
+            f"--compare {' '.join(compare)}: both select row {a.number}; choose two different rows"
+        )
     return a, b
 
 
 @dataclass
 class Comparison:
     """B − A and how it was reached: `unit` "seed" (paired by seed, or Welch's) or "episode"."""
+
     difference: Difference
     unit: str
     paired: bool
@@ -385,19 +487,29 @@ def compare(a: Row, b: Row) -> Comparison | str:
     seeds_a, seeds_b = ([run.seed for run in runs] for runs in (runs_a, runs_b))
     seeds = tuple(["?" if seed is None else seed for seed in row] for row in (seeds_a, seeds_b))
     if min(len(runs_a), len(runs_b)) >= 2:
-        means = [[float(np.mean(run.episodes["values"])) for run in runs] for runs in (runs_a, runs_b)]
+        means = [
+            [float(np.mean(run.episodes["values"])) for run in runs] for runs in (runs_a, runs_b)
+        ]
         # The same seeds, each once in each row (one seed's run given twice, from two folders, is no pair).
-        same = None not in seeds_a and len(set(seeds_a)) == len(seeds_a) and sorted(seeds_a) == sorted(seeds_b)
+        same = (
+            None not in seeds_a
+            and len(set(seeds_a)) == len(seeds_a)
+            and sorted(seeds_a) == sorted(seeds_b)
+        )
         if same:
             a_by_seed, b_by_seed = dict(zip(seeds_a, means[0])), dict(zip(seeds_b, means[1]))
             order = sorted(seeds_a, key=natural_key)
-            difference = paired_difference([a_by_seed[seed] for seed in order], [b_by_seed[seed] for seed in order])
+            difference = paired_difference(
+                [a_by_seed[seed] for seed in order], [b_by_seed[seed] for seed in order]
+            )
         else:
             difference = welch_difference(*means)
         return Comparison(difference, "seed", same, n_episodes, seeds)
     if n_episodes < 2:
         return "fewer than 2 test episodes"
-    a_values, b_values = (np.mean([run.episodes["values"] for run in runs], axis=0) for runs in (runs_a, runs_b))
+    a_values, b_values = (
+        np.mean([run.episodes["values"] for run in runs], axis=0) for runs in (runs_a, runs_b)
+    )
     return Comparison(paired_difference(a_values, b_values), "episode", True, n_episodes, seeds)
 
 
@@ -408,7 +520,12 @@ def natural_key(text: Any) -> list:
 
 def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> list[str]:
     """The report's comparison section: B − A with its 95% CI and t-test, or a note why there is none."""
-    lines = ["## Comparison", "", f"A = row {a.number} ({label[a.number]}), B = row {b.number} ({label[b.number]})", ""]
+    lines = [
+        "## Comparison",
+        "",
+        f"A = row {a.number} ({label[a.number]}), B = row {b.number} ({label[b.number]})",
+        "",
+    ]
     result = compare(a, b)
     if isinstance(result, str):
         return lines + [f"No test of B − A: {result}. Compare their ± in the table instead."]
@@ -416,40 +533,65 @@ def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> l
     seeds_a, seeds_b = result.seeds
     shared = f"the {result.episodes} test episodes both rows share"
     if result.unit == "seed" and result.paired:
-        how = (f"Seed as the unit: each run's mean {name} over {shared}, paired by seed (seeds "
-               f"{', '.join(sorted(seeds_a, key=natural_key))} in both rows): a paired t-test over "
-               f"{len(seeds_a)} seeds.")
+        how = (
+            f"Seed as the unit: each run's mean {name} over {shared}, paired by seed (seeds "
+            f"{', '.join(sorted(seeds_a, key=natural_key))} in both rows): a paired t-test over "
+            f"{len(seeds_a)} seeds."
+        )
         df = f"t with {d.df:.0f} df"
     elif result.unit == "seed":
-        how = (f"Seed as the unit: each run's mean {name} over {shared}; the rows ran different seeds "
-               f"({', '.join(sorted(seeds_a, key=natural_key))} in A, {', '.join(sorted(seeds_b, key=natural_key))} "
-               f"in B): Welch's t-test over {len(seeds_a)} and {len(seeds_b)} runs.")
+        how = (
+            f"Seed as the unit: each run's mean {name} over {shared}; the rows ran different seeds "
+            f"({', '.join(sorted(seeds_a, key=natural_key))} in A, {', '.join(sorted(seeds_b, key=natural_key))} "
+            f"in B): Welch's t-test over {len(seeds_a)} and {len(seeds_b)} runs."
+        )
         df = f"Welch's t with {d.df:.1f} df"
     else:
-        how = (f"Paired over {shared}, each episode's {name} averaged over a row's finished seeds "
-               f"({len(seeds_a)} in A, {len(seeds_b)} in B): a paired t-test over episodes.")
+        how = (
+            f"Paired over {shared}, each episode's {name} averaged over a row's finished seeds "
+            f"({len(seeds_a)} in A, {len(seeds_b)} in B): a paired t-test over episodes."
+        )
         df = f"t with {d.df:.0f} df"
-    lines += [how, "",
-              (f"B − A = {100 * d.mean:+.2f} ± {100 * d.ci95:.2f} points of accuracy" if score == "accuracy" else
-               f"B − A = {d.mean:+.4g} ± {d.ci95:.2g} {name}") + f" (95% CI, {df}); p = {d.p:.2g}"
-              + ("; lower mse is better." if score == "mse" else ".")]
+    lines += [
+        how,
+        "",
+        (
+            f"B − A = {100 * d.mean:+.2f} ± {100 * d.ci95:.2f} points of accuracy"
+            if score == "accuracy"
+            else f"B − A = {d.mean:+.4g} ± {d.ci95:.2g} {name}"
+        )
+        + f" (95% CI, {df}); p = {d.p:.2g}"
+        + ("; lower mse is better." if score == "mse" else "."),
+    ]
     if result.unit == "episode":
-        single = " and ".join(side for side, seeds in (("A", seeds_a), ("B", seeds_b)) if len(seeds) == 1)
-        lines += ["", f"With one seed in {single}, this compares trained models on these episodes and leaves out "
-                      "seed-to-seed variance: it does not tell whether one configuration is better than the other. "
-                      "Run 2 or more seeds per row (e.g. seed=0,1,2) for that."]
+        single = " and ".join(
+            side for side, seeds in (("A", seeds_a), ("B", seeds_b)) if len(seeds) == 1
+        )
+        lines += [
+            "",
+            f"With one seed in {single}, this compares trained models on these episodes and leaves out "
+            "seed-to-seed variance: it does not tell whether one configuration is better than the other. "
+            "Run 2 or more seeds per row (e.g. seed=0,1,2) for that.",
+        ]
     return lines
 
 
 # -- outputs --------------------------------------------------------------------------------------
-def write_csv(path: Path, rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) -> None:
+def write_csv(
+    path: Path, rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]
+) -> None:
     """report.csv: the table's rows, one value per column, scores as fractions (not %)."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", *columns, *summaries[0]])
         for row, s in zip(rows, summaries):
-            writer.writerow([row.number, *(row.overrides.get(key, "") for key in columns),
-                             *("" if value is None else value for value in s.values())])
+            writer.writerow(
+                [
+                    row.number,
+                    *(row.overrides.get(key, "") for key in columns),
+                    *("" if value is None else value for value in s.values()),
+                ]
+            )
 
 
 def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
@@ -464,8 +606,13 @@ def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
         for run in row.runs:
             if run.curve:
                 scale = 100 if run.score == "accuracy" else 1
-                ax.plot([step for step, _ in run.curve], [scale * value for _, value in run.curve], marker=".",
-                        color=f"C{(row.number - 1) % 10}", label=label[run.path])
+                ax.plot(
+                    [step for step, _ in run.curve],
+                    [scale * value for _, value in run.curve],
+                    marker=".",
+                    color=f"C{(row.number - 1) % 10}",
+                    label=label[run.path],
+                )
     names = dict.fromkeys(run.score for row in rows for run in row.runs if run.curve)
     ax.set_xlabel("step")
     ax.set_ylabel("validation " + " / ".join(names).replace("accuracy", "accuracy (%)"))
@@ -478,21 +625,29 @@ def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="metarun-report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="metarun-report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tabulate every run under DIRs (single runs, multirun and SLURM sweeps); runs differing only "
-                    "in seed share a row. Writes report.md, report.csv and curves.png into the first DIR.",
+        "in seed share a row. Writes report.md, report.csv and curves.png into the first DIR.",
         epilog="Two rows (with exactly two, without --compare) are compared on the test episodes they share.\n"
-               "With 2 or more finished seeds in each row the seed is the unit: each run's mean over the\n"
-               "episodes, paired by seed when both rows ran the same seeds (paired t-test), else Welch's\n"
-               "t-test. With one seed in a row the episodes are paired instead (each averaged over a row's\n"
-               "seeds): that compares trained models on these episodes and leaves out seed-to-seed\n"
-               "variance.\n"
-               "Exit code: 2 for a bad argument, 1 if any run failed or is damaged (the report is still\n"
-               "written), else 0.")
-    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="a run folder or a folder of runs")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="the rows to compare (B − A): a row number from the table, or an override only that "
-                        "row has, e.g. --compare optimizer.lr=0.01 optimizer.lr=0.001")
+        "With 2 or more finished seeds in each row the seed is the unit: each run's mean over the\n"
+        "episodes, paired by seed when both rows ran the same seeds (paired t-test), else Welch's\n"
+        "t-test. With one seed in a row the episodes are paired instead (each averaged over a row's\n"
+        "seeds): that compares trained models on these episodes and leaves out seed-to-seed\n"
+        "variance.\n"
+        "Exit code: 2 for a bad argument, 1 if any run failed or is damaged (the report is still\n"
+        "written), else 0.",
+    )
+    p.add_argument(
+        "dirs", nargs="+", type=Path, metavar="DIR", help="a run folder or a folder of runs"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="the rows to compare (B − A): a row number from the table, or an override only that "
+        "row has, e.g. --compare optimizer.lr=0.01 optimizer.lr=0.001",
+    )
     return p
 
 
@@ -512,21 +667,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     columns = differing([row.overrides for row in rows if row.recorded])
     summaries = [summarize(row) for row in rows]
     run_keys = differing([run.overrides for run in runs if run.recorded])
-    run_label = {run.path: " ".join(f"{k}={run.overrides[k]}" for k in run_keys if k in run.overrides) or run.path.name
-                 for run in runs}
-    row_label = {row.number: " ".join(f"{k}={row.overrides[k]}" for k in columns if k in row.overrides) or "defaults"
-                 if row.recorded else os.path.relpath(row.runs[0].path, out) for row in rows}
+    run_label = {
+        run.path: " ".join(f"{k}={run.overrides[k]}" for k in run_keys if k in run.overrides)
+        or run.path.name
+        for run in runs
+    }
+    row_label = {
+        row.number: " ".join(f"{k}={row.overrides[k]}" for k in columns if k in row.overrides)
+        or "defaults"
+        if row.recorded
+        else os.path.relpath(row.runs[0].path, out)
+        for row in rows
+    }
     body = [table(rows, columns, summaries), "", SPREAD_NOTE]
     failed = [run for run in runs if run.status == "failed"]
     if failed:
-        body += ["", "Failed runs:"] + [f"- `{os.path.relpath(run.path, out)}`: {run.error}" for run in failed]
+        body += ["", "Failed runs:"] + [
+            f"- `{os.path.relpath(run.path, out)}`: {run.error}" for run in failed
+        ]
     if pair:
         body += [""] + comparison(*pair, row_label, summaries[pair[0].number - 1]["score"])
     elif len(rows) > 2:
-        body += ["", "Compare two rows with `--compare A B` (row numbers, or an override only that row has)."]
+        body += [
+            "",
+            "Compare two rows with `--compare A B` (row numbers, or an override only that row has).",
+        ]
     text = "\n".join(body)
-    (out / "report.md").write_text(f"# metarun report\n\n{len(runs)} runs under "
-                                   f"{', '.join(str(d) for d in args.dirs)}\n\n{text}\n\n![validation curves](curves.png)\n")
+    (out / "report.md").write_text(
+        f"# metarun report\n\n{len(runs)} runs under "
+        f"{', '.join(str(d) for d in args.dirs)}\n\n{text}\n\n![validation curves](curves.png)\n"
+    )
     write_csv(out / "report.csv", rows, columns, summaries)
     plot_curves(out / "curves.png", rows, run_label)
     print(text)

@@ -34,7 +34,9 @@ class RunLog:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines() if _step(line) <= step]
         # Atomically: a kill or a full disk while rewriting must not lose the lines before `step`.
-        write_atomically(self.metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        write_atomically(
+            self.metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
+        )
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
         # A line cut short by a full disk is dropped when the run resumes (_step).
@@ -66,7 +68,9 @@ def quiet_tensorboard_thread_errors() -> None:
         return
 
     def hook(args: Any) -> None:
-        if type(args.thread).__module__.startswith("tensorboard.") and isinstance(args.exc_value, Exception):
+        if type(args.thread).__module__.startswith("tensorboard.") and isinstance(
+            args.exc_value, Exception
+        ):
             return
         previous(args)
 

@@ -52,22 +52,42 @@ from metarun.trainer import Trainer, build, config_container
 
 CHECKPOINTS = ("best", "last")
 CHANGEABLE_GROUPS = ("dataset", "device")
-CHANGEABLE_KEYS = ("eval.", "dataset.", "device.", "algorithm.eval_adaptation_steps", "model.batch_norm")
+CHANGEABLE_KEYS = (
+    "eval.",
+    "dataset.",
+    "device.",
+    "algorithm.eval_adaptation_steps",
+    "model.batch_norm",
+)
 CHANGEABLE = "eval.*, dataset=... and dataset.*, device=... and device.*, algorithm.eval_adaptation_steps, model.batch_norm"
 EPISODE_KEYS = ("n_way", "k_shot", "n_query")
 RUNNING_STATISTICS = ("running_mean", "running_var")
-RUN_FILES = ("checkpoints", "results.json", "metrics.jsonl", "test_episodes.json")  # what tells a run directory
+RUN_FILES = (
+    "checkpoints",
+    "results.json",
+    "metrics.jsonl",
+    "test_episodes.json",
+)  # what tells a run directory
 
 
 class SavedRun(NamedTuple):
-    trainer: Trainer  # the learner with the checkpoint's weights, its dataset, the episodes of `parts`
+    trainer: (
+        Trainer  # the learner with the checkpoint's weights, its dataset, the episodes of `parts`
+    )
     state: dict[str, Any]  # the checkpoint: "step", ...
     checkpoint: str  # "best" or "last"
-    mean_std: Optional[tuple[list[float], list[float]]]  # how images reaching the learner are normalized
+    mean_std: Optional[
+        tuple[list[float], list[float]]
+    ]  # how images reaching the learner are normalized
 
 
-def open_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: Optional[str] = None,
-             parts: Sequence[str] = ("test",), option: str = "checkpoint={}") -> SavedRun:
+def open_run(
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    checkpoint: Optional[str] = None,
+    parts: Sequence[str] = ("test",),
+    option: str = "checkpoint={}",
+) -> SavedRun:
     """The run's learner with the checkpoint's weights, under its config changed by `overrides`.
     `checkpoint` None: best.pt of a finished run; named ("best", "last"): that checkpoint, finished
     or not. Every problem is one MetarunError line, whose fixes name the checkpoint as `option`
@@ -107,9 +127,11 @@ def images_normalization(saved: DictConfig, cfg: DictConfig, state: dict[str, An
     try:
         trained_on = build(saved.dataset)
     except MetarunError as e:
-        raise MetarunError(f"this run's checkpoint does not record the mean and std its model learned with, and its "
-                           f"training dataset cannot be read to find them ({e}); make that dataset readable where the "
-                           "run's config says, or give eval.normalization=target to use the tested dataset's own") from None
+        raise MetarunError(
+            f"this run's checkpoint does not record the mean and std its model learned with, and its "
+            f"training dataset cannot be read to find them ({e}); make that dataset readable where the "
+            "run's config says, or give eval.normalization=target to use the tested dataset's own"
+        ) from None
     return normalization(getattr(trained_on, "mean", None), getattr(trained_on, "std", None))
 
 
@@ -121,23 +143,33 @@ def check_finished(run_dir: Path, option: str) -> None:
     trainer = training_process(run_dir)
     if trainer is not None:
         wait = "wait for it to finish (it writes results.json after its test)"
-        raise MetarunError(f"{run_dir} is still training ({trainer}); {wait}{', or ' + name if name else ''}")
+        raise MetarunError(
+            f"{run_dir} is still training ({trainer}); {wait}{', or ' + name if name else ''}"
+        )
     if not have:
         return  # checkpoint_path says there is nothing to test, and how to train it
     results = run_dir / "results.json"
     if not results.is_file():
-        held = "only checkpoints/last.pt" if have == ["last"] else "checkpoints/" + " and ".join(f"{c}.pt" for c in have)
+        held = (
+            "only checkpoints/last.pt"
+            if have == ["last"]
+            else "checkpoints/" + " and ".join(f"{c}.pt" for c in have)
+        )
         how = f"failed ({failure})" if (failure := failed_with(run_dir)) else "stopped"
-        raise MetarunError(f"{run_dir} has not finished: it {how} before its test (no results.json) with {held}; resume "
-                           f"it to the end (metarun ... hydra.run.dir={run_dir}, the overrides it started with) or {name}")
+        raise MetarunError(
+            f"{run_dir} has not finished: it {how} before its test (no results.json) with {held}; resume "
+            f"it to the end (metarun ... hydra.run.dir={run_dir}, the overrides it started with) or {name}"
+        )
     try:
         record = json.loads(results.read_text())
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         reason = " ".join(str(e).split())[:100] or type(e).__name__
-        raise MetarunError(f"{results} is cut short or damaged ({reason}); give {option.format('best')} to test its "
-                           "best checkpoint anyway, or restore results.json from a copy of the run") from None
+        raise MetarunError(
+            f"{results} is cut short or damaged ({reason}); give {option.format('best')} to test its "
+            "best checkpoint anyway, or restore results.json from a copy of the run"
+        ) from None
 
 
 def failed_with(run_dir: Path) -> Optional[str]:
@@ -168,12 +200,18 @@ def read_config(run_dir: Path) -> DictConfig:
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         if any((run_dir / name).exists() for name in RUN_FILES):
-            raise MetarunError(f"{run_dir} holds a run's files but no .hydra/config.yaml (the config it trained with); "
-                               "copy the run's .hydra/ folder back from a copy of the run, or train it again")
+            raise MetarunError(
+                f"{run_dir} holds a run's files but no .hydra/config.yaml (the config it trained with); "
+                "copy the run's .hydra/ folder back from a copy of the run, or train it again"
+            )
         problem = "does not exist" if not run_dir.exists() else "holds no .hydra/config.yaml"
-        raise MetarunError(f"{run_dir} {problem}; give the directory of a metarun run (outputs/<date>/<time>_...)")
-    cut_short = (f"{path} is cut short or damaged ({{}}); copy .hydra/config.yaml back from a copy of the run, "
-                 "or train it again")
+        raise MetarunError(
+            f"{run_dir} {problem}; give the directory of a metarun run (outputs/<date>/<time>_...)"
+        )
+    cut_short = (
+        f"{path} is cut short or damaged ({{}}); copy .hydra/config.yaml back from a copy of the run, "
+        "or train it again"
+    )
     try:
         text = path.read_text()
         saved = OmegaConf.create(text)
@@ -185,10 +223,14 @@ def read_config(run_dir: Path) -> DictConfig:
     # short lacks some, and the schema would fill them with defaults the run never had.
     missing = [f.name for f in dataclasses.fields(Config) if f.name not in saved]
     if missing or not text.endswith("\n"):
-        raise MetarunError(cut_short.format(f"no {', '.join(missing)}" if missing else "no final newline"))
+        raise MetarunError(
+            cut_short.format(f"no {', '.join(missing)}" if missing else "no final newline")
+        )
     try:
         check_resolves(saved)
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(saved, resolve=True))
+        return OmegaConf.merge(
+            OmegaConf.structured(Config), OmegaConf.to_container(saved, resolve=True)
+        )
     except MetarunError:
         raise
     except Exception as e:  # keys the schema does not know, values of the wrong type
@@ -196,8 +238,10 @@ def read_config(run_dir: Path) -> DictConfig:
 
 
 def not_a_config(path: Path, e: Exception) -> MetarunError:
-    return MetarunError(f"{path} is not the config of a metarun run ({first_line(e)}); "
-                        "give the directory of a run that metarun wrote")
+    return MetarunError(
+        f"{path} is not the config of a metarun run ({first_line(e)}); "
+        "give the directory of a run that metarun wrote"
+    )
 
 
 def first_line(e: Exception) -> str:
@@ -235,13 +279,19 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
     for o in parsed:
         line, key = o.input_line, o.key_or_group
         if o.is_sweep_override():
-            raise MetarunError(f"{line}: metarun-eval tests one setting at a time; give one value and run it once per value")
+            raise MetarunError(
+                f"{line}: metarun-eval tests one setting at a time; give one value and run it once per value"
+            )
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
-            raise MetarunError(f"{line}: evaluation only changes keys the run has; write it as {key}=VALUE")
+            raise MetarunError(
+                f"{line}: evaluation only changes keys the run has; write it as {key}=VALUE"
+            )
         allowed = key in CHANGEABLE_GROUPS if "." not in key else key.startswith(CHANGEABLE_KEYS)
         if not allowed:
-            raise MetarunError(f"{line}: {key} cannot change when a run is tested again (the checkpoint was "
-                               f"trained with it); change only {CHANGEABLE}, or train a new run")
+            raise MetarunError(
+                f"{line}: {key} cannot change when a run is tested again (the checkpoint was "
+                f"trained with it); change only {CHANGEABLE}, or train a new run"
+            )
     return parsed
 
 
@@ -261,7 +311,11 @@ def set_key(cfg: DictConfig, override: Override) -> None:
     if not isinstance(parent, DictConfig) or name not in parent.keys():
         keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
         close = difflib.get_close_matches(name, keys, n=1)
-        fix = f"did you mean {parent_key}.{close[0]}?" if close else f"its {parent_key} has {', '.join(keys) or 'no keys'}"
+        fix = (
+            f"did you mean {parent_key}.{close[0]}?"
+            if close
+            else f"its {parent_key} has {', '.join(keys) or 'no keys'}"
+        )
         raise MetarunError(f"{line}: this run's config has no {key}; {fix}")
     try:
         OmegaConf.update(cfg, key, override.value(), merge=True)
@@ -269,32 +323,47 @@ def set_key(cfg: DictConfig, override: Override) -> None:
         reason = str(e).strip().splitlines()[0]
         current = OmegaConf.select(cfg, key)
         if isinstance(current, Enum):  # eval.normalization, device.type: name the choices
-            raise MetarunError(f"{line}: {reason}; give {key} one of {', '.join(c.value for c in type(current))} "
-                               f"(it is {current.value} in this run)") from None
-        raise MetarunError(f"{line}: {reason}; give {key} a value of its type (it is {current!r} in this run)") from None
+            raise MetarunError(
+                f"{line}: {reason}; give {key} one of {', '.join(c.value for c in type(current))} "
+                f"(it is {current.value} in this run)"
+            ) from None
+        raise MetarunError(
+            f"{line}: {reason}; give {key} a value of its type (it is {current!r} in this run)"
+        ) from None
 
 
 def check_images_fit_model(cfg: DictConfig) -> None:
     """Another dataset's images must have the channels and size the run's model was built for."""
     for model_key, data_key in (("in_channels", "channels"), ("image_size", "image_size")):
-        trained, given = OmegaConf.select(cfg, f"model.{model_key}"), OmegaConf.select(cfg, f"dataset.{data_key}")
+        trained, given = (
+            OmegaConf.select(cfg, f"model.{model_key}"),
+            OmegaConf.select(cfg, f"dataset.{data_key}"),
+        )
         if trained is not None and given is not None and trained != given:
-            raise MetarunError(f"dataset.{data_key}={given} but this run's model takes images of {data_key}={trained}; "
-                               f"set dataset.{data_key}={trained} (the dataset converts its images)")
+            raise MetarunError(
+                f"dataset.{data_key}={given} but this run's model takes images of {data_key}={trained}; "
+                f"set dataset.{data_key}={trained} (the dataset converts its images)"
+            )
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str, option: str = "checkpoint={}") -> Path:
     if checkpoint not in CHECKPOINTS:
-        raise MetarunError(f"{option.format(checkpoint)} is not one of {', '.join(CHECKPOINTS)}; "
-                           f"give {option.format('best')} (the best validation) or {option.format('last')}")
+        raise MetarunError(
+            f"{option.format(checkpoint)} is not one of {', '.join(CHECKPOINTS)}; "
+            f"give {option.format('best')} (the best validation) or {option.format('last')}"
+        )
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
-        raise MetarunError(f"{run_dir} has no checkpoints/{checkpoint}.pt; "
-                           f"{checkpoint_fix(run_dir, checkpoint, 'train it first', option)}")
+        raise MetarunError(
+            f"{run_dir} has no checkpoints/{checkpoint}.pt; "
+            f"{checkpoint_fix(run_dir, checkpoint, 'train it first', option)}"
+        )
     return path
 
 
-def checkpoint_fix(run_dir: Path, checkpoint: str, train: str, option: str = "checkpoint={}") -> str:
+def checkpoint_fix(
+    run_dir: Path, checkpoint: str, train: str, option: str = "checkpoint={}"
+) -> str:
     """'train it first or give checkpoint=last': the other checkpoint, where the run has it."""
     other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
     if (run_dir / "checkpoints" / f"{other}.pt").is_file():
@@ -309,13 +378,17 @@ def restore(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:
     expected = learner.state_dict().keys()
     missing, unexpected = expected - weights.keys(), weights.keys() - expected
     if missing and all(key.endswith(RUNNING_STATISTICS) for key in missing):
-        raise MetarunError("model.batch_norm=running needs running statistics, which this run did not keep (it "
-                           "trained with model.batch_norm=task); test it with model.batch_norm=task")
+        raise MetarunError(
+            "model.batch_norm=running needs running statistics, which this run did not keep (it "
+            "trained with model.batch_norm=task); test it with model.batch_norm=task"
+        )
     if unexpected and all(key.endswith(RUNNING_STATISTICS) for key in unexpected):
         weights = {key: value for key, value in weights.items() if key not in unexpected}
     try:
         learner.load_state_dict(weights)
     except RuntimeError as e:
         reason = " ".join(str(e).split())[:200]
-        raise MetarunError(f"{path} does not fit the learner this config builds ({reason}); sizes that follow the "
-                           "training data (Baseline's head over the training classes) need the run's own dataset") from None
+        raise MetarunError(
+            f"{path} does not fit the learner this config builds ({reason}); sizes that follow the "
+            "training data (Baseline's head over the training classes) need the run's own dataset"
+        ) from None

@@ -25,6 +25,7 @@ from scipy import stats
 
 class Difference(NamedTuple):
     """B − A: its mean, the half-width of its 95% CI, the two-sided p-value, the t distribution's df."""
+
     mean: float
     ci95: float
     p: float
@@ -43,20 +44,30 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     """B − A paired: `a[i]` and `b[i]` are the scores of the same unit (seed or episode), 2 or more pairs."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape or a.size < 2:
-        raise ValueError(f"paired_difference needs two equal-length lists of 2 or more scores, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"paired_difference needs two equal-length lists of 2 or more scores, got {a.shape} and {b.shape}"
+        )
     n = a.size
     d = b - a
     ci95 = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
-    return Difference(float(d.mean()), float(ci95), float(stats.ttest_rel(b, a).pvalue), float(n - 1))
+    return Difference(
+        float(d.mean()), float(ci95), float(stats.ttest_rel(b, a).pvalue), float(n - 1)
+    )
 
 
 def welch_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     """B − A unpaired, variances not assumed equal: 2 or more independent scores on each side."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 1 or b.ndim != 1 or min(a.size, b.size) < 2:
-        raise ValueError(f"welch_difference needs two lists of 2 or more scores, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"welch_difference needs two lists of 2 or more scores, got {a.shape} and {b.shape}"
+        )
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size  # squared standard errors of the means
     se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)) if se > 0 else float(a.size + b.size - 2)
+    df = (
+        (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+        if se > 0
+        else float(a.size + b.size - 2)
+    )
     p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
     return Difference(float(b.mean() - a.mean()), float(stats.t.ppf(0.975, df) * se), p, float(df))

@@ -32,7 +32,9 @@ def objective(results: dict[str, Any]) -> float:
     Never the test score: hyperparameters chosen on the test episodes would make the test number
     one more validation number. The test result stays in results.json.
     """
-    return results["best_val_accuracy"] if "best_val_accuracy" in results else -results["best_val_mse"]
+    return (
+        results["best_val_accuracy"] if "best_val_accuracy" in results else -results["best_val_mse"]
+    )
 
 
 def error_line(error: BaseException) -> str:
@@ -46,7 +48,9 @@ def error_line(error: BaseException) -> str:
 def record_failure(run_dir: Path, error: str, overrides: list[str]) -> None:
     """failed.json in the run directory: the error line and the overrides that produced it."""
     record = {"error": error, "overrides": overrides}
-    write_atomically(run_dir / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+    write_atomically(
+        run_dir / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n")
+    )
 
 
 def clear_failure(run_dir: Path) -> None:
@@ -87,7 +91,9 @@ class FailedJobs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        written = [path for path, stamp in job_records(sweep_dir).items() if self.before.get(path) != stamp]
+        written = [
+            path for path, stamp in job_records(sweep_dir).items() if self.before.get(path) != stamp
+        ]
         failed = sorted((path.parent for path in written if path.name == FAILED), key=job_order)
         if not failed:
             return
@@ -129,4 +135,8 @@ def own_overrides(job: list[str], command_line: list[str]) -> list[str]:
     parser = OverridesParser.create()
     given = {o.key_or_group: o.value() for o in parser.parse_overrides(command_line)}
     absent = object()
-    return [text for text, o in zip(job, parser.parse_overrides(job)) if given.get(o.key_or_group, absent) != o.value()]
+    return [
+        text
+        for text, o in zip(job, parser.parse_overrides(job))
+        if given.get(o.key_or_group, absent) != o.value()
+    ]

@@ -45,8 +45,15 @@ from metarun.data.sampler import EpisodeSampler, episode_seed, statistics
 from metarun.data.tasks import TaskBatch
 from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
 from metarun.distributed import Processes
-from metarun.divergence import (FP16_PATIENCE, Diverged, NonFiniteSteps, describe_step, gradient_norm,
-                                nonfinite_entries, remedies)
+from metarun.divergence import (
+    FP16_PATIENCE,
+    Diverged,
+    NonFiniteSteps,
+    describe_step,
+    gradient_norm,
+    nonfinite_entries,
+    remedies,
+)
 from metarun.errors import MetarunError
 from metarun.evaluation import evaluate
 from metarun.lock import RunDirBusy, check_run_dir_free, lock_run_dir
@@ -82,14 +89,22 @@ class Trainer:
     a dataset too small for the training episodes can still be tested on); `resume=False`: ignore a
     checkpoints/last.pt in `run_dir` (an evaluation reads a checkpoint of its choice instead)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, processes: Processes = Processes(),
-                 parts: Sequence[str] = PARTS, resume: bool = True):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        processes: Processes = Processes(),
+        parts: Sequence[str] = PARTS,
+        resume: bool = True,
+    ):
         validate(cfg)
         self.cfg = cfg
         self.run_dir = run_dir
         self.processes = processes
         self.tasks_per_step = processes.share(cfg.episode.meta_batch_size)  # this rank's share
-        if resume:  # it may train here: refuse a directory another live process trains, before any work
+        if (
+            resume
+        ):  # it may train here: refuse a directory another live process trains, before any work
             self.claim_run_dir(check_run_dir_free)
         self.checkpoint_dir = run_dir / "checkpoints"
         self.device = resolve_device(cfg.device.type.value)
@@ -102,15 +117,23 @@ class Trainer:
 
         self.dataset = dataset = build(cfg.dataset)
         # What a task is scored by: accuracy (higher is better) or, for regression, MSE (lower is better).
-        self.score = "mse" if getattr(dataset, "task", "classification") == "regression" else "accuracy"
+        self.score = (
+            "mse" if getattr(dataset, "task", "classification") == "regression" else "accuracy"
+        )
         check_algorithm_learns(cfg.algorithm, dataset)
         self.augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
         self.samplers = {part: self.episode_sampler(part) for part in parts}
         torch.manual_seed(cfg.seed)
         model = build(cfg.model)
         check_model_input(model, dataset)
-        offered = {"model": model, "n_way": cfg.episode.n_way, "n_train_classes": dataset.n_classes("train")}
-        self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(self.device)
+        offered = {
+            "model": model,
+            "n_way": cfg.episode.n_way,
+            "n_train_classes": dataset.n_classes("train"),
+        }
+        self.learner = build(cfg.algorithm, **accepted_arguments(cfg.algorithm, offered)).to(
+            self.device
+        )
         self.learner.check_n_way(cfg.eval.n_way)
         processes.broadcast(self.learner)  # every rank starts from rank 0's weights
         if processes.rank:
@@ -128,8 +151,12 @@ class Trainer:
         self.saved_step: int | None = None  # the step checkpoints/last.pt holds
         self.wall_time_s = 0.0  # of the earlier runs in this directory, when resumed
         self.started = time.perf_counter()
-        self.best_val = math.inf if self.score == "mse" else -math.inf  # best validation score so far
-        self.eval_changes: list[str] = []  # eval.* changes since last.pt that move the validation episodes
+        self.best_val = (
+            math.inf if self.score == "mse" else -math.inf
+        )  # best validation score so far
+        self.eval_changes: list[
+            str
+        ] = []  # eval.* changes since last.pt that move the validation episodes
         if resume and (self.checkpoint_dir / "last.pt").exists():
             self.load_state(load_checkpoint(self.checkpoint_dir / "last.pt", self.device))
 
@@ -139,13 +166,21 @@ class Trainer:
         of drawn tasks (sinusoid) makes its own (`dataset.sampler`)."""
         dataset, cfg = self.dataset, self.cfg
         if hasattr(dataset, "sampler"):
-            return dataset.sampler(part, *episode_shape(cfg, part), episode_key(cfg, part), self.device)
+            return dataset.sampler(
+                part, *episode_shape(cfg, part), episode_key(cfg, part), self.device
+            )
         copies = 0 if part == "train" else cfg.eval.support_augment
         augment = self.support_copies_augment() if copies else self.augment
         return EpisodeSampler(
-            dataset.part(part).to(self.device), *episode_shape(cfg, part), part, dataset.name,
-            config_key=episode_key(cfg, part), mean=dataset.mean, std=dataset.std,
-            augment=augment if part == "train" or copies else None, support_copies=copies,
+            dataset.part(part).to(self.device),
+            *episode_shape(cfg, part),
+            part,
+            dataset.name,
+            config_key=episode_key(cfg, part),
+            mean=dataset.mean,
+            std=dataset.std,
+            augment=augment if part == "train" or copies else None,
+            support_copies=copies,
         )
 
     def support_copies_augment(self) -> Augment:
@@ -166,8 +201,12 @@ class Trainer:
             self.log = RunLog(self.run_dir, resume_step=self.step) if self.processes.main else None
             if self.processes.main:
                 self.write_config()
-            self.progress = Progress(self.cfg.train.steps, self.step, self.cfg.train.log_every,
-                                     enabled=self.processes.main)
+            self.progress = Progress(
+                self.cfg.train.steps,
+                self.step,
+                self.cfg.train.log_every,
+                enabled=self.processes.main,
+            )
             try:
                 if self.eval_changes:
                     self.revalidate_best()
@@ -175,7 +214,9 @@ class Trainer:
                 results = self.test()
             except BaseException:
                 if self.log is not None:
-                    with contextlib.suppress(Exception):  # the failure in flight is the one to report
+                    with contextlib.suppress(
+                        Exception
+                    ):  # the failure in flight is the one to report
                         self.log.close()
                 raise
             finally:
@@ -240,32 +281,55 @@ class Trainer:
                     metrics = self.processes.mean_over_tasks(metrics, self.tasks_per_step)
                     values = {name: value.item() for name, value in metrics.items()}
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
-                    values["tasks_per_s"] = ((self.step - tic_step) * self.cfg.episode.meta_batch_size
-                                             / (time.perf_counter() - tic))  # all ranks together
+                    values["tasks_per_s"] = (
+                        (self.step - tic_step)
+                        * self.cfg.episode.meta_batch_size
+                        / (time.perf_counter() - tic)
+                    )  # all ranks together
                     tic, tic_step = time.perf_counter(), self.step
                     self.record("train", values)
-                    shown = {"loss": values["loss"], self.score[:3]: values[self.score], "tasks/s": values["tasks_per_s"]}
+                    shown = {
+                        "loss": values["loss"],
+                        self.score[:3]: values[self.score],
+                        "tasks/s": values["tasks_per_s"],
+                    }
                 self.progress.update(self.step, shown)
                 if checkpointed:
                     self.validate_and_checkpoint()
                     tic, tic_step = time.perf_counter(), self.step
-                if self.processes.any(stop.requested is not None, self.device):  # every rank stops at this step
+                if self.processes.any(
+                    stop.requested is not None, self.device
+                ):  # every rank stops at this step
                     if not checkpointed:
                         self.save_last()
-                    self.progress.write(f"step {self.step}: stopping on a signal; checkpoints/last.pt holds this step")
+                    self.progress.write(
+                        f"step {self.step}: stopping on a signal; checkpoints/last.pt holds this step"
+                    )
                     stop.hand_over(self.step)
 
     def train_step(self, tasks, diagnostics: bool = False) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         # Gradient-based learners scale their inner-loop losses by this too (fp16 only).
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        metrics = meta_backward(self.learner, tasks, diagnostics=diagnostics, loss_scale=loss_scale,
-                                scale=self.scaler.scale, autocast=lambda: autocast(self.device, self.amp))
-        self.processes.average_gradients(self.learner.parameters())  # where the ranks' gradients meet
-        self.scaler.unscale_(self.optimizer)  # clip and watch the true gradient, not the fp16-scaled one
+        metrics = meta_backward(
+            self.learner,
+            tasks,
+            diagnostics=diagnostics,
+            loss_scale=loss_scale,
+            scale=self.scaler.scale,
+            autocast=lambda: autocast(self.device, self.amp),
+        )
+        self.processes.average_gradients(
+            self.learner.parameters()
+        )  # where the ranks' gradients meet
+        self.scaler.unscale_(
+            self.optimizer
+        )  # clip and watch the true gradient, not the fp16-scaled one
         if self.cfg.train.grad_clip is not None:
             # The norm before clipping, logged with the step's metrics.
-            metrics["grad_norm"] = grad_norm = clip_grad_norm_(self.learner.parameters(), self.cfg.train.grad_clip)
+            metrics["grad_norm"] = grad_norm = clip_grad_norm_(
+                self.learner.parameters(), self.cfg.train.grad_clip
+            )
         else:
             grad_norm = gradient_norm(self.learner.parameters())
         self.nonfinite.observe(self.step + 1, metrics["loss"], grad_norm)  # on the device: no sync
@@ -273,7 +337,9 @@ class Trainer:
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.processes.broadcast(self.learner, buffers_only=True)  # running statistics follow rank 0's
+        self.processes.broadcast(
+            self.learner, buffers_only=True
+        )  # running statistics follow rank 0's
         return metrics
 
     def validate_and_checkpoint(self) -> None:
@@ -285,11 +351,21 @@ class Trainer:
             self.best_val = score
             self.check_weights()
             if self.processes.main:
-                save_checkpoint({"learner": self.learner.state_dict(), "step": self.step, "val": val,
-                                 "normalization": statistics(self.dataset)}, self.checkpoint_dir / "best.pt")
+                save_checkpoint(
+                    {
+                        "learner": self.learner.state_dict(),
+                        "step": self.step,
+                        "val": val,
+                        "normalization": statistics(self.dataset),
+                    },
+                    self.checkpoint_dir / "best.pt",
+                )
         self.record("val", {"loss": val["loss"], self.score: score})
         self.save_last()
-        self.progress.write(f"step {self.step}: val {describe_score(self.score, val)}" + ("  (best)" if improved else ""))
+        self.progress.write(
+            f"step {self.step}: val {describe_score(self.score, val)}"
+            + ("  (best)" if improved else "")
+        )
 
     def revalidate_best(self) -> None:
         """Score best.pt on this run's validation episodes: best_val was measured on the episodes of
@@ -306,11 +382,15 @@ class Trainer:
         self.check_validation(val, f"best.pt (step {state['step']}) on the new validation episodes")
         old, self.best_val = self.best_val, val[self.score]
         if self.processes.main:
-            save_checkpoint({**state, "val": val}, best)  # its record now holds the score best_val compares
+            save_checkpoint(
+                {**state, "val": val}, best
+            )  # its record now holds the score best_val compares
         was = f"{100 * old:.1f}%" if self.score == "accuracy" else f"{old:.4f}"
-        self.progress.write(f"{', '.join(self.eval_changes)} since the last start: best.pt (step {state['step']}) "
-                            f"re-validated on the new validation episodes, val {describe_score(self.score, val)} "
-                            f"(best_val was {was} on the old ones)")
+        self.progress.write(
+            f"{', '.join(self.eval_changes)} since the last start: best.pt (step {state['step']}) "
+            f"re-validated on the new validation episodes, val {describe_score(self.score, val)} "
+            f"(best_val was {was} on the old ones)"
+        )
 
     def save_last(self) -> None:
         self.stop_if_diverged()
@@ -328,7 +408,9 @@ class Trainer:
         if not self.processes.any(found is not None, self.device):
             return
         if found is None:
-            raise self.diverged(f"by step {self.step} another process's loss or gradient became NaN or infinite")
+            raise self.diverged(
+                f"by step {self.step} another process's loss or gradient became NaN or infinite"
+            )
         raise self.diverged(describe_step(found, fp16=self.scaler.is_enabled()))
 
     def check_weights(self) -> None:
@@ -336,7 +418,9 @@ class Trainer:
         ranks hold the same ones, so they agree)."""
         bad = nonfinite_entries(self.learner.state_dict())
         if bad:
-            raise self.diverged(f"after step {self.step} the learner's {bad[0]} holds NaN or infinite values")
+            raise self.diverged(
+                f"after step {self.step} the learner's {bad[0]} holds NaN or infinite values"
+            )
 
     def check_validation(self, val: dict[str, Any], what: str) -> None:
         score, loss = val[self.score], val["loss"]
@@ -344,10 +428,15 @@ class Trainer:
             raise self.diverged(f"{what}: validation {self.score} {score:g}, loss {loss:g}")
 
     def diverged(self, what: str) -> Diverged:
-        kept = ("no checkpoint was written" if self.saved_step is None
-                else f"checkpoints/last.pt keeps step {self.saved_step}, its last finite weights")
+        kept = (
+            "no checkpoint was written"
+            if self.saved_step is None
+            else f"checkpoints/last.pt keeps step {self.saved_step}, its last finite weights"
+        )
         lr = self.optimizer.param_groups[0]["lr"]
-        return Diverged(f"{what}; the run diverged: {remedies(self.cfg, lr)}, in a new hydra.run.dir ({kept})")
+        return Diverged(
+            f"{what}; the run diverged: {remedies(self.cfg, lr)}, in a new hydra.run.dir ({kept})"
+        )
 
     def record(self, split: str, values: dict[str, float]) -> None:
         if self.log is not None:
@@ -355,8 +444,16 @@ class Trainer:
 
     def evaluate(self, part: str, episodes: int) -> dict[str, Any]:
         cfg = self.cfg.eval
-        return evaluate(self.learner, self.samplers[part], episodes, cfg.seed, cfg.batch_size,
-                        autocast(self.device, self.amp), score=self.score, processes=self.processes)
+        return evaluate(
+            self.learner,
+            self.samplers[part],
+            episodes,
+            cfg.seed,
+            cfg.batch_size,
+            autocast(self.device, self.amp),
+            score=self.score,
+            processes=self.processes,
+        )
 
     def test(self) -> dict[str, Any]:
         best = self.checkpoint_dir / "best.pt"
@@ -366,16 +463,24 @@ class Trainer:
         test = self.evaluate("test", self.cfg.eval.episodes)
         score = self.score
         results = {
-            **test_results(test, score, self.cfg), f"best_val_{score}": self.best_val, "steps": self.step,
-            "wall_time_s": self.elapsed(), "processes": self.processes.world_size,
+            **test_results(test, score, self.cfg),
+            f"best_val_{score}": self.best_val,
+            "steps": self.step,
+            "wall_time_s": self.elapsed(),
+            "processes": self.processes.world_size,
             "config": config_container(self.cfg),
         }
         if not self.processes.main:
             return results
         self.write_test(self.run_dir, results, test)
         self.record("test", {"loss": test["loss"], score: test[score]})
-        self.log.hparams(hparams(self.cfg), {f"hparam/test_{score}": test[score], f"hparam/best_val_{score}": self.best_val})
-        print(f"test {describe_score(score, test)} ({test['episodes']} episodes, batch_norm={results['batch_norm']})")
+        self.log.hparams(
+            hparams(self.cfg),
+            {f"hparam/test_{score}": test[score], f"hparam/best_val_{score}": self.best_val},
+        )
+        print(
+            f"test {describe_score(score, test)} ({test['episodes']} episodes, batch_norm={results['batch_norm']})"
+        )
         if hasattr(self.dataset, "figures"):  # e.g. sinusoid: adaptation.png beside results.json
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
@@ -384,20 +489,35 @@ class Trainer:
         """results.json, and test_episodes.json: each test episode's score. Runs with the same
         identity met the same episodes, so a report can compare them episode by episode."""
         write_json(directory / "results.json", results)
-        write_json(directory / "test_episodes.json",
-                   {"score": self.score, "identity": self.test_identity(), "values": test["per_episode"]})
+        write_json(
+            directory / "test_episodes.json",
+            {"score": self.score, "identity": self.test_identity(), "values": test["per_episode"]},
+        )
 
     def test_identity(self) -> dict[str, Any]:
         """What fixes the test episodes: the dataset and its split, the episodes' shape, count and seed,
         and a class dataset's test images by content. The machine-local keys (where the data lies)
         are left out and the content stands in for them: a moved copy of the same images still
         pairs, other images under the same settings (a `folder`'s `path`) never do."""
-        dataset = {k: v for k, v in config_container(self.cfg.dataset).items() if k not in self.dataset.machine_local}
+        dataset = {
+            k: v
+            for k, v in config_container(self.cfg.dataset).items()
+            if k not in self.dataset.machine_local
+        }
         n_way, k_shot, n_query = episode_shape(self.cfg, "test")
-        identity = {"dataset": dataset, "split": "test", "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
-                    "episodes": self.cfg.eval.episodes, "seed": self.cfg.eval.seed,
-                    "support_augment": self.cfg.eval.support_augment}
-        if not hasattr(self.dataset, "sampler"):  # a dataset of drawn tasks (sinusoid) is its config alone
+        identity = {
+            "dataset": dataset,
+            "split": "test",
+            "n_way": n_way,
+            "k_shot": k_shot,
+            "n_query": n_query,
+            "episodes": self.cfg.eval.episodes,
+            "seed": self.cfg.eval.seed,
+            "support_augment": self.cfg.eval.support_augment,
+        }
+        if not hasattr(
+            self.dataset, "sampler"
+        ):  # a dataset of drawn tasks (sinusoid) is its config alone
             identity["test_images"] = content_fingerprint(self.dataset.part("test"))
         return identity
 
@@ -408,9 +528,13 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """Everything a resumed run needs; on several processes every rank must call it together."""
-        ranks = self.processes.gather({
-            "train_sampler": self.generator.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+        ranks = self.processes.gather(
+            {
+                "train_sampler": self.generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        )
         return {
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -424,7 +548,9 @@ class Trainer:
             **({"rng_per_rank": ranks} if self.processes.several else {}),
             "world_size": self.processes.world_size,
             "device": self.device.type,  # the generators' states above are of this device type
-            "normalization": statistics(self.dataset),  # what the model learned on (metarun.saved_run)
+            "normalization": statistics(
+                self.dataset
+            ),  # what the model learned on (metarun.saved_run)
             "config": config_container(self.cfg),
         }
 
@@ -451,9 +577,15 @@ class Trainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.step = self.saved_step = state["step"]
-            self.best_val = state["best_val"] if "best_val" in state else state["best_val_accuracy"]  # older runs
+            self.best_val = (
+                state["best_val"] if "best_val" in state else state["best_val_accuracy"]
+            )  # older runs
             self.wall_time_s = state.get("wall_time_s", 0.0)
-            rng = state["rng_per_rank"][self.processes.rank] if self.processes.several else state["rng"]
+            rng = (
+                state["rng_per_rank"][self.processes.rank]
+                if self.processes.several
+                else state["rng"]
+            )
             self.resume_generator(state.get("device", self.device.type), rng["train_sampler"], path)
             torch.set_rng_state(rng["torch"].cpu())
             if rng["cuda"] and torch.cuda.is_available():
@@ -471,9 +603,12 @@ class Trainer:
             self.generator.set_state(saved_state.cpu())
             return
         self.generator.manual_seed(episode_seed(self.processes.seed(self.cfg.seed), self.step))
-        warnings.warn(f"{path} was written on {saved_device} and this run resumes on {self.device.type}, whose task "
-                      f"generator cannot take its state: it restarts from a seed of (seed, step {self.step}), so the "
-                      f"tasks from step {self.step} on differ from those of an uninterrupted run", stacklevel=3)
+        warnings.warn(
+            f"{path} was written on {saved_device} and this run resumes on {self.device.type}, whose task "
+            f"generator cannot take its state: it restarts from a seed of (seed, step {self.step}), so the "
+            f"tasks from step {self.step} on differ from those of an uninterrupted run",
+            stacklevel=3,
+        )
 
     def write_config(self) -> None:
         """The record Hydra would write to .hydra/, written only once the run can really start."""
@@ -486,12 +621,20 @@ class Trainer:
             if HydraConfig.initialized():
                 hydra_cfg = HydraConfig.get()
                 OmegaConf.save(hydra_cfg, record / "hydra.yaml")
-                OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+                OmegaConf.save(
+                    OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml"
+                )
 
 
-def meta_backward(learner: MetaLearner, tasks: TaskBatch, *, diagnostics: bool = False, loss_scale: float = 1.0,
-                  scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+def meta_backward(
+    learner: MetaLearner,
+    tasks: TaskBatch,
+    *,
+    diagnostics: bool = False,
+    loss_scale: float = 1.0,
+    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> dict[str, torch.Tensor]:
     """Accumulate the meta-gradient of `tasks` into the learner's `.grad`; returns the metrics.
 
     The learner may split the meta-batch (`task_chunks`): each chunk's loss, weighted by its share
@@ -507,21 +650,30 @@ def meta_backward(learner: MetaLearner, tasks: TaskBatch, *, diagnostics: bool =
         scale(loss * share).backward()
         for name, value in chunk_metrics.items():
             metrics[name] = metrics.get(name, 0.0) + share * value
-    commit_running_statistics(learner)  # one update per meta-batch, whatever the chunks (metarun.models.layers)
+    commit_running_statistics(
+        learner
+    )  # one update per meta-batch, whatever the chunks (metarun.models.layers)
     return metrics
 
 
 def test_results(test: dict[str, Any], score: str, cfg: DictConfig) -> dict[str, Any]:
     """A test's entries in results.json: the score, its CI, the episodes, the loss, and the batch
     norm that produced them (transductive "task", inductive "running", or "none" for an MLP)."""
-    return {f"test_{score}": test[score], "ci95": test["ci95"], "episodes": test["episodes"], "test_loss": test["loss"],
-            "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none")}
+    return {
+        f"test_{score}": test[score],
+        "ci95": test["ci95"],
+        "episodes": test["episodes"],
+        "test_loss": test["loss"],
+        "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none"),
+    }
 
 
 def content_fingerprint(part: ClassImages) -> dict[str, Any]:
     """A part's images by content: its class and image counts, and a SHA-256 of the class names, the
     images per class and every pixel (about 1.5 GB/s: a fifth of a second for mini-ImageNet's test part)."""
-    digest = hashlib.sha256(json.dumps([list(part.names), part.counts.tolist(), list(part.image_shape)]).encode())
+    digest = hashlib.sha256(
+        json.dumps([list(part.names), part.counts.tolist(), list(part.image_shape)]).encode()
+    )
     digest.update(memoryview(part.images.cpu().contiguous().numpy()).cast("B"))
     return {"classes": part.n_classes, "images": len(part.images), "sha256": digest.hexdigest()}
 
@@ -539,7 +691,9 @@ def check_places(cfg: DictConfig, run_dir: Path | None) -> None:
     if "cache_dir" in cfg.dataset:
         cache = Path(cfg.dataset.cache_dir or default_cache_dir()).expanduser()
         if not (cache.is_dir() and any(cache.iterdir())):
-            check_writable(cache, "set dataset.cache_dir (or METARUN_CACHE) to a folder you can write")
+            check_writable(
+                cache, "set dataset.cache_dir (or METARUN_CACHE) to a folder you can write"
+            )
 
 
 def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
@@ -549,8 +703,10 @@ def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
         return
     if len(have) != len(wanted):
         fits = "model=mlp" if len(wanted) == 1 else "model=conv4, resnet12 or resnet18"
-        raise MetarunError(f"{type(model).__name__} takes inputs of shape {tuple(have)} but {dataset.name}'s items "
-                           f"have shape {wanted}; use a backbone for them: {fits}")
+        raise MetarunError(
+            f"{type(model).__name__} takes inputs of shape {tuple(have)} but {dataset.name}'s items "
+            f"have shape {wanted}; use a backbone for them: {fits}"
+        )
     for key, source, index in (("in_channels", "channels", 0), ("image_size", "image_size", -1)):
         if have[index] != wanted[index]:
             raise MetarunError(
@@ -561,9 +717,14 @@ def check_model_input(model: torch.nn.Module, dataset: ClassDataset) -> None:
 
 def check_algorithm_learns(node: DictConfig, dataset: Any) -> None:
     """A regression dataset needs a learner that learns regression (a one-line error otherwise)."""
-    if getattr(dataset, "task", "classification") == "regression" and not get_object(node._target_).regression:
-        raise MetarunError(f"{node._target_.rsplit('.', 1)[-1]} classifies and cannot learn {dataset.name}'s "
-                           "regression tasks; use algorithm=maml, fomaml, metasgd, anil or reptile")
+    if (
+        getattr(dataset, "task", "classification") == "regression"
+        and not get_object(node._target_).regression
+    ):
+        raise MetarunError(
+            f"{node._target_.rsplit('.', 1)[-1]} classifies and cannot learn {dataset.name}'s "
+            "regression tasks; use algorithm=maml, fomaml, metasgd, anil or reptile"
+        )
 
 
 def describe_score(score: str, result: dict[str, float]) -> str:
@@ -599,7 +760,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], also_allowed: tuple[str, ...] = ()) -> list[str]:
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], also_allowed: tuple[str, ...] = ()
+) -> list[str]:
     """Keys whose values differ between two configs, except those a resumed run may change."""
     old, new = flatten(old), flatten(new)
     allowed = RESUMABLE_CHANGES + also_allowed
@@ -613,12 +776,19 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], also_allowed: tuple
 def validation_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The VALIDATION_KEYS whose values differ between two configs, as "eval.KEY: OLD -> NEW"."""
     old_eval, new_eval = old.get("eval", {}), new.get("eval", {})
-    return [f"eval.{key}: {old_eval.get(key)!r} -> {new_eval.get(key)!r}"
-            for key in VALIDATION_KEYS if old_eval.get(key) != new_eval.get(key)]
+    return [
+        f"eval.{key}: {old_eval.get(key)!r} -> {new_eval.get(key)!r}"
+        for key in VALIDATION_KEYS
+        if old_eval.get(key) != new_eval.get(key)
+    ]
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's hyperparameters as TensorBoard wants them: flat, scalar values only."""
     flat = flatten(config_container(cfg))
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))
-            and not k.startswith(("dataset.root", "dataset.path"))}
+    return {
+        k: v
+        for k, v in flat.items()
+        if isinstance(v, (int, float, str, bool))
+        and not k.startswith(("dataset.root", "dataset.path"))
+    }

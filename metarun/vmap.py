@@ -17,7 +17,6 @@ def is_vmapped(x: Tensor) -> bool:
     return False
 
 
-
 def is_transformed(x: Tensor) -> bool:
     """Whether `x` is inside a `torch.func` transform (grad, vmap, ...), where buffers cannot be
     updated in place."""

@@ -80,7 +80,13 @@ from metarun.trainer import meta_backward  # noqa: E402
 N_WAY, K_SHOT, N_QUERY = 5, 1, 15
 IMAGE_SHAPE = [1, 28, 28]  # --image-shape rewrites it in place; the default is Omniglot's
 MINI_IMAGENET_SHAPE = (3, 84, 84)
-SAMPLING_SHAPE = (64, 600, 3, 84, 84)  # mini-ImageNet's training part: classes, images each, C, H, W
+SAMPLING_SHAPE = (
+    64,
+    600,
+    3,
+    84,
+    84,
+)  # mini-ImageNet's training part: classes, images each, C, H, W
 INNER_LR, META_LR = 0.4, 1e-3
 SEED = 0
 GRAD_TOLERANCE = 1e-8  # relative, float64: ||g - g_plain|| / ||g_plain||
@@ -89,10 +95,21 @@ MIB = 2**20
 
 BACKBONES: dict[str, tuple[str, Callable[[Sequence[int]], nn.Module], Sequence[int]]] = {
     # key: (label, build(image_shape), image shape)
-    "conv4": ("Conv4", lambda shape: Conv4(in_channels=shape[0], image_size=shape[-1]), IMAGE_SHAPE),
-    "conv4-32": ("Conv4-32", lambda shape: Conv4(in_channels=shape[0], hidden=32, image_size=shape[-1]),
-                 MINI_IMAGENET_SHAPE),
-    "resnet12": ("ResNet-12", lambda shape: ResNet12(in_channels=shape[0], image_size=shape[-1]), MINI_IMAGENET_SHAPE),
+    "conv4": (
+        "Conv4",
+        lambda shape: Conv4(in_channels=shape[0], image_size=shape[-1]),
+        IMAGE_SHAPE,
+    ),
+    "conv4-32": (
+        "Conv4-32",
+        lambda shape: Conv4(in_channels=shape[0], hidden=32, image_size=shape[-1]),
+        MINI_IMAGENET_SHAPE,
+    ),
+    "resnet12": (
+        "ResNet-12",
+        lambda shape: ResNet12(in_channels=shape[0], image_size=shape[-1]),
+        MINI_IMAGENET_SHAPE,
+    ),
 }
 PEER_NAMES = tuple(peers.PEERS)
 
@@ -108,8 +125,11 @@ class Family:
 
     @property
     def key(self) -> str:
-        name = "protonet" if self.method == "ProtoNet" else \
-            f"{'fomaml' if self.first_order else 'maml2'}-{self.adaptation_steps}"
+        name = (
+            "protonet"
+            if self.method == "ProtoNet"
+            else f"{'fomaml' if self.first_order else 'maml2'}-{self.adaptation_steps}"
+        )
         return f"{name}-{self.backbone}"
 
     @property
@@ -125,7 +145,12 @@ class Family:
 
 
 def families(quick: bool, with_84: bool, only_84: bool) -> list[Family]:
-    first = [Family("MAML", False, 1), Family("MAML", False, 5), Family("MAML", True, 1), Family("ProtoNet")]
+    first = [
+        Family("MAML", False, 1),
+        Family("MAML", False, 5),
+        Family("MAML", True, 1),
+        Family("ProtoNet"),
+    ]
     if quick:
         first = [Family("MAML", False, 1), Family("ProtoNet")]
     second = [Family("MAML", False, 1, "conv4-32"), Family("ProtoNet", backbone="resnet12")]
@@ -163,20 +188,32 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
         ours = ["metarun", "metarun-whole"] + (["metarun-glibc"] if device.type == "cpu" else [])
         return [*ours, "plain", *found]
     if device.type == "cuda":
-        ours = ["metarun", "metarun-vmap-8", "metarun-loop"]  # the default is vmap over the whole batch
+        ours = [
+            "metarun",
+            "metarun-vmap-8",
+            "metarun-loop",
+        ]  # the default is vmap over the whole batch
     else:
-        ours = ["metarun", "metarun-glibc", "metarun-whole"] + (["metarun-vmap", "metarun-vmap-8"] if vmap else [])
+        ours = ["metarun", "metarun-glibc", "metarun-whole"] + (
+            ["metarun-vmap", "metarun-vmap-8"] if vmap else []
+        )
     return [*ours, "plain", *found]
 
 
 def synthetic_tasks(meta_batch: int, device: torch.device, image_shape: Sequence[int]) -> TaskBatch:
     """Random images with labels 0..N-1 in class order; seeded, so every process sees the same batch."""
     generator = torch.Generator().manual_seed(SEED)
-    support_x = torch.randn(meta_batch, N_WAY * K_SHOT, *image_shape, generator=generator)  # [T, N*K, C, H, W]
-    query_x = torch.randn(meta_batch, N_WAY * N_QUERY, *image_shape, generator=generator)  # [T, N*Q, C, H, W]
+    support_x = torch.randn(
+        meta_batch, N_WAY * K_SHOT, *image_shape, generator=generator
+    )  # [T, N*K, C, H, W]
+    query_x = torch.randn(
+        meta_batch, N_WAY * N_QUERY, *image_shape, generator=generator
+    )  # [T, N*Q, C, H, W]
     support_y = torch.arange(N_WAY).repeat_interleave(K_SHOT).expand(meta_batch, -1)  # [T, N*K]
     query_y = torch.arange(N_WAY).repeat_interleave(N_QUERY).expand(meta_batch, -1)  # [T, N*Q]
-    return TaskBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), N_WAY).to(device)
+    return TaskBatch(support_x, support_y.contiguous(), query_x, query_y.contiguous(), N_WAY).to(
+        device
+    )
 
 
 def initial_model(family: Family) -> nn.Module:
@@ -197,10 +234,16 @@ def plain_maml(model: nn.Module, family: Family) -> Callable[[TaskBatch], None]:
         for i in range(len(tasks)):
             fast = params
             for _ in range(family.adaptation_steps):
-                support_loss = F.cross_entropy(functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i])
-                grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not family.first_order)
+                support_loss = F.cross_entropy(
+                    functional_call(model, fast, (tasks.support_x[i],)), tasks.support_y[i]
+                )
+                grads = torch.autograd.grad(
+                    support_loss, list(fast.values()), create_graph=not family.first_order
+                )
                 fast = {name: w - INNER_LR * g for (name, w), g in zip(fast.items(), grads)}
-            query_loss = F.cross_entropy(functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i])
+            query_loss = F.cross_entropy(
+                functional_call(model, fast, (tasks.query_x[i],)), tasks.query_y[i]
+            )
             (query_loss / len(tasks)).backward()
 
     return backward
@@ -214,30 +257,45 @@ def plain_protonet(model: nn.Module) -> Callable[[TaskBatch], None]:
     def backward(tasks: TaskBatch) -> None:
         n_support = tasks.support_x.shape[1]
         for i in range(len(tasks)):
-            emb = model(torch.cat([tasks.support_x[i], tasks.query_x[i]])[None])[0]  # [N*K + N*Q, D]
+            emb = model(torch.cat([tasks.support_x[i], tasks.query_x[i]])[None])[
+                0
+            ]  # [N*K + N*Q, D]
             support_emb, query_emb = emb[:n_support], emb[n_support:]
-            prototypes = torch.stack([support_emb[tasks.support_y[i] == n].mean(dim=0) for n in range(N_WAY)])  # [N, D]
+            prototypes = torch.stack(
+                [support_emb[tasks.support_y[i] == n].mean(dim=0) for n in range(N_WAY)]
+            )  # [N, D]
             logits = -(query_emb[:, None] - prototypes[None]).square().sum(dim=-1)  # [N*Q, N]
             (F.cross_entropy(logits, tasks.query_y[i]) / len(tasks)).backward()
 
     return backward
 
 
-def build(family: Family, variant: str, meta_batch: int, device: torch.device
-          ) -> tuple[nn.Module, Callable[[TaskBatch], object]]:
+def build(
+    family: Family, variant: str, meta_batch: int, device: torch.device
+) -> tuple[nn.Module, Callable[[TaskBatch], object]]:
     """The network holding the meta-parameters (named as in `initial_model`) and a function that
     accumulates the meta-gradient of a task batch into its `.grad`."""
     model = initial_model(family).to(device)
     if variant == "plain":
-        return model, plain_maml(model, family) if family.method == "MAML" else plain_protonet(model)
+        return model, plain_maml(model, family) if family.method == "MAML" else plain_protonet(
+            model
+        )
     if variant in peers.PEERS:
         if family.method == "MAML":
-            return model, peers.PEERS[variant][1](model, INNER_LR, family.adaptation_steps, family.first_order)
+            return model, peers.PEERS[variant][1](
+                model, INNER_LR, family.adaptation_steps, family.first_order
+            )
         return model, peers.PEERS[variant][1](model)
     settings = METARUN_VARIANTS[variant](meta_batch)
     if family.method == "MAML":
-        learner = MAML(model.backbone, N_WAY, inner_lr=INNER_LR, adaptation_steps=family.adaptation_steps,
-                       first_order=family.first_order, **settings)
+        learner = MAML(
+            model.backbone,
+            N_WAY,
+            inner_lr=INNER_LR,
+            adaptation_steps=family.adaptation_steps,
+            first_order=family.first_order,
+            **settings,
+        )
         learner.model = model  # the Classifier itself, so its parameters carry the same names
     else:
         learner = ProtoNet(model, N_WAY, task_chunk=settings.get("task_chunk", "auto"))
@@ -249,7 +307,9 @@ def same_formulation(variant: str) -> bool:
     return variant != "easyfsl"
 
 
-def meta_gradient(model: nn.Module, backward: Callable[[TaskBatch], object], tasks: TaskBatch) -> Tensor:
+def meta_gradient(
+    model: nn.Module, backward: Callable[[TaskBatch], object], tasks: TaskBatch
+) -> Tensor:
     model.zero_grad(set_to_none=True)
     backward(tasks)
     flat = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -291,10 +351,15 @@ def serve(family: Family, variant: str, meta_batch: int, device: torch.device) -
             print("done", flush=True)
         else:
             peak = peak_bytes(device)
-            print(json.dumps({"peak_growth_mib": (peak - base) / MIB, "peak_abs_mib": peak / MIB}), flush=True)
+            print(
+                json.dumps({"peak_growth_mib": (peak - base) / MIB, "peak_abs_mib": peak / MIB}),
+                flush=True,
+            )
 
 
-def check_gradients(family: Family, names: list[str], meta_batch: int, device: torch.device) -> dict[str, float]:
+def check_gradients(
+    family: Family, names: list[str], meta_batch: int, device: torch.device
+) -> dict[str, float]:
     """Relative difference of each variant's float64 meta-gradient on the first CHECKED_TASKS tasks
     from the plain loop's (variants with metarun's loss only)."""
     tasks = synthetic_tasks(meta_batch, device, family.image_shape)[:CHECKED_TASKS]
@@ -305,8 +370,11 @@ def check_gradients(family: Family, names: list[str], meta_batch: int, device: t
         return meta_gradient(model.double(), backward, tasks)
 
     reference = gradient("plain")
-    return {name: ((gradient(name) - reference).norm() / reference.norm()).item()
-            for name in names if name != "plain" and same_formulation(name)}
+    return {
+        name: ((gradient(name) - reference).norm() / reference.norm()).item()
+        for name in names
+        if name != "plain" and same_formulation(name)
+    }
 
 
 class Worker:
@@ -316,8 +384,9 @@ class Worker:
         self.variant = variant
         self.stderr = open(os.path.join(folder, f"{variant}.stderr"), "w+")
         command = [sys.executable, __file__, "--serve", family.key, variant, *forwarded_args(args)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
+        )
 
     def ask(self, line: str | None = None) -> str:
         """Send `line` (if any) and return the worker's answer; exits with its stderr if it died."""
@@ -327,7 +396,9 @@ class Worker:
         answer = self.process.stdout.readline()
         if not answer:
             self.stderr.seek(0)
-            sys.exit(f"{self.variant} failed (exit {self.process.wait()}):\n{self.stderr.read()[-3000:]}")
+            sys.exit(
+                f"{self.variant} failed (exit {self.process.wait()}):\n{self.stderr.read()[-3000:]}"
+            )
         return answer.strip()
 
     def close(self) -> None:
@@ -344,19 +415,37 @@ def run_family(family: Family, args: argparse.Namespace, device: torch.device) -
         workers = {name: Worker(args, family, name, folder) for name in names}
         for worker in workers.values():
             worker.ask()  # "ready": built
-        steps = {name: (lambda worker=worker: worker.ask("step")) for name, worker in workers.items()}
+        steps = {
+            name: (lambda worker=worker: worker.ask("step")) for name, worker in workers.items()
+        }
         seconds = interleaved_rounds(steps, args.rounds, warmup=1)
         memory = {name: json.loads(worker.ask("memory")) for name, worker in workers.items()}
         for worker in workers.values():
             worker.close()
-    return {"family": family.key, "meta_batch": meta_batch_of(family, args), "variants": names,
-            "grad_diffs": grad_diffs, "seconds": seconds, "memory": memory}
+    return {
+        "family": family.key,
+        "meta_batch": meta_batch_of(family, args),
+        "variants": names,
+        "grad_diffs": grad_diffs,
+        "seconds": seconds,
+        "memory": memory,
+    }
 
 
 def forwarded_args(args: argparse.Namespace) -> list[str]:
     """The settings a worker process needs from the command line."""
-    return ["--device", args.device, "--rounds", str(args.rounds), "--meta-batch", str(args.meta_batch),
-            "--meta-batch-84", str(args.meta_batch_84), "--image-shape", *map(str, IMAGE_SHAPE)]
+    return [
+        "--device",
+        args.device,
+        "--rounds",
+        str(args.rounds),
+        "--meta-batch",
+        str(args.meta_batch),
+        "--meta-batch-84",
+        str(args.meta_batch_84),
+        "--image-shape",
+        *map(str, IMAGE_SHAPE),
+    ]
 
 
 def meta_batch_of(family: Family, args: argparse.Namespace) -> int:
@@ -385,7 +474,9 @@ def family_table(family: Family, timing: dict) -> str:
         rate = Spread.of([meta_batch / x for x in s])
         vs_peer = ratio_text(speed_ratio(seconds, name, fastest_peer)) if fastest_peer else "-"
         mem = memory[name]["peak_growth_mib"]
-        mem_vs_peer = f"{mem / memory[leanest_peer]['peak_growth_mib']:.2f}x" if leanest_peer else "-"
+        mem_vs_peer = (
+            f"{mem / memory[leanest_peer]['peak_growth_mib']:.2f}x" if leanest_peer else "-"
+        )
         lines.append(
             f"| {family.description} | {LABELS[name]} | {rate_text(rate.median)} | {rate_text(rate.low)}-"
             f"{rate_text(rate.high)} | {ratio_text(speed_ratio(seconds, name, 'plain'))} | {vs_peer} "
@@ -405,12 +496,16 @@ def measure_sampling(device: torch.device, rounds: int, meta_batch: int) -> dict
     """Episodes/s from a mini-ImageNet-shaped tensor on `device`, plain and with the standard support
     augmentation, against one Conv4 ProtoNet training step on such episodes, interleaved."""
     generator = torch.Generator(device).manual_seed(SEED)
-    images = torch.randint(0, 256, SAMPLING_SHAPE, dtype=torch.uint8, generator=generator, device=device)
+    images = torch.randint(
+        0, 256, SAMPLING_SHAPE, dtype=torch.uint8, generator=generator, device=device
+    )
     data = ClassImages.uniform(images)
     augment = Augment().resolve({"crop_padding": 8, "flip": True, "color_jitter": 0.4})
     samplers = {
         "plain": EpisodeSampler(data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD),
-        "augmented": EpisodeSampler(data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD, augment=augment),
+        "augmented": EpisodeSampler(
+            data, N_WAY, K_SHOT, N_QUERY, "train", mean=MEAN, std=STD, augment=augment
+        ),
     }
     torch.manual_seed(SEED)
     learner = ProtoNet(Conv4(in_channels=3, image_size=SAMPLING_SHAPE[-1]), N_WAY).to(device)
@@ -421,8 +516,13 @@ def measure_sampling(device: torch.device, rounds: int, meta_batch: int) -> dict
         meta_backward(learner, samplers["plain"].sample(meta_batch, generator))
         optimizer.step()
 
-    steps = {name: (lambda s=sampler: s.sample(meta_batch, generator)) for name, sampler in samplers.items()}
-    seconds = interleaved_rounds({**steps, "step": train_step}, rounds, warmup=1, sync=lambda: sync(device))
+    steps = {
+        name: (lambda s=sampler: s.sample(meta_batch, generator))
+        for name, sampler in samplers.items()
+    }
+    seconds = interleaved_rounds(
+        {**steps, "step": train_step}, rounds, warmup=1, sync=lambda: sync(device)
+    )
     return {"rounds": rounds, "meta_batch": meta_batch, "seconds": seconds}
 
 
@@ -436,13 +536,19 @@ def sampling_table(result: dict) -> str:
         "| sampling | episodes/s | spread | ms per meta-batch | share of a Conv4 ProtoNet step |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, label in (("plain", "gather + normalize"),
-                        ("augmented", "gather + standard support augmentation + normalize")):
+    for name, label in (
+        ("plain", "gather + normalize"),
+        ("augmented", "gather + standard support augmentation + normalize"),
+    ):
         s = Spread.of(seconds[name])
-        lines.append(f"| {label} | {meta_batch / s.median:.0f} | {meta_batch / s.high:.0f}-{meta_batch / s.low:.0f} "
-                     f"| {1000 * s.median:.1f} | {100 * s.median / (s.median + step.median):.1f}% |")
-    lines.append(f"\nConv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
-                 f"{1000 * step.median:.0f} ms (min-max {1000 * step.low:.0f}-{1000 * step.high:.0f})")
+        lines.append(
+            f"| {label} | {meta_batch / s.median:.0f} | {meta_batch / s.high:.0f}-{meta_batch / s.low:.0f} "
+            f"| {1000 * s.median:.1f} | {100 * s.median / (s.median + step.median):.1f}% |"
+        )
+    lines.append(
+        f"\nConv4 ProtoNet training step on those episodes (forward, backward, Adam): median "
+        f"{1000 * step.median:.0f} ms (min-max {1000 * step.low:.0f}-{1000 * step.high:.0f})"
+    )
     return "\n".join(lines)
 
 
@@ -457,16 +563,32 @@ def device_name(device: torch.device) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 7; 2 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved timing rounds (default 7; 2 with --quick)"
+    )
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
-    parser.add_argument("--image-shape", type=int, nargs=3, default=IMAGE_SHAPE, metavar=("C", "H", "W"),
-                        help="image shape of the first table's synthetic tasks (default: Omniglot's 1 28 28)")
-    parser.add_argument("--meta-batch-84", type=int, help="tasks per step at 3x84x84 (default 2 on CPU, 32 on CUDA)")
+    parser.add_argument(
+        "--image-shape",
+        type=int,
+        nargs=3,
+        default=IMAGE_SHAPE,
+        metavar=("C", "H", "W"),
+        help="image shape of the first table's synthetic tasks (default: Omniglot's 1 28 28)",
+    )
+    parser.add_argument(
+        "--meta-batch-84", type=int, help="tasks per step at 3x84x84 (default 2 on CPU, 32 on CUDA)"
+    )
     only = parser.add_mutually_exclusive_group()
-    only.add_argument("--with-84", action="store_true", help="also the 3x84x84 Conv4-32 / ResNet-12 families")
+    only.add_argument(
+        "--with-84", action="store_true", help="also the 3x84x84 Conv4-32 / ResNet-12 families"
+    )
     only.add_argument("--only-84", action="store_true", help="only the 3x84x84 families")
-    parser.add_argument("--skip-sampling", action="store_true", help="skip the episode sampling measurement")
-    parser.add_argument("--vmap", action="store_true", help="also time metarun's vmap variants on the CPU (slow)")
+    parser.add_argument(
+        "--skip-sampling", action="store_true", help="skip the episode sampling measurement"
+    )
+    parser.add_argument(
+        "--vmap", action="store_true", help="also time metarun's vmap variants on the CPU (slow)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, fewer families")
     parser.add_argument("--out", help="write the raw numbers to this JSON file")
     # internal: a worker process for one variant (see serve), or the sampling measurement
@@ -490,20 +612,35 @@ def main() -> None:
     if args.sampling:
         if device.type == "cpu":
             keep_freed_memory()  # the ProtoNet step runs as the trainer runs it
-        print(json.dumps(measure_sampling(device, args.rounds, 4 if device.type == "cpu" else 32)), flush=True)
+        print(
+            json.dumps(measure_sampling(device, args.rounds, 4 if device.type == "cpu" else 32)),
+            flush=True,
+        )
         return
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
     missing = {name: error for name, error in peers.available().items() if error}
-    print(f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
-          f"| load average {load:.1f} at start")
-    print(f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class; {args.rounds} interleaved rounds per family "
-          f"after a warm-up step; each variant in its own process, memory over all its steps")
+    print(
+        f"device: {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+        f"| load average {load:.1f} at start"
+    )
+    print(
+        f"{N_WAY}-way {K_SHOT}-shot, {N_QUERY} queries/class; {args.rounds} interleaved rounds per family "
+        f"after a warm-up step; each variant in its own process, memory over all its steps"
+    )
     for name, error in missing.items():
-        print(f"{name} is not installed (bash scripts/install_peers.sh installs it): its rows are left out ({error})")
-    report = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "load_average_at_start": load, "rounds": args.rounds, "families": []}
+        print(
+            f"{name} is not installed (bash scripts/install_peers.sh installs it): its rows are left out ({error})"
+        )
+    report = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+        "rounds": args.rounds,
+        "families": [],
+    }
     tables = []
     for family in families(args.quick, args.with_84, args.only_84):
         print(f"\n{family.description}, meta-batch {meta_batch_of(family, args)}:", flush=True)
@@ -511,15 +648,20 @@ def main() -> None:
         for name, diff in timing["grad_diffs"].items():
             print(f"  meta-gradient check: {name} vs plain loop, relative difference {diff:.1e}")
             if diff > GRAD_TOLERANCE:
-                sys.exit(f"{name}'s meta-gradient differs from the plain loop's on {family.description}; the table "
-                         "would compare different computations. Fix the gradient before benchmarking.")
+                sys.exit(
+                    f"{name}'s meta-gradient differs from the plain loop's on {family.description}; the table "
+                    "would compare different computations. Fix the gradient before benchmarking."
+                )
         tables.append(family_table(family, timing))
         print(tables[-1], flush=True)
         report["families"].append(timing)
     print("\n" + TABLE_HEADER + "\n" + "\n".join(tables))
     if not args.skip_sampling:
-        proc = subprocess.run([sys.executable, __file__, "--sampling", *forwarded_args(args)], capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--sampling", *forwarded_args(args)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.exit(f"sampling failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         report["sampling"] = json.loads(proc.stdout.strip().splitlines()[-1])

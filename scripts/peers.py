@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 Step = Callable[["TaskBatch"], float]
 
 
-def higher_maml(model: nn.Module, inner_lr: float, adaptation_steps: int, first_order: bool) -> Step:
+def higher_maml(
+    model: nn.Module, inner_lr: float, adaptation_steps: int, first_order: bool
+) -> Step:
     """MAML with higher 0.2.1, following its examples/maml-omniglot.py. The inner SGD optimizer is
     built once. Each task gets `innerloop_ctx(copy_initial_weights=False)` and
     `diffopt.step(support_loss)`, then `query_loss.backward()`. The example sums over tasks; this
@@ -42,15 +44,20 @@ def higher_maml(model: nn.Module, inner_lr: float, adaptation_steps: int, first_
     def step(tasks: TaskBatch) -> float:
         n_tasks, total = len(tasks), 0.0
         for t in range(n_tasks):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+            with higher.innerloop_ctx(
+                model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+            ) as (fmodel, diffopt):
                 for _ in range(adaptation_steps):
                     diffopt.step(F.cross_entropy(fmodel(tasks.support_x[t]), tasks.support_y[t]))
                 query_loss = F.cross_entropy(fmodel(tasks.query_x[t]), tasks.query_y[t])
                 if first_order:
                     params = [p for p in model.parameters() if p.requires_grad]
                     # fmodel.parameters() and model.parameters() list the same tensors in the same order.
-                    fast = [f for f, p in zip(fmodel.parameters(), model.parameters()) if p.requires_grad]
+                    fast = [
+                        f
+                        for f, p in zip(fmodel.parameters(), model.parameters())
+                        if p.requires_grad
+                    ]
                     for p, g in zip(params, torch.autograd.grad(query_loss / n_tasks, fast)):
                         p.grad = g if p.grad is None else p.grad.add_(g)
                 else:
@@ -61,7 +68,9 @@ def higher_maml(model: nn.Module, inner_lr: float, adaptation_steps: int, first_
     return step
 
 
-def learn2learn_maml(model: nn.Module, inner_lr: float, adaptation_steps: int, first_order: bool) -> Step:
+def learn2learn_maml(
+    model: nn.Module, inner_lr: float, adaptation_steps: int, first_order: bool
+) -> Step:
     """MAML with learn2learn 0.2.0, following its examples/vision/maml_omniglot.py:
     `l2l.algorithms.MAML` wraps the network once, and each task takes `learner = maml.clone()` and
     `learner.adapt(support_loss)`, then `query_loss.backward()`. The example scales the summed grads

@@ -39,7 +39,9 @@ def markdown(events, wall_us: float, n_tasks: int, rows: int) -> str:
     events = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     lines = ["| op | self CPU % | calls per task |", "|---|---:|---:|"]
     for e in events[:rows]:
-        lines.append(f"| `{e.key}` | {100 * e.self_cpu_time_total / wall_us:.1f} | {e.count / n_tasks:.0f} |")
+        lines.append(
+            f"| `{e.key}` | {100 * e.self_cpu_time_total / wall_us:.1f} | {e.count / n_tasks:.0f} |"
+        )
     rest = sum(e.self_cpu_time_total for e in events[rows:])
     lines.append(f"| (other ops) | {100 * rest / wall_us:.1f} | |")
     between = wall_us - sum(e.self_cpu_time_total for e in events)
@@ -51,10 +53,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1, help="inner (adaptation) steps")
     parser.add_argument("--meta-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--rows", type=int, default=12, help="rows of the markdown table")
-    parser.add_argument("--glibc-default", action="store_true",
-                        help="do not keep freed memory in the process (the trainer does, on the CPU)")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="do not keep freed memory in the process (the trainer does, on the CPU)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +70,9 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     tasks = bench.synthetic_tasks(args.meta_batch, cpu, bench.IMAGE_SHAPE)
-    model, backward = bench.build(bench.Family("MAML", False, args.steps), "metarun", args.meta_batch, cpu)
+    model, backward = bench.build(
+        bench.Family("MAML", False, args.steps), "metarun", args.meta_batch, cpu
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=bench.META_LR)
 
     def train_step() -> None:
@@ -82,10 +91,12 @@ def main() -> None:
         wall_us = (time.perf_counter() - start) * 1e6
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
-    print(f"\nMAML 2nd order, {args.steps} inner step(s), meta-batch {args.meta_batch}, "
-          f"{torch.get_num_threads()} thread(s): step {wall_us / 1e6:.2f} s under the profiler "
-          f"({args.meta_batch / (wall_us / 1e6):.1f} tasks/s); last warm-up step: {faults} minor page faults "
-          f"({faults * resource.getpagesize() / 2**20:.0f} MiB){', glibc defaults' if args.glibc_default else ''}\n")
+    print(
+        f"\nMAML 2nd order, {args.steps} inner step(s), meta-batch {args.meta_batch}, "
+        f"{torch.get_num_threads()} thread(s): step {wall_us / 1e6:.2f} s under the profiler "
+        f"({args.meta_batch / (wall_us / 1e6):.1f} tasks/s); last warm-up step: {faults} minor page faults "
+        f"({faults * resource.getpagesize() / 2**20:.0f} MiB){', glibc defaults' if args.glibc_default else ''}\n"
+    )
     print(markdown(list(averages), wall_us, args.meta_batch, args.rows))
 
 

@@ -22,9 +22,13 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
     return list(names[shift:]) + list(names[:shift])
 
 
-def interleaved_rounds(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                       sync: Callable[[], None] = lambda: None,
-                       clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def interleaved_rounds(
+    steps: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
     """Seconds of one call of each of `steps`, per round: {name: [seconds in round 0, 1, ...]}.
 
     Each step is called `warmup` times first (in order), then once per round in rotating order.

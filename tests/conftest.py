@@ -22,7 +22,9 @@ def omniglot_root() -> Path:
     """$METARUN_DATA/omniglot, the folder holding torchvision's omniglot-py/ layout."""
     root = DATA_ROOT / "omniglot"
     if not (root / "omniglot-py" / "images_background").is_dir():
-        pytest.skip(f"real Omniglot not found at {root}/omniglot-py; set METARUN_DATA to a folder holding omniglot/")
+        pytest.skip(
+            f"real Omniglot not found at {root}/omniglot-py; set METARUN_DATA to a folder holding omniglot/"
+        )
     return root
 
 
@@ -41,10 +43,19 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 # Test-sized runs: CPU, few steps, few episodes.
-SMALL_RUN = ("device=cpu", "train.steps=20", "train.val_every=10", "train.val_episodes=20", "train.log_every=5",
-             "eval.episodes=50", "eval.batch_size=25")
+SMALL_RUN = (
+    "device=cpu",
+    "train.steps=20",
+    "train.val_every=10",
+    "train.val_episodes=20",
+    "train.log_every=5",
+    "eval.episodes=50",
+    "eval.batch_size=25",
+)
 COLOUR_DATASETS = ("miniimagenet", "cifarfs", "fc100", "folder")
-FIXTURE_IMAGE_SIZE = 16  # the fixtures' images are decoded at 16x16: fast, and enough to tell classes apart
+FIXTURE_IMAGE_SIZE = (
+    16  # the fixtures' images are decoded at 16x16: fast, and enough to tell classes apart
+)
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +80,26 @@ def colour_datasets(tmp_path_factory) -> dict[str, tuple[str, ...]]:
     for name, value in accept_fixture_md5s(root / "cifar100").items():
         patch.setattr(f"torchvision.datasets.CIFAR100.{name}", value)
     yield {
-        "miniimagenet": ("dataset=miniimagenet", f"dataset.root={root / 'miniimagenet'}", size, cache),
-        "cifarfs": ("dataset=cifarfs", f"dataset.root={root / 'cifar100'}", "dataset.download=false", size, cache),
-        "fc100": ("dataset=fc100", f"dataset.root={root / 'cifar100'}", "dataset.download=false", size, cache),
+        "miniimagenet": (
+            "dataset=miniimagenet",
+            f"dataset.root={root / 'miniimagenet'}",
+            size,
+            cache,
+        ),
+        "cifarfs": (
+            "dataset=cifarfs",
+            f"dataset.root={root / 'cifar100'}",
+            "dataset.download=false",
+            size,
+            cache,
+        ),
+        "fc100": (
+            "dataset=fc100",
+            f"dataset.root={root / 'cifar100'}",
+            "dataset.download=false",
+            size,
+            cache,
+        ),
         "folder": ("dataset=folder", f"dataset.path={root / 'folder'}", size, cache),
     }
     patch.undo()
@@ -85,8 +113,12 @@ def make_config(request, omniglot_cache):
     def make(*overrides: str, dataset: str = "omniglot") -> DictConfig:
         if dataset == "omniglot":
             root = request.getfixturevalue("omniglot_root")
-            data = ("dataset=omniglot", f"dataset.root={root}", f"dataset.cache_dir={omniglot_cache}",
-                    "dataset.download=false")
+            data = (
+                "dataset=omniglot",
+                f"dataset.root={root}",
+                f"dataset.cache_dir={omniglot_cache}",
+                "dataset.download=false",
+            )
         else:
             data = request.getfixturevalue("colour_datasets")[dataset]
         return compose_config(*data, *SMALL_RUN, *overrides)

@@ -8,7 +8,11 @@ from metarun.errors import MetarunError
 
 
 def test_checkpoint_round_trips_tensors_and_numbers(tmp_path):
-    state = {"step": 7, "weights": torch.arange(6.0).reshape(2, 3), "rng": {"g": torch.get_rng_state()}}
+    state = {
+        "step": 7,
+        "weights": torch.arange(6.0).reshape(2, 3),
+        "rng": {"g": torch.get_rng_state()},
+    }
     save_checkpoint(state, tmp_path / "last.pt")
     loaded = load_checkpoint(tmp_path / "last.pt")
     assert loaded["step"] == 7
@@ -20,7 +24,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 1}, path)
     before = path.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever pickle raises)
         save_checkpoint({"step": 2, "unpicklable": lambda: 0}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

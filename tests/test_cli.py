@@ -13,7 +13,9 @@ from tests.conftest import COLOUR_DATASETS
 
 
 def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def snapshot(directory):
@@ -35,9 +37,15 @@ def existing_run(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("episode.n_way=700",), "episode.n_way=700 but omniglot/val has 688 classes; lower episode.n_way"),
+        (
+            ("episode.n_way=700",),
+            "episode.n_way=700 but omniglot/val has 688 classes; lower episode.n_way",
+        ),
         (("optimizer.lr=0",), "optimizer.lr=0 must be positive"),
-        (("optimizer.lr=abc",), "optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>"),
+        (
+            ("optimizer.lr=abc",),
+            "optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>",
+        ),
         (("train.stepz=5",), "unknown config key train.stepz; did you mean train.steps?"),
         ((), "cannot read checkpoint"),
     ],
@@ -48,8 +56,13 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_run_directory_untouched(
 ):
     before = snapshot(existing_run)
     result = metarun(
-        f"hydra.run.dir={existing_run}", f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}",
-        "dataset.download=false", "device=cpu", *overrides, cwd=existing_run.parent,
+        f"hydra.run.dir={existing_run}",
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+        "device=cpu",
+        *overrides,
+        cwd=existing_run.parent,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("metarun: error: ") and result.stderr.count("\n") == 1
@@ -58,8 +71,13 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_run_directory_untouched(
 
 
 def test_missing_data_with_downloads_off_says_where_to_put_the_files(tmp_path):
-    result = metarun(f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={tmp_path / 'nothing'}",
-                     "dataset.download=false", "device=cpu", cwd=tmp_path)
+    result = metarun(
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"dataset.root={tmp_path / 'nothing'}",
+        "dataset.download=false",
+        "device=cpu",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"{tmp_path / 'nothing'}/omniglot-py/images_background is missing" in result.stderr
     assert "METARUN_DATA" in result.stderr
@@ -68,17 +86,32 @@ def test_missing_data_with_downloads_off_says_where_to_put_the_files(tmp_path):
 
 def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path, omniglot_root, omniglot_cache):
     result = metarun(
-        "-m", "algorithm=maml", "algorithm.inner_lr=0.1,0.4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false",
-        "device=cpu", "episode.meta_batch_size=2", "episode.n_query=2", "train.steps=2", "train.val_every=2",
-        "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", cwd=tmp_path,
+        "-m",
+        "algorithm=maml",
+        "algorithm.inner_lr=0.1,0.4",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+        "device=cpu",
+        "episode.meta_batch_size=2",
+        "episode.n_query=2",
+        "train.steps=2",
+        "train.val_every=2",
+        "train.val_episodes=4",
+        "eval.episodes=4",
+        "eval.batch_size=4",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     runs = sorted((tmp_path / "sweep").glob("*/results.json"))
     assert [p.parent.name for p in runs] == ["0", "1"]
     inner_lrs = [json.loads(p.read_text())["config"]["algorithm"]["inner_lr"] for p in runs]
     assert inner_lrs == [0.1, 0.4]
-    assert ["algorithm.inner_lr=0.4" in (p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs] == [False, True]
+    assert [
+        "algorithm.inner_lr=0.4" in (p.parent / ".hydra" / "overrides.yaml").read_text()
+        for p in runs
+    ] == [False, True]
 
 
 def metarun_in_process(monkeypatch, *args: str) -> int:
@@ -94,13 +127,26 @@ def metarun_in_process(monkeypatch, *args: str) -> int:
 
 
 @pytest.mark.parametrize("dataset", COLOUR_DATASETS)
-def test_every_colour_dataset_trains_from_the_cli_well_above_chance(colour_datasets, dataset, tmp_path, monkeypatch):
+def test_every_colour_dataset_trains_from_the_cli_well_above_chance(
+    colour_datasets, dataset, tmp_path, monkeypatch
+):
     # ProtoNet, 5-way 1-shot, 40 episodes on 16x16 fixture images with the standard augmentation:
     # chance is 20%.
     code = metarun_in_process(
-        monkeypatch, *colour_datasets[dataset], f"hydra.run.dir={tmp_path / 'run'}", "device=cpu", "algorithm=protonet",
-        "augment=standard", "model.hidden=16", "episode.meta_batch_size=2", "episode.n_query=3", "train.steps=40",
-        "train.val_every=20", "train.val_episodes=10", "eval.episodes=40", "eval.batch_size=40",
+        monkeypatch,
+        *colour_datasets[dataset],
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "device=cpu",
+        "algorithm=protonet",
+        "augment=standard",
+        "model.hidden=16",
+        "episode.meta_batch_size=2",
+        "episode.n_query=3",
+        "train.steps=40",
+        "train.val_every=20",
+        "train.val_episodes=10",
+        "eval.episodes=40",
+        "eval.batch_size=40",
     )
     assert code == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -108,17 +154,29 @@ def test_every_colour_dataset_trains_from_the_cli_well_above_chance(colour_datas
     assert results["test_accuracy"] >= 0.6, results["test_accuracy"]
 
 
-@pytest.mark.parametrize("error", [MetarunError("loss is NaN at step 3; lower optimizer.lr"), RuntimeError("CUDA error\nmore")],
-                         ids=["one-line-error", "crash"])
-def test_a_run_that_fails_once_training_started_leaves_failed_json(tmp_path, omniglot_root, omniglot_cache, monkeypatch,
-                                                                  error):
+@pytest.mark.parametrize(
+    "error",
+    [MetarunError("loss is NaN at step 3; lower optimizer.lr"), RuntimeError("CUDA error\nmore")],
+    ids=["one-line-error", "crash"],
+)
+def test_a_run_that_fails_once_training_started_leaves_failed_json(
+    tmp_path, omniglot_root, omniglot_cache, monkeypatch, error
+):
     def fail(trainer):
-        (trainer.run_dir / "metrics.jsonl").write_text("")  # training started: the directory holds the run
+        (trainer.run_dir / "metrics.jsonl").write_text(
+            ""
+        )  # training started: the directory holds the run
         raise error
 
     monkeypatch.setattr("metarun.trainer.Trainer.run", fail)
-    args = (f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}",
-            "dataset.download=false", "device=cpu", "episode.n_way=7")
+    args = (
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+        "device=cpu",
+        "episode.n_way=7",
+    )
     if isinstance(error, MetarunError):
         assert metarun_in_process(monkeypatch, *args) == 2
     else:
@@ -126,4 +184,7 @@ def test_a_run_that_fails_once_training_started_leaves_failed_json(tmp_path, omn
             metarun_in_process(monkeypatch, *args)
     failed = json.loads((tmp_path / "run" / "failed.json").read_text())
     line = str(error) if isinstance(error, MetarunError) else "RuntimeError: CUDA error"
-    assert failed == {"error": line, "overrides": list(args[1:])}  # hydra.* overrides are not the run's own
+    assert failed == {
+        "error": line,
+        "overrides": list(args[1:]),
+    }  # hydra.* overrides are not the run's own

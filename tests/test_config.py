@@ -12,7 +12,9 @@ from tests.conftest import compose_config
 
 
 def metarun(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_default_config_validates():
@@ -24,10 +26,16 @@ def test_default_config_validates():
     [
         ("optimizer.lr=-0.1", r"optimizer.lr=-0.1 must be positive"),
         ("train.steps=0", r"train.steps=0 must be positive"),
-        ("+algorithm.inner_lrr=0.1", r"algorithm.inner_lrr is not a parameter .*MAML; did you mean algorithm.inner_lr\?"),
+        (
+            "+algorithm.inner_lrr=0.1",
+            r"algorithm.inner_lrr is not a parameter .*MAML; did you mean algorithm.inner_lr\?",
+        ),
         ("algorithm.inner_lr=fast", r"algorithm.inner_lr='fast' should be a float"),
         ("algorithm.adaptation_steps=1.5", r"algorithm.adaptation_steps=1.5 should be an int"),
-        ("optimizer.lr=abc", r"optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>"),
+        (
+            "optimizer.lr=abc",
+            r"optimizer.lr='abc' should be a number; pass optimizer.lr=<a number > 0>",
+        ),
         ("eval.support_augment=-1", r"eval.support_augment=-1 must be 0 or more"),
         ("dataset=folder", r"dataset.path must be set; pass dataset.path=<value>"),
     ],
@@ -75,7 +83,10 @@ def test_eval_episode_names_a_test_episode_config_and_single_keys_override_it():
 
 
 def test_unknown_eval_episode_lists_the_choices(tmp_path):
-    with pytest.raises(MetarunError, match=r"^eval.episode=20w2s is not in conf/episode/; choose one of: 20w1s, 20w5s, 5w1s, 5w5s$"):
+    with pytest.raises(
+        MetarunError,
+        match=r"^eval.episode=20w2s is not in conf/episode/; choose one of: 20w1s, 20w5s, 5w1s, 5w5s$",
+    ):
         validate(compose_config("eval.episode=20w2s"))
     result = metarun("eval.episode=20w2s", f"hydra.run.dir={tmp_path}/run", "device=cpu")
     assert result.returncode == 2 and "eval.episode=20w2s is not in conf/episode/" in result.stderr
@@ -94,8 +105,11 @@ def test_trainer_arguments_reach_only_the_algorithms_that_take_them():
     assert accepted_arguments(takes_any, offered) == offered
 
 
-ALGORITHMS = sorted(p.name.removesuffix(".yaml") for p in (files("metarun.conf") / "algorithm").iterdir()
-                    if p.name.endswith(".yaml"))
+ALGORITHMS = sorted(
+    p.name.removesuffix(".yaml")
+    for p in (files("metarun.conf") / "algorithm").iterdir()
+    if p.name.endswith(".yaml")
+)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -104,6 +118,11 @@ def test_every_algorithm_yaml_lists_every_hyperparameter_its_learner_takes(name)
     # key_strength was one); the trainer passes model, n_way and n_train_classes itself.
     node = compose_config(f"algorithm={name}").algorithm
     signature = inspect.signature(get_object(node._target_))
-    hidden = [key for key, p in signature.parameters.items()
-              if p.default is not p.empty and key not in PASSED_BY_TRAINER["algorithm"] and key not in node]
+    hidden = [
+        key
+        for key, p in signature.parameters.items()
+        if p.default is not p.empty
+        and key not in PASSED_BY_TRAINER["algorithm"]
+        and key not in node
+    ]
     assert hidden == [], f"conf/algorithm/{name}.yaml does not list {', '.join(hidden)}"

@@ -18,14 +18,22 @@ def data_check(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_reports_layout_classes_images_and_shape_of_a_folder(capsys, colour_datasets, tmp_path):
-    path = next(o for o in colour_datasets["folder"] if o.startswith("dataset.path=")).split("=", 1)[1]
-    code, out, err = data_check(capsys, "folder", f"path={path}", "image_size=20", f"cache_dir={tmp_path}")
+    path = next(o for o in colour_datasets["folder"] if o.startswith("dataset.path=")).split(
+        "=", 1
+    )[1]
+    code, out, err = data_check(
+        capsys, "folder", f"path={path}", "image_size=20", f"cache_dir={tmp_path}"
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "dataset  folder (metarun.data.folder.ImageFolder)"
     assert "class folders split [0.6, 0.2, 0.2] with seed 0" in out
     assert "images   3x20x20 uint8" in out
-    parts = {line.split()[0]: line.split()[1:] for line in lines if line.split()[0] in ("train", "val", "test")}
+    parts = {
+        line.split()[0]: line.split()[1:]
+        for line in lines
+        if line.split()[0] in ("train", "val", "test")
+    }
     assert [parts[p][0] for p in ("train", "val", "test")] == ["15", "5", "5"]  # classes per part
     assert parts["train"][2:] == ["6", "to", "12"]  # ragged: images per class
     assert list(tmp_path.glob("folder-20px-3c-*.pt"))  # the cache was built now
@@ -34,8 +42,11 @@ def test_reports_layout_classes_images_and_shape_of_a_folder(capsys, colour_data
 def test_reports_the_cifar_fs_parts(capsys, colour_datasets):
     code, out, err = data_check(capsys, "cifarfs", *colour_datasets["cifarfs"][1:])
     assert code == 0, err
-    assert [line.split()[:3] for line in out.splitlines()[-3:]] == [["train", "64", "512"], ["val", "16", "128"],
-                                                                   ["test", "20", "160"]]
+    assert [line.split()[:3] for line in out.splitlines()[-3:]] == [
+        ["train", "64", "512"],
+        ["val", "16", "128"],
+        ["test", "20", "160"],
+    ]
 
 
 def test_reports_a_dataset_of_drawn_tasks_without_parts(capsys):
@@ -48,12 +59,21 @@ def test_reports_a_dataset_of_drawn_tasks_without_parts(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("miniimagenet", "root=/nonexistent/mini"), "no mini-ImageNet under /nonexistent/mini: put the JPEGs in"),
+        (
+            ("miniimagenet", "root=/nonexistent/mini"),
+            "no mini-ImageNet under /nonexistent/mini: put the JPEGs in",
+        ),
         (("folder",), "dataset.path must be set; pass dataset.path=<value>"),
-        (("imagenet",), "Could not find 'dataset/imagenet'; choose one of: cifarfs, fc100, folder, miniimagenet, omniglot"),
+        (
+            ("imagenet",),
+            "Could not find 'dataset/imagenet'; choose one of: cifarfs, fc100, folder, miniimagenet, omniglot",
+        ),
         (("omniglot", "rooot=/x"), "unknown config key dataset.rooot; did you mean dataset.root?"),
         (("omniglot", "root"), "'root' is not key=value"),
-        (("cifarfs", "root=/nonexistent", "download=false"), "CIFAR-100 under /nonexistent is missing"),
+        (
+            ("cifarfs", "root=/nonexistent", "download=false"),
+            "CIFAR-100 under /nonexistent is missing",
+        ),
     ],
 )
 def test_a_problem_is_one_line_and_exit_2(capsys, args, message):

@@ -20,24 +20,55 @@ from tests.conftest import DATA_ROOT, REPO, compose_config
 
 # SGD: Adam would turn the float noise of gradients that are zero in exact arithmetic (ProtoNet's
 # distances ignore the last layer's bias) into full steps of lr that differ between any two sum orders.
-TINY = ("device=cpu", "optimizer=sgd", "episode.meta_batch_size=4", "episode.n_query=3", "train.val_every=2", "train.val_episodes=10",
-        "train.log_every=1", "eval.episodes=20", "eval.batch_size=5")
+TINY = (
+    "device=cpu",
+    "optimizer=sgd",
+    "episode.meta_batch_size=4",
+    "episode.n_query=3",
+    "train.val_every=2",
+    "train.val_episodes=10",
+    "train.log_every=1",
+    "eval.episodes=20",
+    "eval.batch_size=5",
+)
 ALGORITHMS = {
     "protonet": ("algorithm=protonet",),
-    "maml": ("algorithm=maml", "algorithm.first_order=false", "algorithm.adaptation_steps=1",
-             "algorithm.eval_adaptation_steps=1"),
+    "maml": (
+        "algorithm=maml",
+        "algorithm.first_order=false",
+        "algorithm.adaptation_steps=1",
+        "algorithm.eval_adaptation_steps=1",
+    ),
 }
 
 
 def data(omniglot_root, omniglot_cache) -> tuple[str, ...]:
-    return (f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}", "dataset.download=false")
+    return (
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+    )
 
 
 def torchrun(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=2 -m metarun OVERRIDES hydra.run.dir=RUN_DIR`, on the CPU."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "metarun", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "METARUN_DATA": str(DATA_ROOT), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "metarun",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {
+        **os.environ,
+        "METARUN_DATA": str(DATA_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -49,23 +80,30 @@ def two_process_runs(tmp_path_factory, omniglot_root, omniglot_cache):
     runs = {}
     for name, overrides in ALGORITHMS.items():
         runs[name] = tmp_path_factory.mktemp(f"ddp-{name}")
-        torchrun(runs[name], *data(omniglot_root, omniglot_cache), *TINY, *overrides, "train.steps=4")
+        torchrun(
+            runs[name], *data(omniglot_root, omniglot_cache), *TINY, *overrides, "train.steps=4"
+        )
     return runs
 
 
 def one_process(name: str, omniglot_root, omniglot_cache, run_dir: Path) -> Trainer:
-    cfg = compose_config(*data(omniglot_root, omniglot_cache), *TINY, *ALGORITHMS[name], "train.steps=4")
+    cfg = compose_config(
+        *data(omniglot_root, omniglot_cache), *TINY, *ALGORITHMS[name], "train.steps=4"
+    )
     return Trainer(cfg, run_dir)
 
 
 def cat(batches: list[TaskBatch]) -> TaskBatch:
     fields = ("support_x", "support_y", "query_x", "query_y", "classes")
-    return TaskBatch(**{f: torch.cat([getattr(b, f) for b in batches]) for f in fields}, n_way=batches[0].n_way)
+    return TaskBatch(
+        **{f: torch.cat([getattr(b, f) for b in batches]) for f in fields}, n_way=batches[0].n_way
+    )
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_two_processes_train_like_one_process_on_the_union_of_their_tasks(
-        name, two_process_runs, omniglot_root, omniglot_cache, tmp_path):
+    name, two_process_runs, omniglot_root, omniglot_cache, tmp_path
+):
     trainer = one_process(name, omniglot_root, omniglot_cache, tmp_path)
     start = {key: value.detach().clone() for key, value in trainer.learner.named_parameters()}
     ranks = [Processes(rank, 2) for rank in range(2)]
@@ -74,7 +112,9 @@ def test_two_processes_train_like_one_process_on_the_union_of_their_tasks(
     logged = []
     for _ in range(4):
         batches = [trainer.samplers["train"].sample(share, g) for g in generators]
-        assert not torch.equal(batches[0].support_x, batches[1].support_x)  # each rank draws its own tasks
+        assert not torch.equal(
+            batches[0].support_x, batches[1].support_x
+        )  # each rank draws its own tasks
         metrics = trainer.train_step(cat(batches))
         logged.append([metrics[key].item() for key in ("loss", "accuracy")])
     two = load_checkpoint(two_process_runs[name] / "checkpoints" / "last.pt")["learner"]
@@ -85,15 +125,21 @@ def test_two_processes_train_like_one_process_on_the_union_of_their_tasks(
         moved, apart = (value.detach() - start[key]).norm(), (two[key] - value.detach()).norm()
         assert moved > 0 and apart <= 1e-2 * moved, (key, apart.item(), moved.item())
     # The logged training loss and accuracy are the whole meta-batch's (both ranks' tasks), not rank 0's share.
-    lines = [json.loads(line) for line in (two_process_runs[name] / "metrics.jsonl").read_text().splitlines()]
-    two_logged = [[line[key] for key in ("loss", "accuracy")] for line in lines if line["split"] == "train"]
+    lines = [
+        json.loads(line)
+        for line in (two_process_runs[name] / "metrics.jsonl").read_text().splitlines()
+    ]
+    two_logged = [
+        [line[key] for key in ("loss", "accuracy")] for line in lines if line["split"] == "train"
+    ]
     assert len(two_logged) == 4
     torch.testing.assert_close(torch.tensor(two_logged), torch.tensor(logged), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_episodes_split_over_processes_give_exactly_the_one_process_evaluation(
-        name, two_process_runs, omniglot_root, omniglot_cache, tmp_path):
+    name, two_process_runs, omniglot_root, omniglot_cache, tmp_path
+):
     run_dir = two_process_runs[name]
     trainer = one_process(name, omniglot_root, omniglot_cache, tmp_path)
     trainer.learner.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["learner"])
@@ -105,10 +151,13 @@ def test_episodes_split_over_processes_give_exactly_the_one_process_evaluation(
 
 
 def test_two_process_run_resumes_from_its_checkpoint_to_the_same_end(
-        two_process_runs, omniglot_root, omniglot_cache, tmp_path):
+    two_process_runs, omniglot_root, omniglot_cache, tmp_path
+):
     overrides = (*data(omniglot_root, omniglot_cache), *TINY, *ALGORITHMS["protonet"])
     torchrun(tmp_path, *overrides, "train.steps=2")
-    assert set(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["rng_per_rank"][1]) >= {"train_sampler"}
+    assert set(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["rng_per_rank"][1]) >= {
+        "train_sampler"
+    }
     torchrun(tmp_path, *overrides, "train.steps=4")
     straight = two_process_runs["protonet"]
     last = [load_checkpoint(d / "checkpoints" / "last.pt")["learner"] for d in (straight, tmp_path)]
@@ -125,7 +174,9 @@ def test_every_rank_draws_its_own_task_stream_from_a_cpu_generator():
     assert all(not torch.equal(draws[0], other) for other in draws[1:])
 
 
-def test_a_meta_batch_that_does_not_split_over_the_processes_is_one_line(omniglot_root, omniglot_cache, tmp_path):
+def test_a_meta_batch_that_does_not_split_over_the_processes_is_one_line(
+    omniglot_root, omniglot_cache, tmp_path
+):
     from metarun.errors import MetarunError
 
     cfg = compose_config(*data(omniglot_root, omniglot_cache), *TINY, "episode.meta_batch_size=3")

@@ -20,19 +20,30 @@ from metarun.trainer import Trainer
 from tests.conftest import COLOUR_DATASETS, compose_config
 
 EXPERIMENT_DIR = files("metarun.conf") / "experiment"
-EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in EXPERIMENT_DIR.iterdir() if p.name.endswith(".yaml"))
+EXPERIMENTS = sorted(
+    p.name.removesuffix(".yaml") for p in EXPERIMENT_DIR.iterdir() if p.name.endswith(".yaml")
+)
 
 
 def experiment_dataset(name: str) -> str | None:
     """The dataset an experiment's defaults list switches to (`override /dataset: NAME`), or None."""
     defaults = yaml.safe_load((EXPERIMENT_DIR / f"{name}.yaml").read_text()).get("defaults") or []
-    return next((entry["override /dataset"] for entry in defaults
-                 if isinstance(entry, dict) and "override /dataset" in entry), None)
+    return next(
+        (
+            entry["override /dataset"]
+            for entry in defaults
+            if isinstance(entry, dict) and "override /dataset" in entry
+        ),
+        None,
+    )
 
 
 # (experiment, dataset) for every experiment on a dataset that has a test fixture.
-NATURAL_IMAGES = [(name, experiment_dataset(name)) for name in EXPERIMENTS
-                  if experiment_dataset(name) in COLOUR_DATASETS]
+NATURAL_IMAGES = [
+    (name, experiment_dataset(name))
+    for name in EXPERIMENTS
+    if experiment_dataset(name) in COLOUR_DATASETS
+]
 
 
 def test_the_natural_image_experiments_are_found():
@@ -47,10 +58,18 @@ def test_every_experiment_composes_and_validates(name):
 def fixture_sized(own) -> list[str]:
     """Overrides that shrink an experiment to the fixtures (5 val/test classes of 8 images, 16x16):
     at most 5 ways and 5 shots, 1 query, 2 tasks, 1 step, 2 evaluation episodes, a narrow ResNet-12."""
-    size = [f"episode.n_way={min(own.episode.n_way, 5)}", f"episode.k_shot={min(own.episode.k_shot, 5)}",
-            "episode.n_query=1", f"episode.meta_batch_size={min(own.episode.meta_batch_size, 2)}",
-            "train.steps=1", "train.val_episodes=2", "eval.n_way=5", "eval.n_query=1", "eval.episodes=2",
-            "eval.batch_size=2"]
+    size = [
+        f"episode.n_way={min(own.episode.n_way, 5)}",
+        f"episode.k_shot={min(own.episode.k_shot, 5)}",
+        "episode.n_query=1",
+        f"episode.meta_batch_size={min(own.episode.meta_batch_size, 2)}",
+        "train.steps=1",
+        "train.val_episodes=2",
+        "eval.n_way=5",
+        "eval.n_query=1",
+        "eval.episodes=2",
+        "eval.batch_size=2",
+    ]
     if own.model._target_.endswith("ResNet12"):
         size.append("model.channels=[8,8,16,16]")
     return size
@@ -67,8 +86,9 @@ def one_thread():
 
 
 @pytest.mark.parametrize("name, dataset", NATURAL_IMAGES)
-def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(make_config, colour_datasets, one_thread,
-                                                                            tmp_path, name, dataset):
+def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(
+    make_config, colour_datasets, one_thread, tmp_path, name, dataset
+):
     own = compose_config(f"+experiment={name}")
     cfg = make_config(f"+experiment={name}", *fixture_sized(own), dataset=dataset)
     # The experiment's `override /dataset` keeps the fixture's folder, cache and image size.
@@ -84,7 +104,9 @@ def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(mak
         assert cfg.model.get(key) == own.model.get(key), f"model.{key}"
 
     trainer = Trainer(cfg, tmp_path)
-    tasks = trainer.samplers["train"].sample(cfg.episode.meta_batch_size, torch.Generator().manual_seed(0))
+    tasks = trainer.samplers["train"].sample(
+        cfg.episode.meta_batch_size, torch.Generator().manual_seed(0)
+    )
     loss = trainer.train_step(tasks)["loss"]
     assert torch.isfinite(loss), loss
 
@@ -92,7 +114,11 @@ def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(mak
 def test_metaoptnet_protonet_experiments_scale_their_distances_as_the_code_does():
     # Without the scaling, SGD at lr 0.1 on ResNet-12's squared distances diverges (seed 0 on the FC100
     # fixture: losses 1.1e3 ... 2.0e4 in eight steps, against 1.5 ... 0.3 with it).
-    for name in ("protonet_resnet12_miniimagenet_5w1s", "protonet_resnet12_miniimagenet_5w5s", "protonet_fc100_5w1s"):
+    for name in (
+        "protonet_resnet12_miniimagenet_5w1s",
+        "protonet_resnet12_miniimagenet_5w5s",
+        "protonet_fc100_5w1s",
+    ):
         algorithm = compose_config(f"+experiment={name}").algorithm
         assert algorithm.normalize_distance and algorithm.learn_scale, name
 
@@ -100,12 +126,20 @@ def test_metaoptnet_protonet_experiments_scale_their_distances_as_the_code_does(
 def test_maml_family_experiments_claiming_mamls_settings_take_its_inner_loss_and_network():
     # MAML's code applies its inner_lr to N x the mean support loss (inner_loss=sum_over_k) and on
     # Omniglot downsamples by stride-2 convs; on mini-ImageNet it max-pools.
-    for name, downsample in (("maml_omniglot_5w1s", "stride"), ("anil_omniglot_5w1s", "stride"),
-                             ("maml_miniimagenet_5w1s", "pool"), ("maml_miniimagenet_5w5s", "pool")):
+    for name, downsample in (
+        ("maml_omniglot_5w1s", "stride"),
+        ("anil_omniglot_5w1s", "stride"),
+        ("maml_miniimagenet_5w1s", "pool"),
+        ("maml_miniimagenet_5w5s", "pool"),
+    ):
         cfg = compose_config(f"+experiment={name}")
         assert (cfg.algorithm.inner_loss, cfg.model.downsample) == ("sum_over_k", downsample), name
     paper = compose_config("+experiment=maml_omniglot_5w1s")
-    assert (paper.algorithm.inner_lr, paper.algorithm.adaptation_steps, paper.episode.meta_batch_size) == (0.4, 1, 32)
+    assert (
+        paper.algorithm.inner_lr,
+        paper.algorithm.adaptation_steps,
+        paper.episode.meta_batch_size,
+    ) == (0.4, 1, 32)
     # The algorithm's own defaults keep the mean loss and max-pooling: earlier results stand.
     default = compose_config("algorithm=maml")
     assert (default.algorithm.inner_loss, default.model.downsample) == ("mean", "pool")

@@ -34,7 +34,9 @@ def drop_timing(results: dict) -> dict:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
-def test_signalled_run_saves_its_step_and_resumes_to_the_uninterrupted_results(make_config, tmp_path, signum):
+def test_signalled_run_saves_its_step_and_resumes_to_the_uninterrupted_results(
+    make_config, tmp_path, signum
+):
     config = small_run(make_config, "train.steps=20", "train.val_every=10")
     straight = Trainer(config, tmp_path / "straight").run()
     trainer = Trainer(config, tmp_path / "stopped")
@@ -48,8 +50,13 @@ def test_signalled_run_saves_its_step_and_resumes_to_the_uninterrupted_results(m
 
     resumed = Trainer(config, tmp_path / "stopped").run()
     assert drop_timing(resumed) == drop_timing(straight)
-    logs = [[{k: v for k, v in json.loads(line).items() if k != "tasks_per_s"}
-             for line in (tmp_path / name / "metrics.jsonl").open()] for name in ("straight", "stopped")]
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "tasks_per_s"}
+            for line in (tmp_path / name / "metrics.jsonl").open()
+        ]
+        for name in ("straight", "stopped")
+    ]
     assert logs[0] == logs[1]
 
 
@@ -57,7 +64,9 @@ def test_the_previous_handler_gets_the_signal_after_last_pt_is_written(make_conf
     """Under submitit the previous handler requeues the job: it must see the checkpoint already saved."""
     seen = []
     last = tmp_path / "checkpoints" / "last.pt"
-    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(load_checkpoint(last)["step"]))
+    previous = signal.signal(
+        signal.SIGUSR2, lambda signum, frame: seen.append(load_checkpoint(last)["step"])
+    )
     try:
         trainer = Trainer(small_run(make_config, "train.steps=20", "train.val_every=10"), tmp_path)
         signal_after_step(trainer, 3, signal.SIGUSR2)
@@ -68,7 +77,9 @@ def test_the_previous_handler_gets_the_signal_after_last_pt_is_written(make_conf
     assert seen == [3]
 
 
-def test_signal_during_a_checkpoint_write_leaves_a_complete_checkpoint(make_config, tmp_path, monkeypatch):
+def test_signal_during_a_checkpoint_write_leaves_a_complete_checkpoint(
+    make_config, tmp_path, monkeypatch
+):
     """The handler only takes note: the write in progress finishes, and the run stops after it."""
     save = metarun.checkpoint.torch.save
 
@@ -91,7 +102,7 @@ def test_signal_during_a_checkpoint_write_leaves_a_complete_checkpoint(make_conf
 
 
 def test_stop_requests_restore_the_handlers_they_replaced():
-    mine = lambda signum, frame: None  # noqa: E731
+    mine = lambda signum, frame: None
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         with StopRequests() as stop:

@@ -53,22 +53,36 @@ def cut_short(path: Path, at_line_end: bool = False) -> None:
 
 
 DAMAGES = {
-    "no .hydra": (lambda d: shutil.rmtree(d / ".hydra"),
-                  r"holds a run's files but no \.hydra/config\.yaml \(the config it trained with\); copy the run's "
-                  r"\.hydra/ folder back"),
-    "config cut short": (lambda d: cut_short(d / ".hydra" / "config.yaml"),
-                         r"config\.yaml is cut short or damaged \(.+\); copy \.hydra/config\.yaml back"),
+    "no .hydra": (
+        lambda d: shutil.rmtree(d / ".hydra"),
+        r"holds a run's files but no \.hydra/config\.yaml \(the config it trained with\); copy the run's "
+        r"\.hydra/ folder back",
+    ),
+    "config cut short": (
+        lambda d: cut_short(d / ".hydra" / "config.yaml"),
+        r"config\.yaml is cut short or damaged \(.+\); copy \.hydra/config\.yaml back",
+    ),
     # Valid YAML, but the keys after the cut are gone: the schema must not fill them with defaults.
-    "config cut after a line": (lambda d: cut_short(d / ".hydra" / "config.yaml", at_line_end=True),
-                                r"config\.yaml is cut short or damaged \(no [a-z, ]*seed\); copy \.hydra/config\.yaml back"),
-    "results.json cut short": (lambda d: cut_short(d / "results.json"),
-                               r"results\.json is cut short or damaged \(.+\); give CHECKPOINT(best) to test its "
-                               r"best checkpoint anyway"),
-    "best.pt cut short": (lambda d: cut_short(d / "checkpoints" / "best.pt"),
-                          r"cannot read checkpoint .+best\.pt .+; train it again or give CHECKPOINT(last)$"),
+    "config cut after a line": (
+        lambda d: cut_short(d / ".hydra" / "config.yaml", at_line_end=True),
+        r"config\.yaml is cut short or damaged \(no [a-z, ]*seed\); copy \.hydra/config\.yaml back",
+    ),
+    "results.json cut short": (
+        lambda d: cut_short(d / "results.json"),
+        r"results\.json is cut short or damaged \(.+\); give CHECKPOINT(best) to test its "
+        r"best checkpoint anyway",
+    ),
+    "best.pt cut short": (
+        lambda d: cut_short(d / "checkpoints" / "best.pt"),
+        r"cannot read checkpoint .+best\.pt .+; train it again or give CHECKPOINT(last)$",
+    ),
 }
 # How each entry point names the checkpoint option in its fix.
-OPTIONS = {"metarun-eval": "checkpoint={}", "metarun-predict": "--checkpoint {}", "metarun.load": 'checkpoint="{}"'}
+OPTIONS = {
+    "metarun-eval": "checkpoint={}",
+    "metarun-predict": "--checkpoint {}",
+    "metarun.load": 'checkpoint="{}"',
+}
 
 
 def damaged(run_dir: Path, tmp_path: Path, damage: str) -> Path:
@@ -79,10 +93,14 @@ def damaged(run_dir: Path, tmp_path: Path, damage: str) -> Path:
 
 
 def files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
 
 
-def error_of(entry: str, run_dir: Path, drawings: Path, tmp_path: Path, capsys, *arguments: str) -> str:
+def error_of(
+    entry: str, run_dir: Path, drawings: Path, tmp_path: Path, capsys, *arguments: str
+) -> str:
     """The one error line `entry` gives for `run_dir`, checked: exit code 2, prefix, one line."""
     if entry == "metarun.load":
         return one_line_error(lambda: metarun.load(run_dir, device="cpu"))
@@ -90,21 +108,39 @@ def error_of(entry: str, run_dir: Path, drawings: Path, tmp_path: Path, capsys, 
         if entry == "metarun-eval":
             eval_main([str(run_dir), *arguments])
         else:
-            predict_main([str(run_dir), "--support", str(drawings / "support"), "--query", str(drawings / "query"),
-                          "--out", str(tmp_path / "predictions.csv"), "--device", "cpu", *arguments])
+            predict_main(
+                [
+                    str(run_dir),
+                    "--support",
+                    str(drawings / "support"),
+                    "--query",
+                    str(drawings / "query"),
+                    "--out",
+                    str(tmp_path / "predictions.csv"),
+                    "--device",
+                    "cpu",
+                    *arguments,
+                ]
+            )
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.startswith(f"{entry}: error: ") and err.count("\n") == 1, err
+    assert exit.value.code == 2 and err.startswith(f"{entry}: error: ") and err.count("\n") == 1, (
+        err
+    )
     assert "Traceback" not in err and ";" in err
     return err.removeprefix(f"{entry}: error: ").rstrip("\n")
 
 
 @pytest.mark.parametrize("entry", list(OPTIONS))
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_a_damaged_run_directory_is_one_line_naming_the_fix(protonet_run, drawings, tmp_path, capsys, damage, entry):
+def test_a_damaged_run_directory_is_one_line_naming_the_fix(
+    protonet_run, drawings, tmp_path, capsys, damage, entry
+):
     run_dir = damaged(protonet_run, tmp_path, damage)
     before = files(run_dir)
     message = error_of(entry, run_dir, drawings, tmp_path, capsys)
-    expected = re.sub(r"CHECKPOINT\((\w+)\)", lambda m: re.escape(OPTIONS[entry].format(m[1])), DAMAGES[damage][1])
+    expected = re.sub(
+        r"CHECKPOINT\((\w+)\)", lambda m: re.escape(OPTIONS[entry].format(m[1])), DAMAGES[damage][1]
+    )
     assert re.search(expected, message), message
     assert files(run_dir) == before and not (tmp_path / "predictions.csv").exists()
 
@@ -112,18 +148,37 @@ def test_a_damaged_run_directory_is_one_line_naming_the_fix(protonet_run, drawin
 def test_a_damaged_results_json_still_tests_when_a_checkpoint_is_named(protonet_run, tmp_path):
     run_dir = damaged(protonet_run, tmp_path, "results.json cut short")
     eval_main([str(run_dir), "checkpoint=best", "eval.episodes=5"])
-    assert json.loads((run_dir / "eval" / "episodes=5" / "results.json").read_text())["episodes"] == 5
+    assert (
+        json.loads((run_dir / "eval" / "episodes=5" / "results.json").read_text())["episodes"] == 5
+    )
     assert len(metarun.load(run_dir, "best", device="cpu").learner.state_dict()) > 0
 
 
 def start_training(run_dir: Path, omniglot_root: Path, omniglot_cache: Path) -> subprocess.Popen:
     """`metarun` in a second process, training run_dir for far longer than the test waits, its first
     validation (and so best.pt) out of reach."""
-    command = [sys.executable, "-m", "metarun", f"dataset.root={omniglot_root}", f"dataset.cache_dir={omniglot_cache}",
-               "dataset.download=false", "device=cpu", "algorithm=protonet", "model.hidden=16",
-               "episode.meta_batch_size=1", "train.steps=1000000", "train.val_every=1000000", "train.log_every=1",
-               f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "METARUN_DATA": str(DATA_ROOT), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "metarun",
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+        "device=cpu",
+        "algorithm=protonet",
+        "model.hidden=16",
+        "episode.meta_batch_size=1",
+        "train.steps=1000000",
+        "train.val_every=1000000",
+        "train.log_every=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {
+        **os.environ,
+        "METARUN_DATA": str(DATA_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
     log = (run_dir.parent / "training.log").open("w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -137,15 +192,24 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
 
 
 def test_a_run_still_training_then_stopped_before_its_test_is_one_line(
-        omniglot_root, omniglot_cache, drawings, tmp_path, capsys):
+    omniglot_root, omniglot_cache, drawings, tmp_path, capsys
+):
     run_dir = tmp_path / "training"
     process = start_training(run_dir, omniglot_root, omniglot_cache)
     try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text(), process)
+        wait_for(
+            lambda: (
+                (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text()
+            ),
+            process,
+        )
         for entry in OPTIONS:
             message = error_of(entry, run_dir, drawings, tmp_path, capsys)
-            assert re.search(rf"is still training \(process {process.pid} on .+\); wait for it to finish \(it writes "
-                             r"results\.json after its test\)", message), message
+            assert re.search(
+                rf"is still training \(process {process.pid} on .+\); wait for it to finish \(it writes "
+                r"results\.json after its test\)",
+                message,
+            ), message
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 128 + signal.SIGTERM
     finally:
@@ -157,10 +221,15 @@ def test_a_run_still_training_then_stopped_before_its_test_is_one_line(
     before = files(run_dir)
     for entry, option in OPTIONS.items():
         message = error_of(entry, run_dir, drawings, tmp_path, capsys)
-        assert message.startswith(f"{run_dir} has not finished: it stopped before its test (no results.json) with "
-                                  "only checkpoints/last.pt; resume it to the end (metarun ... hydra.run.dir="), message
-        assert message.endswith(f"or give {option.format('last')} to test the checkpoint it has now"), message
+        assert message.startswith(
+            f"{run_dir} has not finished: it stopped before its test (no results.json) with "
+            "only checkpoints/last.pt; resume it to the end (metarun ... hydra.run.dir="
+        ), message
+        assert message.endswith(
+            f"or give {option.format('last')} to test the checkpoint it has now"
+        ), message
     assert files(run_dir) == before
-    eval_main([str(run_dir), "checkpoint=last", "eval.episodes=5"])  # named, the checkpoint it has is tested
+    eval_main(
+        [str(run_dir), "checkpoint=last", "eval.episodes=5"]
+    )  # named, the checkpoint it has is tested
     assert (run_dir / "eval" / "episodes=5,checkpoint=last" / "results.json").is_file()
-

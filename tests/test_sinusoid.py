@@ -21,15 +21,24 @@ SMALL = ("device=cpu", "train.val_episodes=50", "eval.episodes=100", "train.log_
 
 def sinusoid(*overrides: str):
     """Sinusoid tasks of 10 points for any algorithm, test-sized."""
-    return compose_config("dataset=sinusoid", "model=mlp", "episode.n_way=1", "episode.k_shot=10",
-                          "episode.n_query=10", *SMALL, *overrides)
+    return compose_config(
+        "dataset=sinusoid",
+        "model=mlp",
+        "episode.n_way=1",
+        "episode.k_shot=10",
+        "episode.n_query=10",
+        *SMALL,
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="module")
 def maml_run(tmp_path_factory):
     """The paper's experiment, shortened to 1,000 meta-batches (about 15 s)."""
     run_dir = tmp_path_factory.mktemp("sinusoid")
-    cfg = compose_config("+experiment=maml_sinusoid", *SMALL, "train.steps=1000", "train.val_every=500")
+    cfg = compose_config(
+        "+experiment=maml_sinusoid", *SMALL, "train.steps=1000", "train.val_every=500"
+    )
     trainer = Trainer(cfg, run_dir)
     return run_dir, trainer, trainer.run()
 
@@ -52,7 +61,9 @@ def test_a_regression_run_reports_mse_where_classification_reports_accuracy(maml
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if line["split"] == "train"]
     assert train and all("mse" in line and "accuracy" not in line for line in train)
-    assert all(line["support_mse_after"] < line["support_mse_before"] for line in train)  # the inner step helps
+    assert all(
+        line["support_mse_after"] < line["support_mse_before"] for line in train
+    )  # the inner step helps
     assert [line["split"] for line in lines if "mse" in line][-1] == "test"
     png = (run_dir / "adaptation.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -60,7 +71,9 @@ def test_a_regression_run_reports_mse_where_classification_reports_accuracy(maml
 
 @pytest.mark.parametrize("algorithm", sorted(REGRESSION - {"maml"}))
 def test_the_other_regression_learners_train_on_sinusoids(tmp_path, algorithm):
-    trainer = Trainer(sinusoid(f"algorithm={algorithm}", "episode.meta_batch_size=4", "train.steps=5"), tmp_path)
+    trainer = Trainer(
+        sinusoid(f"algorithm={algorithm}", "episode.meta_batch_size=4", "train.steps=5"), tmp_path
+    )
     tasks = trainer.samplers["train"].sample(4, torch.Generator().manual_seed(0))
     losses = [trainer.train_step(tasks)["loss"].item() for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -71,7 +84,9 @@ def test_the_other_regression_learners_train_on_sinusoids(tmp_path, algorithm):
 
 @pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - REGRESSION))
 def test_learners_that_only_classify_refuse_sinusoids_in_one_line(tmp_path, algorithm):
-    with pytest.raises(MetarunError, match="cannot learn sinusoid's regression tasks; use algorithm=maml") as error:
+    with pytest.raises(
+        MetarunError, match="cannot learn sinusoid's regression tasks; use algorithm=maml"
+    ) as error:
         Trainer(sinusoid(f"algorithm={algorithm}"), tmp_path / "run")
     assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
 
@@ -79,6 +94,9 @@ def test_learners_that_only_classify_refuse_sinusoids_in_one_line(tmp_path, algo
 def test_a_sinusoid_needs_a_backbone_for_numbers_not_images(tmp_path):
     from metarun.config import validate
 
-    with pytest.raises(MetarunError, match=r"model.in_channels follows dataset.channels, which this config does not "
-                                           r"set; .* dataset=sinusoid takes model=mlp"):
+    with pytest.raises(
+        MetarunError,
+        match=r"model.in_channels follows dataset.channels, which this config does not "
+        r"set; .* dataset=sinusoid takes model=mlp",
+    ):
         validate(sinusoid("model=conv4", "algorithm=maml"))

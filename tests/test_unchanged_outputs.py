@@ -24,15 +24,26 @@ import pytest
 from tests.conftest import DATA_ROOT, REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "unchanged"
-SHORT = ("device=cpu", "train.steps=6", "train.val_every=3", "train.log_every=2", "train.val_episodes=10",
-         "eval.episodes=12")
+SHORT = (
+    "device=cpu",
+    "train.steps=6",
+    "train.val_every=3",
+    "train.log_every=2",
+    "train.val_episodes=10",
+    "eval.episodes=12",
+)
 RUNS = {
     "protonet": ("algorithm=protonet", "episode.n_query=5", "dataset.download=false"),
     "maml_sinusoid": ("+experiment=maml_sinusoid",),
 }
 EVAL = ("eval.n_way=10",)  # metarun-eval of the protonet run
 FILES = ("results.json", "test_episodes.json", "metrics.jsonl")
-MACHINE = ("wall_time_s", "tasks_per_s", "root", "cache_dir")  # keys whose values depend on the machine
+MACHINE = (
+    "wall_time_s",
+    "tasks_per_s",
+    "root",
+    "cache_dir",
+)  # keys whose values depend on the machine
 
 
 def scripts() -> Path:
@@ -40,13 +51,25 @@ def scripts() -> Path:
 
 
 def train(name: str, run_dir: Path, cache: Path) -> None:
-    extra = (f"dataset.root={DATA_ROOT / 'omniglot'}", f"dataset.cache_dir={cache}") if name == "protonet" else ()
-    subprocess.run([scripts() / "metarun", *RUNS[name], *SHORT, *extra, f"hydra.run.dir={run_dir}"],
-                   check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    extra = (
+        (f"dataset.root={DATA_ROOT / 'omniglot'}", f"dataset.cache_dir={cache}")
+        if name == "protonet"
+        else ()
+    )
+    subprocess.run(
+        [scripts() / "metarun", *RUNS[name], *SHORT, *extra, f"hydra.run.dir={run_dir}"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
 
 
 def evaluate(run_dir: Path) -> Path:
-    subprocess.run([scripts() / "metarun-eval", run_dir, *EVAL, "name=unchanged"], check=True, capture_output=True)
+    subprocess.run(
+        [scripts() / "metarun-eval", run_dir, *EVAL, "name=unchanged"],
+        check=True,
+        capture_output=True,
+    )
     return run_dir / "eval" / "unchanged"
 
 
@@ -57,7 +80,11 @@ def read(folder: Path) -> dict[str, Any]:
         path = folder / name
         if path.exists():
             text = path.read_text()
-            records = [json.loads(line) for line in text.splitlines()] if name.endswith(".jsonl") else json.loads(text)
+            records = (
+                [json.loads(line) for line in text.splitlines()]
+                if name.endswith(".jsonl")
+                else json.loads(text)
+            )
             out[name] = strip(records)
     return out
 
@@ -78,9 +105,15 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
     if isinstance(old, list) and isinstance(new, list):
         if len(old) != len(new):
             return [f"{where}: {len(old)} entries, now {len(new)}"]
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")]
+        return [
+            d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{where}[{i}]")
+        ]
     if isinstance(old, float) and isinstance(new, float):
-        return [] if math.isclose(old, new, rel_tol=1e-4, abs_tol=1e-7) else [f"{where}: {old} -> {new}"]
+        return (
+            []
+            if math.isclose(old, new, rel_tol=1e-4, abs_tol=1e-7)
+            else [f"{where}: {old} -> {new}"]
+        )
     return [] if old == new and type(old) is type(new) else [f"{where}: {old!r} -> {new!r}"]
 
 
@@ -111,11 +144,17 @@ if __name__ == "__main__":  # rewrite the fixtures from what the code writes now
         cache = Path(os.environ.get("METARUN_CACHE") or base / "cache")
         for name in RUNS:
             train(name, base / name, cache)
-        folders = {name: base / name for name in RUNS} | {"protonet_eval": evaluate(base / "protonet")}
+        folders = {name: base / name for name in RUNS} | {
+            "protonet_eval": evaluate(base / "protonet")
+        }
         for name, folder in folders.items():
             shutil.rmtree(FIXTURES / name, ignore_errors=True)
             (FIXTURES / name).mkdir(parents=True)
             for file, records in read(folder).items():  # stripped: no machine's paths or timings
-                lines = [json.dumps(r) for r in records] if file.endswith(".jsonl") else [json.dumps(records, indent=2)]
+                lines = (
+                    [json.dumps(r) for r in records]
+                    if file.endswith(".jsonl")
+                    else [json.dumps(records, indent=2)]
+                )
                 (FIXTURES / name / file).write_text("\n".join(lines) + "\n")
             print(f"wrote {FIXTURES / name}")

@@ -20,8 +20,11 @@ from metarun.trainer import Trainer
 from tests.algorithms.synthetic import random_tasks
 from tests.conftest import COLOUR_DATASETS, compose_config
 
-ALGORITHMS = sorted(p.name.removesuffix(".yaml") for p in (files("metarun.conf") / "algorithm").iterdir()
-                    if p.name.endswith(".yaml"))
+ALGORITHMS = sorted(
+    p.name.removesuffix(".yaml")
+    for p in (files("metarun.conf") / "algorithm").iterdir()
+    if p.name.endswith(".yaml")
+)
 EPISODES = ("5w1s", "5w5s", "20w1s", "20w5s")
 # (dataset, episode): Omniglot on every episode config; the fixtures (5 val and test classes) at 5w1s.
 DATASET_EPISODES = [("omniglot", episode) for episode in EPISODES] + [("folder", "5w1s")]
@@ -35,17 +38,33 @@ def tiny(make_config, algorithm: str, *overrides: str, dataset: str = "omniglot"
     """A few steps of `algorithm` on small meta-batches, a 16-channel Conv4 (unless `overrides` choose
     another model) and at most 2 inner steps where the algorithm has them: contract checks, not accuracy."""
     own = compose_config(f"algorithm={algorithm}").algorithm
-    fewer_steps = [f"algorithm.{key}={min(own[key], 2)}" for key in ("adaptation_steps", "eval_adaptation_steps")
-                   if key in own]
-    narrow = [] if any(o.startswith("model=") for o in overrides) else ["model.hidden=16"]  # Conv4's width
-    return make_config(f"algorithm={algorithm}", *narrow, "episode.meta_batch_size=2", "episode.n_query=2",
-                       "train.val_episodes=4", "eval.episodes=4", "eval.batch_size=4", *fewer_steps, *overrides,
-                       dataset=dataset)
+    fewer_steps = [
+        f"algorithm.{key}={min(own[key], 2)}"
+        for key in ("adaptation_steps", "eval_adaptation_steps")
+        if key in own
+    ]
+    narrow = (
+        [] if any(o.startswith("model=") for o in overrides) else ["model.hidden=16"]
+    )  # Conv4's width
+    return make_config(
+        f"algorithm={algorithm}",
+        *narrow,
+        "episode.meta_batch_size=2",
+        "episode.n_query=2",
+        "train.val_episodes=4",
+        "eval.episodes=4",
+        "eval.batch_size=4",
+        *fewer_steps,
+        *overrides,
+        dataset=dataset,
+    )
 
 
 @pytest.mark.parametrize("dataset, episode", DATASET_EPISODES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_learns_one_batch_and_evaluates_per_task(make_config, tmp_path, algorithm, dataset, episode):
+def test_every_algorithm_learns_one_batch_and_evaluates_per_task(
+    make_config, tmp_path, algorithm, dataset, episode
+):
     trainer = Trainer(tiny(make_config, algorithm, f"episode={episode}", dataset=dataset), tmp_path)
     tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
     losses = [trainer.train_step(tasks)["loss"].item() for _ in range(6)]
@@ -65,12 +84,14 @@ def test_every_algorithm_learns_one_batch_and_evaluates_per_task(make_config, tm
     torch.testing.assert_close(torch.cat([a[0] for a in alone]), loss, rtol=1e-4, atol=1e-5)
     # float32 sums in another order may flip a near-tie on some CPUs: at most one query's prediction.
     one_query = 1 / episodes.query_y.shape[1]
-    torch.testing.assert_close(torch.cat([a[1] for a in alone]), accuracy, rtol=0, atol=one_query + 1e-6)
+    torch.testing.assert_close(
+        torch.cat([a[1] for a in alone]), accuracy, rtol=0, atol=one_query + 1e-6
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_resumes_to_the_same_results(make_config, tmp_path, algorithm):
-    config = lambda steps: tiny(make_config, algorithm, f"train.steps={steps}", "train.val_every=2")  # noqa: E731
+    config = lambda steps: tiny(make_config, algorithm, f"train.steps={steps}", "train.val_every=2")
     straight = Trainer(config(4), tmp_path / "straight").run()
     Trainer(config(2), tmp_path / "resumed").run()
     resumed = Trainer(config(4), tmp_path / "resumed").run()
@@ -79,7 +100,9 @@ def test_every_algorithm_resumes_to_the_same_results(make_config, tmp_path, algo
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_tests_on_another_episode_config_or_says_why_not(make_config, tmp_path, algorithm):
+def test_every_algorithm_tests_on_another_episode_config_or_says_why_not(
+    make_config, tmp_path, algorithm
+):
     cfg = tiny(make_config, algorithm, "episode=5w1s", "eval.episode=20w1s")
     if algorithm in FIXED_N_WAY:  # a head built for 5 ways: one line naming the fix
         with pytest.raises(MetarunError, match="eval.n_way=5") as error:
@@ -104,7 +127,9 @@ def test_every_algorithm_has_a_paper_experiment_that_validates(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(make_config, tmp_path, algorithm):
+def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(
+    make_config, tmp_path, algorithm
+):
     trainer = Trainer(tiny(make_config, algorithm), tmp_path)
     learner = trainer.learner
     tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
@@ -123,11 +148,15 @@ def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(make
     assert grads and all(torch.isfinite(g).all() for g in grads)
     (train32, eval32), (train16, eval16) = results[False], results[True]
     assert abs(train16 - train32) < 0.05 * train32
-    assert eval16.dtype == torch.float32 and (eval16 - eval32).abs().max() < 0.05 * eval32.abs().max()
+    assert (
+        eval16.dtype == torch.float32 and (eval16 - eval32).abs().max() < 0.05 * eval32.abs().max()
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(make_config, tmp_path, algorithm):
+def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(
+    make_config, tmp_path, algorithm
+):
     learner = Trainer(tiny(make_config, algorithm, "episode=5w1s"), tmp_path).learner
     tasks = random_tasks(T=2, n_way=3, dtype=torch.float32, n_classes=40)
     if algorithm in FIXED_N_WAY:  # a head built for 5 ways: refused in one line naming the fix
@@ -144,20 +173,42 @@ def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(make_confi
 
 @pytest.mark.parametrize("dataset", COLOUR_DATASETS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_learns_each_colour_dataset_well_above_chance(make_config, tmp_path, algorithm, dataset):
+def test_every_algorithm_learns_each_colour_dataset_well_above_chance(
+    make_config, tmp_path, algorithm, dataset
+):
     # 30 steps on 16x16 fixture images whose classes differ in colour and stripes; chance is 20%.
     # Seed 0 on 2 CPU cores: 0.46 (first-order MAML on mini-ImageNet) is the lowest of all, and 0.51
     # (first-order MAML on CIFAR-FS with augmentation) the lowest with it.
-    overrides = ["train.steps=30", "train.val_every=30", "train.val_episodes=10", "episode.n_query=3"]
+    overrides = [
+        "train.steps=30",
+        "train.val_every=30",
+        "train.val_episodes=10",
+        "episode.n_query=3",
+    ]
     if algorithm == "mann":
         # MANN leaves chance only after a few hundred steps (see tests/algorithms/test_mann.py), with
         # its recipe of 5-shot episodes and one query. Seed 0: 0.95 (mini-ImageNet), 0.72 (CIFAR-FS,
         # augmented), 0.64 (FC100).
-        overrides = ["train.steps=400", "train.val_every=400", "train.val_episodes=10", "episode=5w5s",
-                     "episode.meta_batch_size=4", "episode.n_query=1"]
-    if dataset == "cifarfs":  # and with augmented support sets: in training, and 2 extra copies at test time
+        overrides = [
+            "train.steps=400",
+            "train.val_every=400",
+            "train.val_episodes=10",
+            "episode=5w5s",
+            "episode.meta_batch_size=4",
+            "episode.n_query=1",
+        ]
+    if (
+        dataset == "cifarfs"
+    ):  # and with augmented support sets: in training, and 2 extra copies at test time
         overrides += ["augment=standard", "eval.support_augment=2"]
-    cfg = tiny(make_config, algorithm, *overrides, "eval.episodes=40", "eval.batch_size=40", dataset=dataset)
+    cfg = tiny(
+        make_config,
+        algorithm,
+        *overrides,
+        "eval.episodes=40",
+        "eval.batch_size=40",
+        dataset=dataset,
+    )
     assert cfg.model.in_channels == 3
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.4, results["test_accuracy"]
@@ -182,7 +233,9 @@ def test_in_running_batch_norm_a_querys_prediction_depends_only_on_the_support_s
     tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
     trainer.train_step(tasks)
     trainer.train_step(tasks)
-    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))  # they moved
+    assert not torch.equal(
+        norms[0].running_mean, torch.zeros_like(norms[0].running_mean)
+    )  # they moved
     episode = trainer.samplers["test"].episodes(seed=0, start=0, count=1)
     together, alone = predictions_alone_and_together(trainer.learner, episode)
     torch.testing.assert_close(alone, together, rtol=1e-4, atol=1e-4)
@@ -197,13 +250,17 @@ def test_in_task_batch_norm_a_querys_prediction_depends_on_the_other_queries(mak
 
 
 # Narrow versions of each backbone: the contract, not the papers' widths.
-BACKBONES = {"resnet12": ("model=resnet12", "model.channels=[8,8,16,16]"),
-             "resnet18": ("model=resnet18", "model.width=8")}
+BACKBONES = {
+    "resnet12": ("model=resnet12", "model.channels=[8,8,16,16]"),
+    "resnet18": ("model=resnet18", "model.width=8"),
+}
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_trains_and_evaluates_on_every_backbone(make_config, tmp_path, algorithm, backbone):
+def test_every_algorithm_trains_and_evaluates_on_every_backbone(
+    make_config, tmp_path, algorithm, backbone
+):
     cfg = tiny(make_config, algorithm, *BACKBONES[backbone], dataset="folder")
     trainer = Trainer(cfg, tmp_path)
     tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
@@ -212,14 +269,21 @@ def test_every_algorithm_trains_and_evaluates_on_every_backbone(make_config, tmp
     grads = [p.grad for p in trainer.learner.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     with torch.no_grad():
-        loss, accuracy = trainer.learner.eval().evaluate(trainer.samplers["test"].episodes(seed=0, start=0, count=2))
+        loss, accuracy = trainer.learner.eval().evaluate(
+            trainer.samplers["test"].episodes(seed=0, start=0, count=2)
+        )
     assert torch.isfinite(loss).all() and accuracy.shape == (2,)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_refuses_a_backbone_for_other_inputs_in_one_line(make_config, tmp_path, algorithm):
+def test_every_algorithm_refuses_a_backbone_for_other_inputs_in_one_line(
+    make_config, tmp_path, algorithm
+):
     # The sinusoid MLP takes numbers, not images: refused before anything is written.
-    with pytest.raises(MetarunError, match=r"MLP takes inputs of shape \(1,\) but folder's items have shape "
-                                           r"\(3, 16, 16\); use a backbone for them: model=conv4") as error:
+    with pytest.raises(
+        MetarunError,
+        match=r"MLP takes inputs of shape \(1,\) but folder's items have shape "
+        r"\(3, 16, 16\); use a backbone for them: model=conv4",
+    ) as error:
         Trainer(tiny(make_config, algorithm, "model=mlp", dataset="folder"), tmp_path / "run")
     assert "\n" not in str(error.value) and not (tmp_path / "run").exists()

@@ -16,17 +16,17 @@ from torch.func import functional_call
 from metarun.algorithms.base import task_loss, task_score
 from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.maml import MAML
-from metarun.models.layers import detached
 from metarun.algorithms.task_batching import map_tasks
 from metarun.data.tasks import TaskBatch
+from metarun.models.layers import detached
 
 BODY, HEAD = "backbone.", "head."
 
 
 def split_params(params: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """A Classifier's parameters as (body, head), named as in `backbone` and `head` themselves."""
-    body = {name[len(BODY):]: p for name, p in params.items() if name.startswith(BODY)}
-    head = {name[len(HEAD):]: p for name, p in params.items() if name.startswith(HEAD)}
+    body = {name[len(BODY) :]: p for name, p in params.items() if name.startswith(BODY)}
+    head = {name[len(HEAD) :]: p for name, p in params.items() if name.startswith(HEAD)}
     return body, head
 
 
@@ -46,7 +46,12 @@ class ANIL(MAML):
         return functional_call(self.model.backbone, body, (x,))
 
     def adapt_head(
-        self, head: dict[str, Tensor], support_features: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        self,
+        head: dict[str, Tensor],
+        support_features: Tensor,
+        support_y: Tensor,
+        steps: int,
+        first_order: bool,
         loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """The inner loop on the head alone, fed one task's support features `[N*K, D]`."""
@@ -63,12 +68,19 @@ class ANIL(MAML):
         )
 
     def adapted_params(
-        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        self,
+        params: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        first_order: bool,
         loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """All of the Classifier's parameters after adapting to one task: the body's are `params`' own."""
         body, head = split_params(params)
-        adapted_head = self.adapt_head(head, self.features(body, support_x), support_y, steps, first_order, loss_scale)
+        adapted_head = self.adapt_head(
+            head, self.features(body, support_x), support_y, steps, first_order, loss_scale
+        )
         return {
             **{BODY + name: p for name, p in body.items()},
             **{HEAD + name: p for name, p in adapted_head.items()},
@@ -92,12 +104,18 @@ class ANIL(MAML):
         query_logits = functional_call(self.model.head, adapted, (query_features,))  # [N*Q, N]
         out = (task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
-            before = functional_call(self.model.head, detached(head), (support_features.detach(),))  # [N*K, N]
-            after = functional_call(self.model.head, detached(adapted), (support_features.detach(),))  # [N*K, N]
+            before = functional_call(
+                self.model.head, detached(head), (support_features.detach(),)
+            )  # [N*K, N]
+            after = functional_call(
+                self.model.head, detached(adapted), (support_features.detach(),)
+            )  # [N*K, N]
             out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
-    def map_tasks(self, params: dict[str, Tensor], tasks: TaskBatch, **settings) -> tuple[Tensor, ...]:
+    def map_tasks(
+        self, params: dict[str, Tensor], tasks: TaskBatch, **settings
+    ) -> tuple[Tensor, ...]:
         """`head_task_loss` for every task, each output stacked to `[T]`; the body embeds all tasks'
         support sets in one call and all query sets in another (per-task batch-norm statistics)."""
         self.check_n_way(tasks.n_way)
@@ -107,6 +125,15 @@ class ANIL(MAML):
         data = (support_features, tasks.support_y, query_features, tasks.query_y)
 
         def one_task(head, support_features, support_y, query_features, query_y):
-            return self.head_task_loss(head, support_features, support_y, query_features, query_y, **settings)
+            return self.head_task_loss(
+                head, support_features, support_y, query_features, query_y, **settings
+            )
 
-        return map_tasks(one_task, self.task_batching, head, *data, in_dims=(None, 0, 0, 0, 0), randomness="different")
+        return map_tasks(
+            one_task,
+            self.task_batching,
+            head,
+            *data,
+            in_dims=(None, 0, 0, 0, 0),
+            randomness="different",
+        )

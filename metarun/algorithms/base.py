@@ -22,7 +22,9 @@ def check_at_least(key: str, value: float, minimum: float, fix: str | None = Non
 def check_positive(key: str, value: float, fix: str | None = None) -> None:
     """MetarunError `algorithm.KEY=VALUE must be positive; FIX` (default fix: any value > 0)."""
     if not value > 0:
-        raise MetarunError(f"algorithm.{key}={value} must be positive; {fix or f'pass algorithm.{key}=<a value > 0>'}")
+        raise MetarunError(
+            f"algorithm.{key}={value} must be positive; {fix or f'pass algorithm.{key}=<a value > 0>'}"
+        )
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -35,7 +37,11 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 # report it where classification reports accuracy. The targets' dtype tells which, also under vmap.
 def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy for class labels, mean squared error for real-valued targets: a scalar."""
-    return F.mse_loss(outputs, targets) if targets.is_floating_point() else F.cross_entropy(outputs, targets)
+    return (
+        F.mse_loss(outputs, targets)
+        if targets.is_floating_point()
+        else F.cross_entropy(outputs, targets)
+    )
 
 
 def task_score(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -46,11 +52,13 @@ def task_score(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def score_name(targets: Tensor) -> str:
-    """"accuracy" (higher is better) or "mse" (lower is better): what `task_score` measures."""
+    """ "accuracy" (higher is better) or "mse" (lower is better): what `task_score` measures."""
     return "mse" if targets.is_floating_point() else "accuracy"
 
 
-def learner_metrics(losses: Tensor, scores: Tensor, support: list[Tensor], tasks: TaskBatch) -> dict[str, Tensor]:
+def learner_metrics(
+    losses: Tensor, scores: Tensor, support: list[Tensor], tasks: TaskBatch
+) -> dict[str, Tensor]:
     """A gradient-based learner's training metrics from its per-task outputs: "loss" and the score
     ("accuracy" or "mse"), and with diagnostics the support set's score before and after adapting
     ("support_acc_before"/"_after", or "support_mse_..." for regression)."""
@@ -58,7 +66,9 @@ def learner_metrics(losses: Tensor, scores: Tensor, support: list[Tensor], tasks
     metrics = {"loss": losses.mean().detach(), name: scores.mean()}
     if support:
         short = "acc" if name == "accuracy" else name
-        metrics[f"support_{short}_before"], metrics[f"support_{short}_after"] = (score.mean() for score in support)
+        metrics[f"support_{short}_before"], metrics[f"support_{short}_after"] = (
+            score.mean() for score in support
+        )
     return metrics
 
 
@@ -103,8 +113,9 @@ class MetaLearner(nn.Module):
                 f"{n_way}-way tasks; set eval.n_way={self.n_way} (fixed at episode.n_way)"
             )
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def task_chunks(self, tasks: TaskBatch) -> list[TaskBatch]:
@@ -125,7 +136,9 @@ class EpisodeClassifier(MetaLearner):
     and `adapt` follow from it and from `query_losses`.
     """
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         raise NotImplementedError
 
     def query_losses(self, logits: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
@@ -134,8 +147,9 @@ class EpisodeClassifier(MetaLearner):
         losses = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction=reduction)
         return losses.view_as(query_y) if reduction == "none" else losses
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean query loss over the batch's queries."""
         logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
         loss = self.query_losses(logits, tasks.query_y, reduction="mean")
@@ -143,7 +157,9 @@ class EpisodeClassifier(MetaLearner):
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, tasks.n_way)
-        return self.query_losses(logits, tasks.query_y).mean(dim=1).detach(), accuracy(logits, tasks.query_y)
+        return self.query_losses(logits, tasks.query_y).mean(dim=1).detach(), accuracy(
+            logits, tasks.query_y
+        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         """A predictor for one task; each call embeds the support set again together with the
@@ -151,6 +167,8 @@ class EpisodeClassifier(MetaLearner):
         n_way = int(support_y.max()) + 1
 
         def predict(query_x: Tensor) -> Tensor:
-            return self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
+            return self.episode_logits(support_x[None], support_y[None], query_x[None], n_way)[
+                0
+            ]  # [M, N]
 
         return predict

@@ -34,7 +34,9 @@ def cosine_logits(x: Tensor, weight: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
 
 
-def classifier_logits(x: Tensor, weight: Tensor, bias: Tensor | None, cosine: bool, scale: float) -> Tensor:
+def classifier_logits(
+    x: Tensor, weight: Tensor, bias: Tensor | None, cosine: bool, scale: float
+) -> Tensor:
     """Baseline++'s cosine classifier if `cosine`, else Baseline's linear one: `[..., M, D] -> [..., M, N]`
     with `weight [..., N, D]` and `bias [..., N]` (unused by the cosine classifier)."""
     if cosine:
@@ -46,12 +48,16 @@ def init_head(n_way: int, features: int, generator: torch.Generator) -> tuple[Te
     """nn.Linear's default initialization, U(-1/sqrt(D), 1/sqrt(D)) for weight `[N, D]` and bias `[N]`,
     drawn in float64 on the CPU so it is the same on every device and dtype."""
     bound = 1 / math.sqrt(features)
-    weight = torch.empty(n_way, features, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+    weight = torch.empty(n_way, features, dtype=torch.float64).uniform_(
+        -bound, bound, generator=generator
+    )
     bias = torch.empty(n_way, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
     return weight, bias
 
 
-def minibatch_schedule(n_support: int, epochs: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+def minibatch_schedule(
+    n_support: int, epochs: int, batch_size: int, generator: torch.Generator
+) -> list[Tensor]:
     """Support indices for each SGD step: `epochs` shuffled passes, each cut into batches of
     `batch_size` (the last one smaller when it does not divide `n_support`), as in the paper's code."""
     steps = []
@@ -93,15 +99,23 @@ def finetune_heads(
     steps = torch.cat(schedule).to(support_emb.device).split([len(idx) for idx in schedule])
     like = dict(dtype=support_emb.dtype, device=support_emb.device)
     weight = weight0.to(**like).expand(n_tasks, -1, -1).clone().requires_grad_()  # [T, N, D]
-    bias = None if cosine else bias0.to(**like).expand(n_tasks, -1).clone().requires_grad_()  # [T, N]
+    bias = (
+        None if cosine else bias0.to(**like).expand(n_tasks, -1).clone().requires_grad_()
+    )  # [T, N]
     params = [weight] if cosine else [weight, bias]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
+    )
     # The head is tiny: it trains in full precision even under autocast, and with gradients even when
     # the caller evaluates under torch.no_grad().
     with torch.enable_grad(), torch.autocast(support_emb.device.type, enabled=False):
         for idx in steps:
-            logits = classifier_logits(support_emb[:, idx], weight, bias, cosine, scale)  # [T, b, N]
-            losses = F.cross_entropy(logits.transpose(1, 2), support_y[:, idx], reduction="none")  # [T, b]
+            logits = classifier_logits(
+                support_emb[:, idx], weight, bias, cosine, scale
+            )  # [T, b, N]
+            losses = F.cross_entropy(
+                logits.transpose(1, 2), support_y[:, idx], reduction="none"
+            )  # [T, b]
             optimizer.zero_grad(set_to_none=True)
             losses.mean(dim=1).sum().backward()
             optimizer.step()
@@ -158,23 +172,40 @@ class Baseline(EpisodeClassifier):
         finetune_weight_decay: float = 0.001,
     ):
         if n_train_classes < 1:
-            raise MetarunError(f"n_train_classes={n_train_classes}: Baseline needs the training split's class count; "
-                               f"the trainer passes it, pass it yourself when building Baseline directly")
+            raise MetarunError(
+                f"n_train_classes={n_train_classes}: Baseline needs the training split's class count; "
+                f"the trainer passes it, pass it yourself when building Baseline directly"
+            )
         check_positive("scale", scale)
         check_positive("finetune_scale", finetune_scale)
-        check_at_least("finetune_epochs", finetune_epochs, 1, "set algorithm.finetune_epochs=1 or more (paper: 100)")
+        check_at_least(
+            "finetune_epochs",
+            finetune_epochs,
+            1,
+            "set algorithm.finetune_epochs=1 or more (paper: 100)",
+        )
         check_positive("finetune_lr", finetune_lr)
-        check_at_least("finetune_batch_size", finetune_batch_size, 1,
-                       "set algorithm.finetune_batch_size=1 or more (paper: 4)")
+        check_at_least(
+            "finetune_batch_size",
+            finetune_batch_size,
+            1,
+            "set algorithm.finetune_batch_size=1 or more (paper: 4)",
+        )
         if not 0 <= finetune_momentum < 1:
-            raise MetarunError(f"algorithm.finetune_momentum={finetune_momentum} must be in [0, 1); "
-                               f"set algorithm.finetune_momentum=0.9 (paper) or 0 for none")
+            raise MetarunError(
+                f"algorithm.finetune_momentum={finetune_momentum} must be in [0, 1); "
+                f"set algorithm.finetune_momentum=0.9 (paper) or 0 for none"
+            )
         if not 0 <= finetune_dampening <= 1:
-            raise MetarunError(f"algorithm.finetune_dampening={finetune_dampening} must be in [0, 1]; "
-                               f"set algorithm.finetune_dampening=0.9 (paper) or 0 for none")
+            raise MetarunError(
+                f"algorithm.finetune_dampening={finetune_dampening} must be in [0, 1]; "
+                f"set algorithm.finetune_dampening=0.9 (paper) or 0 for none"
+            )
         if finetune_weight_decay < 0:
-            raise MetarunError(f"algorithm.finetune_weight_decay={finetune_weight_decay} must be >= 0; "
-                               f"set algorithm.finetune_weight_decay=0.001 (paper) or 0 for none")
+            raise MetarunError(
+                f"algorithm.finetune_weight_decay={finetune_weight_decay} must be >= 0; "
+                f"set algorithm.finetune_weight_decay=0.001 (paper) or 0 for none"
+            )
         super().__init__(model, n_way)
         self.n_train_classes = n_train_classes
         self.cosine = cosine
@@ -192,21 +223,33 @@ class Baseline(EpisodeClassifier):
         if self.head.bias is not None:
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if tasks.classes is None:
             raise MetarunError(
                 "Baseline trains on the classes behind each episode label but the task batch has no classes; "
                 "build the TaskBatch with classes [T, N] (EpisodeSampler does)"
             )
-        x = torch.cat([tasks.support_x, tasks.query_x], dim=1).flatten(0, 1)  # [T*(N*K + N*Q), C, H, W]
-        y = torch.cat([global_labels(tasks.support_y, tasks.classes),
-                       global_labels(tasks.query_y, tasks.classes)], dim=1).flatten()  # [T*(N*K + N*Q)]
-        logits = classifier_logits(self.model(x), self.head.weight, self.head.bias, self.cosine, self.scale)  # [B, C]
+        x = torch.cat([tasks.support_x, tasks.query_x], dim=1).flatten(
+            0, 1
+        )  # [T*(N*K + N*Q), C, H, W]
+        y = torch.cat(
+            [
+                global_labels(tasks.support_y, tasks.classes),
+                global_labels(tasks.query_y, tasks.classes),
+            ],
+            dim=1,
+        ).flatten()  # [T*(N*K + N*Q)]
+        logits = classifier_logits(
+            self.model(x), self.head.weight, self.head.bias, self.cosine, self.scale
+        )  # [B, C]
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, y)}
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         """Query logits `[T, N*Q, N]` of heads fine-tuned on the support sets, backbone frozen."""
         n_support = support_x.shape[1]
         with torch.no_grad():  # the backbone is frozen: no graph, no gradient reaches it
@@ -214,10 +257,19 @@ class Baseline(EpisodeClassifier):
         emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
         weight, bias = finetune_heads(
-            support_emb, support_y, n_way, cosine=self.cosine, scale=self.finetune_scale,
-            epochs=self.finetune_epochs, lr=self.finetune_lr, batch_size=self.finetune_batch_size,
-            momentum=self.finetune_momentum, dampening=self.finetune_dampening,
+            support_emb,
+            support_y,
+            n_way,
+            cosine=self.cosine,
+            scale=self.finetune_scale,
+            epochs=self.finetune_epochs,
+            lr=self.finetune_lr,
+            batch_size=self.finetune_batch_size,
+            momentum=self.finetune_momentum,
+            dampening=self.finetune_dampening,
             weight_decay=self.finetune_weight_decay,
         )
         with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
-            return classifier_logits(query_emb, weight, bias, self.cosine, self.finetune_scale)  # [T, N*Q, N]
+            return classifier_logits(
+                query_emb, weight, bias, self.cosine, self.finetune_scale
+            )  # [T, N*Q, N]

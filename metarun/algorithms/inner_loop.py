@@ -83,7 +83,9 @@ def inner_loop(
     Returns all parameters, the adapted ones replaced.
     """
     if inner_optimizer not in INNER_OPTIMIZERS:
-        raise ValueError(f"inner_optimizer={inner_optimizer!r} is not one of {', '.join(INNER_OPTIMIZERS)}")
+        raise ValueError(
+            f"inner_optimizer={inner_optimizer!r} is not one of {', '.join(INNER_OPTIMIZERS)}"
+        )
     if inner_loss not in INNER_LOSSES:
         raise ValueError(f"inner_loss={inner_loss!r} is not one of {', '.join(INNER_LOSSES)}")
     if batch_indices is not None and batch_indices.shape[0] != adaptation_steps:
@@ -106,7 +108,10 @@ def inner_loop(
         if batch_indices is None:
             x, y = support_x, support_y
         else:
-            x, y = support_x[batch_indices[step]], support_y[batch_indices[step]]  # [B, C, H, W], [B]
+            x, y = (
+                support_x[batch_indices[step]],
+                support_y[batch_indices[step]],
+            )  # [B, C, H, W], [B]
         loss = functools.partial(scaled_support_loss, x=x, y=y)
         grads = support_gradient(loss, fast, create_graph=not first_order, vmapped=vmapped)
         if loss_scale != 1.0:
@@ -114,11 +119,15 @@ def inner_loop(
         if inner_optimizer == "sgd":
             fast = sgd_step(fast, grads, inner_lr)
         else:
-            fast, moments = adam_step(fast, grads, moments, step + 1, inner_lr, adam_betas, adam_eps)
+            fast, moments = adam_step(
+                fast, grads, moments, step + 1, inner_lr, adam_betas, adam_eps
+            )
     return {**frozen, **fast}
 
 
-def sgd_step(fast: dict[str, Tensor], grads: dict[str, Tensor], inner_lr: InnerLR) -> dict[str, Tensor]:
+def sgd_step(
+    fast: dict[str, Tensor], grads: dict[str, Tensor], inner_lr: InnerLR
+) -> dict[str, Tensor]:
     """w <- w - alpha * g for every parameter."""
     return {name: w - step_size(inner_lr, name) * grads[name] for name, w in fast.items()}
 
@@ -160,7 +169,11 @@ def adam_step(
 
 
 def support_gradient(
-    loss: Callable[[dict[str, Tensor]], Tensor], fast: dict[str, Tensor], *, create_graph: bool, vmapped: bool
+    loss: Callable[[dict[str, Tensor]], Tensor],
+    fast: dict[str, Tensor],
+    *,
+    create_graph: bool,
+    vmapped: bool,
 ) -> dict[str, Tensor]:
     """d loss(fast) / d fast, differentiable in turn when `create_graph` (second order).
 
@@ -175,7 +188,9 @@ def support_gradient(
     # Adapting takes gradients even under torch.no_grad() (as torch.func.grad does), and evaluation
     # adapts detached parameters: give them a gradient to take.
     with torch.enable_grad():
-        leaves = {name: w if w.requires_grad else w.detach().requires_grad_() for name, w in fast.items()}
+        leaves = {
+            name: w if w.requires_grad else w.detach().requires_grad_() for name, w in fast.items()
+        }
         grads = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=create_graph)
     return dict(zip(leaves, grads))
 

@@ -18,10 +18,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
-                                     task_score)
+from metarun.algorithms.base import (
+    MetaLearner,
+    check_at_least,
+    check_positive,
+    learner_metrics,
+    task_loss,
+    task_score,
+)
 from metarun.algorithms.inner_loop import INNER_LOSSES, InnerLR, inner_loop
-from metarun.algorithms.task_batching import check_task_batching, check_task_chunk, chunk_tasks, map_tasks
+from metarun.algorithms.task_batching import (
+    check_task_batching,
+    check_task_chunk,
+    chunk_tasks,
+    map_tasks,
+)
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.layers import Classifier, detached, no_statistics_update
@@ -29,8 +40,10 @@ from metarun.models.layers import Classifier, detached, no_statistics_update
 
 def check_inner_loss(inner_loss: str) -> None:
     if inner_loss not in INNER_LOSSES:
-        raise MetarunError(f"algorithm.inner_loss={inner_loss!r} is not one of {', '.join(INNER_LOSSES)}; set "
-                           "algorithm.inner_loss=mean (the support set's mean loss) or sum_over_k (MAML's code)")
+        raise MetarunError(
+            f"algorithm.inner_loss={inner_loss!r} is not one of {', '.join(INNER_LOSSES)}; set "
+            "algorithm.inner_loss=mean (the support set's mean loss) or sum_over_k (MAML's code)"
+        )
 
 
 class MAML(MetaLearner):
@@ -70,8 +83,12 @@ class MAML(MetaLearner):
         check_positive("inner_lr", inner_lr, "set algorithm.inner_lr=0.4 (MAML's Omniglot value)")
         check_inner_loss(inner_loss)
         check_at_least("adaptation_steps", adaptation_steps, 1)
-        check_at_least("eval_adaptation_steps", eval_adaptation_steps, 0,
-                       "set algorithm.eval_adaptation_steps=3 or another count of inner steps")
+        check_at_least(
+            "eval_adaptation_steps",
+            eval_adaptation_steps,
+            0,
+            "set algorithm.eval_adaptation_steps=3 or another count of inner steps",
+        )
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
         self.inner_loss = inner_loss
@@ -86,7 +103,12 @@ class MAML(MetaLearner):
         return self.inner_lr
 
     def adapted_params(
-        self, params: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, first_order: bool,
+        self,
+        params: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        first_order: bool,
         loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         return inner_loop(
@@ -126,7 +148,9 @@ class MAML(MetaLearner):
             out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
-    def map_tasks(self, params: dict[str, Tensor], tasks: TaskBatch, **settings) -> tuple[Tensor, ...]:
+    def map_tasks(
+        self, params: dict[str, Tensor], tasks: TaskBatch, **settings
+    ) -> tuple[Tensor, ...]:
         """`task_loss` for every task of the batch, each output stacked to `[T]`."""
         self.check_n_way(tasks.n_way)
         data = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
@@ -134,16 +158,27 @@ class MAML(MetaLearner):
         def one_task(params, support_x, support_y, query_x, query_y):
             return self.task_loss(params, support_x, support_y, query_x, query_y, **settings)
 
-        return map_tasks(one_task, self.task_batching, params, *data, in_dims=(None, 0, 0, 0, 0),
-                         randomness="different")
+        return map_tasks(
+            one_task,
+            self.task_batching,
+            params,
+            *data,
+            in_dims=(None, 0, 0, 0, 0),
+            randomness="different",
+        )
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adaptation (two
         more forward passes per task, about 5% of a step: only on the steps that are logged)."""
         params = dict(self.model.named_parameters())
         losses, accs, *support = self.map_tasks(
-            params, tasks, steps=self.adaptation_steps, first_order=self.first_order, support_metrics=diagnostics,
+            params,
+            tasks,
+            steps=self.adaptation_steps,
+            first_order=self.first_order,
+            support_metrics=diagnostics,
             loss_scale=loss_scale,
         )
         return losses.mean(), learner_metrics(losses, accs, support, tasks)

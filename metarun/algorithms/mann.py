@@ -53,8 +53,9 @@ def least_used_weights(usage: Tensor, n: int) -> Tensor:
     return F.one_hot(order, usage.shape[-1]).to(usage.dtype)
 
 
-def lrua_write(memory: Tensor, keys: Tensor, write_gates: Tensor, prev_read_weights: Tensor,
-               prev_usage: Tensor) -> tuple[Tensor, Tensor]:
+def lrua_write(
+    memory: Tensor, keys: Tensor, write_gates: Tensor, prev_read_weights: Tensor, prev_usage: Tensor
+) -> tuple[Tensor, Tensor]:
     """The LRUA write of H heads: `(M_t [..., slots, W], w^w_t [..., H, slots])`.
 
     memory M_{t-1} `[..., slots, W]`, keys k_t `[..., H, W]`, write_gates alpha `[..., H]`,
@@ -74,11 +75,15 @@ def lrua_write(memory: Tensor, keys: Tensor, write_gates: Tensor, prev_read_weig
 def lrua_read(memory: Tensor, keys: Tensor, key_strength: float = 1.0) -> tuple[Tensor, Tensor]:
     """Content-based read `(w^r_t [..., H, slots], r_t [..., H, W])` of `memory [..., slots, W]`:
     w^r_t = softmax_i(key_strength * K(k_t, M(i))); key_strength 1 is the paper's formula."""
-    read_weights = torch.softmax(key_strength * cosine_similarity(keys, memory), dim=-1)  # [..., H, slots]
+    read_weights = torch.softmax(
+        key_strength * cosine_similarity(keys, memory), dim=-1
+    )  # [..., H, slots]
     return read_weights, read_weights @ memory.to(read_weights.dtype)  # [..., H, W]
 
 
-def update_usage(usage: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:
+def update_usage(
+    usage: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float
+) -> Tensor:
     """w^u_t = gamma w^u_{t-1} + sum_heads (w^r_t + w^w_t): `[..., slots]`."""
     return gamma * usage + read_weights.sum(-2) + write_weights.sum(-2)
 
@@ -127,8 +132,16 @@ class LRUAController(nn.Module):
     [h_t, r_t] `[..., controller_size + read_heads * memory_size]`.
     """
 
-    def __init__(self, input_size: int, controller_size: int, memory_slots: int, memory_size: int,
-                 read_heads: int, gamma: float, key_strength: float):
+    def __init__(
+        self,
+        input_size: int,
+        controller_size: int,
+        memory_slots: int,
+        memory_size: int,
+        read_heads: int,
+        gamma: float,
+        key_strength: float,
+    ):
         super().__init__()
         self.memory_slots, self.memory_size, self.read_heads = memory_slots, memory_size, read_heads
         self.gamma, self.key_strength = gamma, key_strength
@@ -139,13 +152,21 @@ class LRUAController(nn.Module):
 
     def initial_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
         """Empty memory, zero usage and reads: the first write goes to slot 0, the least used."""
-        zeros = lambda *shape: torch.zeros(batch, *shape, device=device, dtype=dtype)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(batch, *shape, device=device, dtype=dtype)
         h = self.controller.hidden_size
         slots, width, heads = self.memory_slots, self.memory_size, self.read_heads
-        return MemoryState(zeros(h), zeros(h), zeros(slots, width), zeros(heads, width), zeros(heads, slots),
-                           zeros(slots))
+        return MemoryState(
+            zeros(h),
+            zeros(h),
+            zeros(slots, width),
+            zeros(heads, width),
+            zeros(heads, slots),
+            zeros(slots),
+        )
 
-    def forward(self, x: Tensor, state: MemoryState, write: bool = True) -> tuple[Tensor, MemoryState | None]:
+    def forward(
+        self, x: Tensor, state: MemoryState, write: bool = True
+    ) -> tuple[Tensor, MemoryState | None]:
         """One step for `x [..., input_size]`: `(features, next state)`, or `(features, None)` with
         `write=False` (the query step, whose writes nothing reads). The state's leading dims
         broadcast against x's: the query step passes a state `[T, 1, ...]` with x `[T, Q, ...]`."""
@@ -154,14 +175,21 @@ class LRUAController(nn.Module):
         hidden = self.controller.hidden_size
         h, c = self.controller(
             torch.cat([x, reads.to(x.dtype)], dim=-1).reshape(-1, self.controller.input_size),
-            (state.h.expand(*lead, -1).reshape(-1, hidden), state.c.expand(*lead, -1).reshape(-1, hidden)),
+            (
+                state.h.expand(*lead, -1).reshape(-1, hidden),
+                state.c.expand(*lead, -1).reshape(-1, hidden),
+            ),
         )
         h, c = h.view(*lead, hidden), c.view(*lead, hidden)
-        keys = torch.tanh(self.keys(h)).unflatten(-1, (self.read_heads, self.memory_size))  # [..., H, W]
+        keys = torch.tanh(self.keys(h)).unflatten(
+            -1, (self.read_heads, self.memory_size)
+        )  # [..., H, W]
         if not write:
             _, read_vectors = lrua_read(state.memory, keys, self.key_strength)
             return torch.cat([h, read_vectors.flatten(-2).to(h.dtype)], dim=-1), None
-        memory, write_weights = lrua_write(state.memory, keys, self.write_gates(h), state.read_weights, state.usage)
+        memory, write_weights = lrua_write(
+            state.memory, keys, self.write_gates(h), state.read_weights, state.usage
+        )
         read_weights, read_vectors = lrua_read(memory, keys, self.key_strength)
         usage = update_usage(state.usage, read_weights, write_weights, self.gamma)
         features = torch.cat([h, read_vectors.flatten(-2).to(h.dtype)], dim=-1)
@@ -202,8 +230,12 @@ class MANN(MetaLearner):
         key_strength: float = 10.0,
         score_support: bool = False,
     ):
-        for key, value in (("controller_size", controller_size), ("memory_slots", memory_slots),
-                           ("memory_size", memory_size), ("read_heads", read_heads)):
+        for key, value in (
+            ("controller_size", controller_size),
+            ("memory_slots", memory_slots),
+            ("memory_size", memory_size),
+            ("read_heads", read_heads),
+        ):
             check_at_least(key, value, 1)
         if read_heads > memory_slots:
             raise MetarunError(
@@ -211,12 +243,23 @@ class MANN(MetaLearner):
                 f"to its own least-used slot); set algorithm.read_heads<={memory_slots} or raise algorithm.memory_slots"
             )
         if not 0.0 <= gamma <= 1.0:
-            raise MetarunError(f"algorithm.gamma={gamma} must be in [0, 1] (usage decay); the paper uses algorithm.gamma=0.95")
-        check_positive("key_strength", key_strength, "set algorithm.key_strength=1 (the paper) or more")
+            raise MetarunError(
+                f"algorithm.gamma={gamma} must be in [0, 1] (usage decay); the paper uses algorithm.gamma=0.95"
+            )
+        check_positive(
+            "key_strength", key_strength, "set algorithm.key_strength=1 (the paper) or more"
+        )
         super().__init__(model, n_way)
         self.score_support = score_support
-        self.memory = LRUAController(model.out_features + n_way, controller_size, memory_slots, memory_size,
-                                     read_heads, gamma, key_strength)
+        self.memory = LRUAController(
+            model.out_features + n_way,
+            controller_size,
+            memory_slots,
+            memory_size,
+            read_heads,
+            gamma,
+            key_strength,
+        )
         self.output = nn.Linear(self.memory.out_features, n_way)
 
     def presentation_order(self, n_tasks: int, n_support: int, device: torch.device) -> Tensor:
@@ -226,20 +269,28 @@ class MANN(MetaLearner):
         generator = torch.Generator().manual_seed(EVAL_ORDER_SEED)
         return torch.randperm(n_support, generator=generator).to(device).expand(n_tasks, -1)
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """`(support_logits [T, S, N], support labels in presentation order [T, S], query_logits [T, Q, N])`.
 
         Step t of the support sequence takes (embedding of item t, one-hot label of item t-1); each
         query takes one step from the state after the last support item, with that item's label.
         """
         n_tasks, n_support = support_y.shape
-        emb = controller_embedding(self.model(torch.cat([support_x, query_x], dim=1)))  # [T, S + Q, D]
+        emb = controller_embedding(
+            self.model(torch.cat([support_x, query_x], dim=1))
+        )  # [T, S + Q, D]
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
         order = self.presentation_order(n_tasks, n_support, support_y.device)  # [T, S]
-        support_emb = support_emb.gather(1, order.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))  # [T, S, D]
+        support_emb = support_emb.gather(
+            1, order.unsqueeze(-1).expand(-1, -1, emb.shape[-1])
+        )  # [T, S, D]
         labels = support_y.gather(1, order)  # [T, S]
         dtype = self.output.weight.dtype
-        inputs = torch.cat([support_emb, previous_labels(labels, self.n_way, support_emb.dtype)], dim=-1)  # [T, S, D+N]
+        inputs = torch.cat(
+            [support_emb, previous_labels(labels, self.n_way, support_emb.dtype)], dim=-1
+        )  # [T, S, D+N]
 
         state = self.memory.initial_state(n_tasks, emb.device, dtype)
         support_features = []
@@ -248,27 +299,38 @@ class MANN(MetaLearner):
             support_features.append(features)
 
         last_label = F.one_hot(labels[:, -1], self.n_way).to(query_emb.dtype)  # [T, N]
-        query_inputs = torch.cat([query_emb, last_label.unsqueeze(1).expand(-1, query_emb.shape[1], -1)], dim=-1)
-        query_state = MemoryState(*(s.unsqueeze(1) for s in state))  # [T, 1, ...]: shared, not copied per query
+        query_inputs = torch.cat(
+            [query_emb, last_label.unsqueeze(1).expand(-1, query_emb.shape[1], -1)], dim=-1
+        )
+        query_state = MemoryState(
+            *(s.unsqueeze(1) for s in state)
+        )  # [T, 1, ...]: shared, not copied per query
         query_features, _ = self.memory(query_inputs, query_state, write=False)  # [T, Q, F]
         support_logits = self.output(torch.stack(support_features, dim=1))  # [T, S, N]
         return support_logits, labels, self.output(query_features)  # [T, Q, N]
 
-    def task_losses(self, support_logits: Tensor, labels: Tensor, query_logits: Tensor, query_y: Tensor) -> Tensor:
+    def task_losses(
+        self, support_logits: Tensor, labels: Tensor, query_logits: Tensor, query_y: Tensor
+    ) -> Tensor:
         """Per-task loss `[T]`: query cross-entropy, or with `score_support` the mean over every
         prediction of the episode (support steps and queries)."""
         losses = F.cross_entropy(query_logits.transpose(1, 2), query_y, reduction="none")  # [T, Q]
         if self.score_support:
-            support_losses = F.cross_entropy(support_logits.transpose(1, 2), labels, reduction="none")  # [T, S]
+            support_losses = F.cross_entropy(
+                support_logits.transpose(1, 2), labels, reduction="none"
+            )  # [T, S]
             losses = torch.cat([support_losses, losses], dim=1)
         return losses.mean(dim=1)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds the accuracy of the online support predictions
         (an item is predicted before its label arrives: only repeated classes can be right)."""
         self.check_n_way(tasks.n_way)
-        support_logits, labels, query_logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x)
+        support_logits, labels, query_logits = self.episode_logits(
+            tasks.support_x, tasks.support_y, tasks.query_x
+        )
         loss = self.task_losses(support_logits, labels, query_logits, tasks.query_y).mean()
         metrics = {"loss": loss.detach(), "accuracy": accuracy(query_logits, tasks.query_y).mean()}
         if diagnostics:
@@ -277,8 +339,12 @@ class MANN(MetaLearner):
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         self.check_n_way(tasks.n_way)
-        support_logits, labels, query_logits = self.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x)
-        losses = F.cross_entropy(query_logits.transpose(1, 2), tasks.query_y, reduction="none")  # [T, Q]
+        support_logits, labels, query_logits = self.episode_logits(
+            tasks.support_x, tasks.support_y, tasks.query_x
+        )
+        losses = F.cross_entropy(
+            query_logits.transpose(1, 2), tasks.query_y, reduction="none"
+        )  # [T, Q]
         return losses.mean(dim=1).detach(), accuracy(query_logits, tasks.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
@@ -288,6 +354,8 @@ class MANN(MetaLearner):
         self.check_n_way(int(support_y.max()) + 1)
 
         def predict(query_x: Tensor) -> Tensor:
-            return self.episode_logits(support_x[None], support_y[None], query_x[None])[2][0]  # [M, N]
+            return self.episode_logits(support_x[None], support_y[None], query_x[None])[2][
+                0
+            ]  # [M, N]
 
         return predict

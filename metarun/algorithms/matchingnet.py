@@ -83,7 +83,9 @@ class FullContextEmbedding(nn.Module):
         """g(x_i, S) `[T, S, D] -> [T, S, D]`: the support set is read in the order it is given."""
         support_emb = support_emb.to(self.support_lstm.weight_ih_l0.dtype)  # autocast hands us bf16
         with full_precision(support_emb):
-            both, _ = self.support_lstm(support_emb)  # [T, S, 2D]: forward and backward hidden states
+            both, _ = self.support_lstm(
+                support_emb
+            )  # [T, S, 2D]: forward and backward hidden states
         forward, backward = both.chunk(2, dim=-1)
         return forward + backward + support_emb
 
@@ -92,10 +94,14 @@ class FullContextEmbedding(nn.Module):
         query_emb = query_emb.to(self.query_lstm.weight_ih.dtype)
         support_g = support_g.to(query_emb.dtype)
         n_tasks, n_query, dim = query_emb.shape
-        f = query_emb.reshape(n_tasks * n_query, dim)  # [T*M, D]: every query of every task in one batch
+        f = query_emb.reshape(
+            n_tasks * n_query, dim
+        )  # [T*M, D]: every query of every task in one batch
         h, c = f, torch.zeros_like(f)
         for _ in range(self.fce_steps):
-            attention = (h.view(n_tasks, n_query, dim) @ support_g.transpose(1, 2)).softmax(dim=-1)  # [T, M, S]
+            attention = (h.view(n_tasks, n_query, dim) @ support_g.transpose(1, 2)).softmax(
+                dim=-1
+            )  # [T, M, S]
             readout = (attention @ support_g).reshape(n_tasks * n_query, dim)  # [T*M, D]
             with full_precision(f):
                 h_hat, c = self.query_lstm(torch.cat([f, readout], dim=-1), (h, c))
@@ -141,8 +147,11 @@ class MatchingNet(EpisodeClassifier):
                 f"algorithm.fce_steps={fce_steps} must be at least 1 with algorithm.fce=true; "
                 f"set algorithm.fce_steps=1 or more"
             )
-        check_positive("cosine_scale", cosine_scale,
-                       "set algorithm.cosine_scale=1.0 (the paper's plain cosine) or larger")
+        check_positive(
+            "cosine_scale",
+            cosine_scale,
+            "set algorithm.cosine_scale=1.0 (the paper's plain cosine) or larger",
+        )
         super().__init__(model, n_way)
         if fce:
             dim = getattr(model, "out_features", None)
@@ -167,7 +176,9 @@ class MatchingNet(EpisodeClassifier):
         self.cosine_scale = cosine_scale
         self.log_scale = nn.Parameter(torch.tensor(math.log(cosine_scale))) if learn_scale else None
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         """log P(y_hat | x_hat, S) `[T, N*Q, N]`, whose softmax is the paper's P."""
         n_support = support_x.shape[1]
         emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
@@ -179,8 +190,9 @@ class MatchingNet(EpisodeClassifier):
         attention_logits = scale * cosine_similarity(query_emb, support_emb)  # [T, N*Q, N*K]
         return class_log_probs(attention_logits, support_y, n_way)
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         loss, metrics = super().forward(tasks, diagnostics)
         if diagnostics and self.log_scale is not None:
             metrics["cosine_scale"] = self.log_scale.detach().exp()

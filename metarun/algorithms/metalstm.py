@@ -42,10 +42,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import MetaLearner, accuracy, check_at_least
-from metarun.models.layers import Classifier, no_statistics_update
-from metarun.algorithms.task_batching import (check_task_batching, check_task_chunk, chunk_tasks, map_tasks,
-                                              resolve_task_batching)
+from metarun.algorithms.task_batching import (
+    check_task_batching,
+    check_task_chunk,
+    chunk_tasks,
+    map_tasks,
+    resolve_task_batching,
+)
 from metarun.data.tasks import TaskBatch
+from metarun.models.layers import Classifier, no_statistics_update
 
 PREPROCESS_P = 10.0
 INIT_RANGE = 0.01  # meta-learner weights start in U(-0.01, 0.01), as in the authors' code
@@ -66,7 +71,13 @@ def preprocess(x: Tensor, p: float = PREPROCESS_P) -> Tensor:
 
 
 def lstm_cell(
-    x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor,
+    bias_hh: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """A standard LSTM step with `nn.LSTMCell`'s weights and numbers: `x [R, I]`, `h, c [R, H]` -> h, c `[R, H]`.
 
@@ -77,7 +88,9 @@ def lstm_cell(
     R, H = h.shape
     W_ih = weight_ih.view(4, H, -1).transpose(1, 2)  # [4, I, H]
     W_hh = weight_hh.view(4, H, H).transpose(1, 2)  # [4, H, H]
-    gates = torch.baddbmm((bias_ih + bias_hh).view(4, 1, H), h.expand(4, R, H), W_hh) + x @ W_ih  # [4, R, H]
+    gates = (
+        torch.baddbmm((bias_ih + bias_hh).view(4, 1, H), h.expand(4, R, H), W_hh) + x @ W_ih
+    )  # [4, R, H]
     i, f = torch.sigmoid(gates[:2])  # gate order of nn.LSTMCell: input, forget, cell, output
     g, o = torch.tanh(gates[2]), torch.sigmoid(gates[3])
     c = f * c + i * g
@@ -85,7 +98,14 @@ def lstm_cell(
 
 
 def meta_lstm_gates(
-    h: Tensor, theta_prev: Tensor, f_prev: Tensor, i_prev: Tensor, W_F: Tensor, b_F: Tensor, W_I: Tensor, b_I: Tensor
+    h: Tensor,
+    theta_prev: Tensor,
+    f_prev: Tensor,
+    i_prev: Tensor,
+    W_F: Tensor,
+    b_F: Tensor,
+    W_I: Tensor,
+    b_I: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Forget and input gates of every coordinate: `h [..., H]`, `theta_prev, f_prev, i_prev [...]` -> f, i `[...]`.
 
@@ -126,15 +146,21 @@ class MetaLearnerLSTM(nn.Module):
     ) -> tuple[Tensor, tuple]:
         """One update of every coordinate of every task: `theta, grad [T, P]`, `loss [T]` -> theta_t `[T, P]`, state."""
         T, P = theta.shape
-        x = torch.cat([preprocess(grad), preprocess(loss)[:, None].expand(T, P, 2)], dim=-1)  # [T, P, 4]
+        x = torch.cat(
+            [preprocess(grad), preprocess(loss)[:, None].expand(T, P, 2)], dim=-1
+        )  # [T, P, 4]
         if state is None:
             h = c = theta.new_zeros(T * P, self.lstm.hidden_size)
             f_prev = i_prev = torch.zeros_like(theta)
         else:
             (h, c), f_prev, i_prev = state
         lstm = self.lstm
-        h, c = lstm_cell(x.reshape(T * P, 4), h, c, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh)
-        f, i = meta_lstm_gates(h.view(T, P, -1), theta, f_prev, i_prev, self.W_F, self.b_F, self.W_I, self.b_I)
+        h, c = lstm_cell(
+            x.reshape(T * P, 4), h, c, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh
+        )
+        f, i = meta_lstm_gates(
+            h.view(T, P, -1), theta, f_prev, i_prev, self.W_F, self.b_F, self.W_I, self.b_I
+        )
         return meta_lstm_update(theta, grad, f, i), ((h, c), f, i)
 
 
@@ -175,8 +201,12 @@ class MetaLSTM(MetaLearner):
             ("eval_adaptation_steps", eval_adaptation_steps),
         ]:
             check_at_least(key, value, 1)
-        check_at_least("support_batch_size", support_batch_size, 0,
-                       "set algorithm.support_batch_size=0 (the whole support set) or a batch size")
+        check_at_least(
+            "support_batch_size",
+            support_batch_size,
+            0,
+            "set algorithm.support_batch_size=0 (the whole support set) or a batch size",
+        )
         super().__init__(Classifier(model, n_way), n_way)
         self.meta_learner = MetaLearnerLSTM(hidden_size, forget_bias_init, input_bias_init)
         self.adaptation_steps = adaptation_steps
@@ -200,8 +230,9 @@ class MetaLSTM(MetaLearner):
     def use_vmap(self, x: Tensor) -> bool:
         return resolve_task_batching(self.task_batching, x.device) == "vmap"
 
-    def support_gradients(self, theta: Tensor, support_x: Tensor, support_y: Tensor, loss_scale: float = 1.0
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+    def support_gradients(
+        self, theta: Tensor, support_x: Tensor, support_y: Tensor, loss_scale: float = 1.0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The learner's support gradient, loss and accuracy at `theta [T, P]` (taken as a constant):
         `support_x [T, B, C, H, W]`, `support_y [T, B]` -> grad `[T, P]`, loss `[T]`, accuracy `[T]`, all detached."""
 
@@ -212,13 +243,20 @@ class MetaLSTM(MetaLearner):
 
         # The learner needs its gradient also where the caller evaluates under torch.no_grad().
         with torch.enable_grad():
-            grads, (losses, accs) = map_tasks(torch.func.grad(scaled_loss, has_aux=True), self.task_batching,
-                                              theta.detach(), support_x, support_y)
+            grads, (losses, accs) = map_tasks(
+                torch.func.grad(scaled_loss, has_aux=True),
+                self.task_batching,
+                theta.detach(),
+                support_x,
+                support_y,
+            )
         if loss_scale != 1.0:
             grads = grads / loss_scale
         return grads, losses, accs
 
-    def query_losses(self, theta: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:
+    def query_losses(
+        self, theta: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Per-task loss and accuracy of the learner with parameters `theta [T, P]` (differentiable):
         `query_x [T, M, C, H, W]`, `query_y [T, M]` -> `[T]`, `[T]`."""
 
@@ -236,7 +274,12 @@ class MetaLSTM(MetaLearner):
 
     # -- the meta-learner -----------------------------------------------------------------------
     def adapt_tasks(
-        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False, loss_scale: float = 1.0
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        record: bool = False,
+        loss_scale: float = 1.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """theta_T `[T, P]` for each task after `steps` meta-learner updates on its support set
         (`support_x [T, N*K, C, H, W]`, `support_y [T, N*K]`), differentiable with respect to c_0
@@ -249,14 +292,24 @@ class MetaLSTM(MetaLearner):
         """
         if self.use_vmap(support_x) or len(support_y) == 1:
             return self.adapt_together(support_x, support_y, steps, record, loss_scale)
-        per_task = [self.adapt_together(x[None], y[None], steps, record, loss_scale)
-                    for x, y in zip(support_x, support_y)]
+        per_task = [
+            self.adapt_together(x[None], y[None], steps, record, loss_scale)
+            for x, y in zip(support_x, support_y)
+        ]
         theta = torch.cat([theta for theta, _ in per_task])
-        stats = {key: torch.cat([task_stats[key] for _, task_stats in per_task]) for key in per_task[0][1]}
+        stats = {
+            key: torch.cat([task_stats[key] for _, task_stats in per_task])
+            for key in per_task[0][1]
+        }
         return theta, stats
 
     def adapt_together(
-        self, support_x: Tensor, support_y: Tensor, steps: int, record: bool = False, loss_scale: float = 1.0
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        record: bool = False,
+        loss_scale: float = 1.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """`adapt_tasks` for all tasks at once: one meta-learner call per step for every coordinate of every task."""
         n_tasks, n_support = support_y.shape
@@ -264,30 +317,41 @@ class MetaLSTM(MetaLearner):
         state, stats, gates = None, {}, []
         for step in range(steps):
             batch = self.support_batch(step, n_support)
-            grad, loss, acc = self.support_gradients(theta, support_x[:, batch], support_y[:, batch], loss_scale)
+            grad, loss, acc = self.support_gradients(
+                theta, support_x[:, batch], support_y[:, batch], loss_scale
+            )
             if record and step == 0:
                 stats["support_acc_before"] = acc
             with torch.autocast(theta.device.type, enabled=False):
                 theta, state = self.meta_learner(theta, grad, loss, state)
             if record:
-                gates.append(torch.stack([gate.detach().mean(dim=1) for gate in state[1:]]))  # [2, T]
+                gates.append(
+                    torch.stack([gate.detach().mean(dim=1) for gate in state[1:]])
+                )  # [2, T]
         if record:
             stats["forget_gate"], stats["input_gate"] = torch.stack(gates).mean(dim=0)  # [T] each
         return theta, stats
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Meta-training loss; `diagnostics` adds support accuracy before and after adapting (one
         more support forward pass per task) and the mean forget and input gates."""
         self.check_n_way(tasks.n_way)
-        theta, stats = self.adapt_tasks(tasks.support_x, tasks.support_y, self.adaptation_steps, diagnostics,
-                                        loss_scale)
+        theta, stats = self.adapt_tasks(
+            tasks.support_x, tasks.support_y, self.adaptation_steps, diagnostics, loss_scale
+        )
         losses, accs = self.query_losses(theta, tasks.query_x, tasks.query_y)
         loss = losses.mean()
         metrics = {"loss": loss.detach(), "accuracy": accs.mean()}
         if diagnostics:
-            with torch.no_grad(), no_statistics_update(self.model):  # a metric: the running statistics stay
-                support_acc_after = self.query_losses(theta.detach(), tasks.support_x, tasks.support_y)[1]
+            with (
+                torch.no_grad(),
+                no_statistics_update(self.model),
+            ):  # a metric: the running statistics stay
+                support_acc_after = self.query_losses(
+                    theta.detach(), tasks.support_x, tasks.support_y
+                )[1]
             metrics.update({key: value.mean() for key, value in stats.items()})
             metrics["support_acc_after"] = support_acc_after.mean()
         return loss, metrics
@@ -298,12 +362,16 @@ class MetaLSTM(MetaLearner):
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         self.check_n_way(tasks.n_way)
         with torch.no_grad():
-            theta, _ = self.adapt_tasks(tasks.support_x, tasks.support_y, self.eval_adaptation_steps)
+            theta, _ = self.adapt_tasks(
+                tasks.support_x, tasks.support_y, self.eval_adaptation_steps
+            )
             return self.query_losses(theta, tasks.query_x, tasks.query_y)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         with torch.no_grad():
-            theta, _ = self.adapt_tasks(support_x[None], support_y[None], self.eval_adaptation_steps)
+            theta, _ = self.adapt_tasks(
+                support_x[None], support_y[None], self.eval_adaptation_steps
+            )
         params = self.unflatten(theta[0])
 
         def predict(query_x: Tensor) -> Tensor:

@@ -23,7 +23,9 @@ def rate_key(name: str) -> str:
     return name.replace(".", "-")
 
 
-def init_inner_lrs(params: dict[str, Tensor], inner_lr_min: float, inner_lr_max: float) -> nn.ParameterDict:
+def init_inner_lrs(
+    params: dict[str, Tensor], inner_lr_min: float, inner_lr_max: float
+) -> nn.ParameterDict:
     """One rate tensor per parameter, of its shape, uniform in [inner_lr_min, inner_lr_max] (the
     paper: [0.005, 0.1]); constant, drawing nothing from the RNG, when the two are equal."""
     rates = nn.ParameterDict()
@@ -80,7 +82,9 @@ class MetaSGD(MAML):
             task_chunk=task_chunk,
         )
         del self.inner_lr  # MAML's scalar; the learned rates below replace it
-        self.inner_lrs = init_inner_lrs(dict(self.model.named_parameters()), inner_lr_min, inner_lr_max)
+        self.inner_lrs = init_inner_lrs(
+            dict(self.model.named_parameters()), inner_lr_min, inner_lr_max
+        )
 
     def inner_rates(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """alpha by parameter name of `self.model`, as `inner_loop` takes it. Evaluation and `adapt`
@@ -88,6 +92,8 @@ class MetaSGD(MAML):
         graph is kept through them."""
         detach = not any(p.requires_grad for p in params.values())
         return {
-            name: self.inner_lrs[rate_key(name)].detach() if detach else self.inner_lrs[rate_key(name)]
+            name: self.inner_lrs[rate_key(name)].detach()
+            if detach
+            else self.inner_lrs[rate_key(name)]
             for name, _ in self.model.named_parameters()
         }

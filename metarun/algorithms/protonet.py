@@ -47,25 +47,44 @@ class ProtoNet(EpisodeClassifier):
     chunks (metarun.models.layers).
     """
 
-    def __init__(self, model: nn.Module, n_way: int, distance_scale: float = 1.0, learn_scale: bool = False,
-                 normalize_distance: bool = False, task_chunk: int | str = "auto"):
-        check_positive("distance_scale", distance_scale, "set algorithm.distance_scale=1.0 (the paper's)")
+    def __init__(
+        self,
+        model: nn.Module,
+        n_way: int,
+        distance_scale: float = 1.0,
+        learn_scale: bool = False,
+        normalize_distance: bool = False,
+        task_chunk: int | str = "auto",
+    ):
+        check_positive(
+            "distance_scale", distance_scale, "set algorithm.distance_scale=1.0 (the paper's)"
+        )
         super().__init__(model, n_way)
         self.task_chunk = check_task_chunk(task_chunk)
         # A plain number unless learned, so the paper's model keeps the parameters (and checkpoints) it had.
-        self.distance_scale = nn.Parameter(torch.tensor(float(distance_scale))) if learn_scale else distance_scale
+        self.distance_scale = (
+            nn.Parameter(torch.tensor(float(distance_scale))) if learn_scale else distance_scale
+        )
         self.normalize_distance = normalize_distance
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         """Query logits `[T, N*Q, N]`; support and query are embedded in one forward call, so the
         batch-norm statistics are the episode's."""
         n_support = support_x.shape[1]
         emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
-        distances = squared_euclidean(query_emb, prototypes(support_emb, support_y, n_way))  # [T, N*Q, N]
+        distances = squared_euclidean(
+            query_emb, prototypes(support_emb, support_y, n_way)
+        )  # [T, N*Q, N]
         if self.normalize_distance:
             distances = distances / emb.shape[-1]
-        if self.normalize_distance or isinstance(self.distance_scale, nn.Parameter) or self.distance_scale != 1.0:
+        if (
+            self.normalize_distance
+            or isinstance(self.distance_scale, nn.Parameter)
+            or self.distance_scale != 1.0
+        ):
             distances = distances * self.distance_scale
         return -distances
 

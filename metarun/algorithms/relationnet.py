@@ -45,7 +45,13 @@ class RelationModule(nn.Module):
     Batch norm takes the statistics of all relation pairs of one task, in the backbone's mode.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], channels: int = 64, hidden: int = 8, batch_norm: str = "task"):
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        channels: int = 64,
+        hidden: int = 8,
+        batch_norm: str = "task",
+    ):
         super().__init__()
         in_channels, height, width = in_shape
         self.in_channels = in_channels
@@ -71,7 +77,9 @@ class RelationModule(nn.Module):
             # batch norms (4 tasks of 5-way 19-query episodes, 7x7 maps), and evaluation then holds
             # one task's N*Q*N pairs at a time (20-way 15-query, 7x7: 75 MB per activation, not
             # 3.8 GB for a batch of 50 episodes).
-            return torch.stack([self.batched_scores(c[None], q[None])[0] for c, q in zip(class_maps, query_maps)])
+            return torch.stack(
+                [self.batched_scores(c[None], q[None])[0] for c, q in zip(class_maps, query_maps)]
+            )
         return self.batched_scores(class_maps, query_maps)
 
     def batched_scores(self, class_maps: Tensor, query_maps: Tensor) -> Tensor:
@@ -82,9 +90,15 @@ class RelationModule(nn.Module):
         # on f(x_j) (convolution is linear, zero padding pads each half alike): N + M convolutions
         # instead of N * M, and the [T, M, N, 2C, h, w] pair tensor is never built.
         w_class, w_query = self.conv1.weight.split(self.in_channels, dim=1)
-        from_class = F.conv2d(class_maps.flatten(0, 1), w_class, padding=1).unflatten(0, (n_tasks, n_way))
-        from_query = F.conv2d(query_maps.flatten(0, 1), w_query, padding=1).unflatten(0, (n_tasks, n_query))
-        h = (from_query.unsqueeze(2) + from_class.unsqueeze(1)).flatten(0, 2)  # [T*M*N, channels, h, w]
+        from_class = F.conv2d(class_maps.flatten(0, 1), w_class, padding=1).unflatten(
+            0, (n_tasks, n_way)
+        )
+        from_query = F.conv2d(query_maps.flatten(0, 1), w_query, padding=1).unflatten(
+            0, (n_tasks, n_query)
+        )
+        h = (from_query.unsqueeze(2) + from_class.unsqueeze(1)).flatten(
+            0, 2
+        )  # [T*M*N, channels, h, w]
         h = self.norm_relu_pool(h, self.norm1, n_tasks, self.pools[0])
         h = self.norm_relu_pool(self.conv2(h), self.norm2, n_tasks, self.pools[1])
         scores = torch.sigmoid(self.fc2(F.relu(self.fc1(h.flatten(1)))))  # [T*M*N, 1]
@@ -107,8 +121,13 @@ class RelationNet(EpisodeClassifier):
     batch: the relation module scores one (query, class) pair at a time, for any number of classes.
     """
 
-    def __init__(self, model: nn.Module, n_way: int, relation_channels: int = 64, relation_hidden: int = 8):
-        for key, value in (("relation_channels", relation_channels), ("relation_hidden", relation_hidden)):
+    def __init__(
+        self, model: nn.Module, n_way: int, relation_channels: int = 64, relation_hidden: int = 8
+    ):
+        for key, value in (
+            ("relation_channels", relation_channels),
+            ("relation_hidden", relation_hidden),
+        ):
             check_at_least(key, value, 1)
         out_shape = getattr(model, "out_shape", None)
         if out_shape is None or len(out_shape) != 3:
@@ -120,10 +139,13 @@ class RelationNet(EpisodeClassifier):
         super().__init__(model, n_way)
         self.out_shape = tuple(out_shape)
         # Its batch norms in the backbone's mode: a running-mode backbone makes the whole learner inductive.
-        self.relation = RelationModule(self.out_shape, relation_channels, relation_hidden,
-                                       getattr(model, "batch_norm", "task"))
+        self.relation = RelationModule(
+            self.out_shape, relation_channels, relation_hidden, getattr(model, "batch_norm", "task")
+        )
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         """Relation scores `[T, N*Q, N]` of every query with every class of its task."""
         n_support = support_x.shape[1]
         emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]

@@ -19,13 +19,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import (MetaLearner, check_at_least, check_positive, learner_metrics, task_loss,
-                                     task_score)
+from metarun.algorithms.base import (
+    MetaLearner,
+    check_at_least,
+    check_positive,
+    learner_metrics,
+    task_loss,
+    task_score,
+)
 from metarun.algorithms.inner_loop import INNER_OPTIMIZERS, inner_loop
-from metarun.models.layers import Classifier, detached, no_statistics_update
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
+from metarun.models.layers import Classifier, detached, no_statistics_update
 
 ADAM_EPS = 1e-8  # TensorFlow's AdamOptimizer default, which the paper's code uses
 EVAL_SEED = 0  # evaluation mini-batches come from a fixed generator, so evaluation is deterministic
@@ -57,7 +63,9 @@ def mini_batch_indices(
     passes = math.ceil(steps * batch_size / n_items)
     if generator is not None:
         device = generator.device
-    keys = torch.rand(n_tasks, passes, n_items, generator=generator, device=device)  # [T, passes, N*K]
+    keys = torch.rand(
+        n_tasks, passes, n_items, generator=generator, device=device
+    )  # [T, passes, N*K]
     order = keys.argsort(dim=-1).flatten(1)  # [T, passes * N*K]: one permutation per pass
     return order[:, : steps * batch_size].unflatten(1, (steps, batch_size))  # [T, steps, B]
 
@@ -102,9 +110,15 @@ class Reptile(MetaLearner):
         transductive: bool = True,
     ):
         check_settings(
-            inner_lr=inner_lr, adaptation_steps=adaptation_steps, inner_batch_size=inner_batch_size,
-            eval_adaptation_steps=eval_adaptation_steps, eval_inner_batch_size=eval_inner_batch_size,
-            inner_optimizer=inner_optimizer, adam_beta1=adam_beta1, adam_beta2=adam_beta2, task_batching=task_batching,
+            inner_lr=inner_lr,
+            adaptation_steps=adaptation_steps,
+            inner_batch_size=inner_batch_size,
+            eval_adaptation_steps=eval_adaptation_steps,
+            eval_inner_batch_size=eval_inner_batch_size,
+            inner_optimizer=inner_optimizer,
+            adam_beta1=adam_beta1,
+            adam_beta2=adam_beta2,
+            task_batching=task_batching,
         )
         super().__init__(Classifier(model, n_way), n_way)
         self.inner_lr = inner_lr
@@ -118,7 +132,12 @@ class Reptile(MetaLearner):
         self.transductive = transductive
 
     def adapted_params(
-        self, theta: dict[str, Tensor], support_x: Tensor, support_y: Tensor, steps: int, batch_indices: Tensor | None,
+        self,
+        theta: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        batch_indices: Tensor | None,
         loss_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """phi for one task: `steps` inner optimizer steps from (detached) theta."""
@@ -155,25 +174,38 @@ class Reptile(MetaLearner):
         query_logits = self.score_queries(phi, support_x, query_x)  # [N*Q, N]
         out = (phi, task_loss(query_logits, query_y), task_score(query_logits, query_y))
         if support_metrics:
-            with no_statistics_update(self.model):  # metrics only: the running statistics stay as they were
+            with no_statistics_update(
+                self.model
+            ):  # metrics only: the running statistics stay as they were
                 before = functional_call(self.model, theta, (support_x,))  # [N*K, N]
                 after = functional_call(self.model, phi, (support_x,))  # [N*K, N]
             out += (task_score(before, support_y), task_score(after, support_y))
         return out
 
-    def map_tasks(self, theta: dict[str, Tensor], tasks: TaskBatch, batch_indices: Tensor | None, **settings) -> tuple:
+    def map_tasks(
+        self, theta: dict[str, Tensor], tasks: TaskBatch, batch_indices: Tensor | None, **settings
+    ) -> tuple:
         """`adapt_task` for every task: phi as a dict of `[T, ...]` tensors, the other outputs `[T]`."""
         self.check_n_way(tasks.n_way)
         data = (tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
 
         def one_task(theta, support_x, support_y, query_x, query_y, batch_indices):
-            return self.adapt_task(theta, support_x, support_y, query_x, query_y, batch_indices, **settings)
+            return self.adapt_task(
+                theta, support_x, support_y, query_x, query_y, batch_indices, **settings
+            )
 
         in_dims = (None, 0, 0, 0, 0, None if batch_indices is None else 0)
         return map_tasks(one_task, self.task_batching, theta, *data, batch_indices, in_dims=in_dims)
 
-    def batch_indices(self, n_tasks: int, n_items: int, batch_size: int, steps: int, device: torch.device,
-                      training: bool) -> Tensor | None:
+    def batch_indices(
+        self,
+        n_tasks: int,
+        n_items: int,
+        batch_size: int,
+        steps: int,
+        device: torch.device,
+        training: bool,
+    ) -> Tensor | None:
         """`[T, steps, B]` mini-batch indices, or None for the whole support set at every step.
 
         Training draws from the global RNG (the trainer checkpoints it); evaluation from a fixed
@@ -184,17 +216,32 @@ class Reptile(MetaLearner):
         if training:
             return mini_batch_indices(n_items, batch_size, steps, n_tasks, device=device)
         generator = torch.Generator().manual_seed(EVAL_SEED)
-        return mini_batch_indices(n_items, batch_size, steps, 1, generator).to(device).expand(n_tasks, -1, -1)
+        return (
+            mini_batch_indices(n_items, batch_size, steps, 1, generator)
+            .to(device)
+            .expand(n_tasks, -1, -1)
+        )
 
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The Reptile surrogate (see the module docstring); `diagnostics` adds support accuracy
         before and after adaptation and update_norm = ||theta - mean_i phi_i||."""
         theta = dict(self.model.named_parameters())
-        indices = self.batch_indices(len(tasks), tasks.support_x.shape[1], self.inner_batch_size,
-                                     self.adaptation_steps, tasks.support_x.device, training=True)
+        indices = self.batch_indices(
+            len(tasks),
+            tasks.support_x.shape[1],
+            self.inner_batch_size,
+            self.adaptation_steps,
+            tasks.support_x.device,
+            training=True,
+        )
         phi, losses, accs, *support = self.map_tasks(
-            detached(theta), tasks, indices, steps=self.adaptation_steps, support_metrics=diagnostics,
+            detached(theta),
+            tasks,
+            indices,
+            steps=self.adaptation_steps,
+            support_metrics=diagnostics,
             loss_scale=loss_scale,
         )
         loss = reptile_surrogate(theta, {name: p.mean(dim=0) for name, p in phi.items()})
@@ -205,22 +252,40 @@ class Reptile(MetaLearner):
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         # The inner loop takes gradients even when the caller evaluates under torch.no_grad().
-        indices = self.batch_indices(len(tasks), tasks.support_x.shape[1], self.eval_inner_batch_size,
-                                     self.eval_adaptation_steps, tasks.support_x.device, training=False)
+        indices = self.batch_indices(
+            len(tasks),
+            tasks.support_x.shape[1],
+            self.eval_inner_batch_size,
+            self.eval_adaptation_steps,
+            tasks.support_x.device,
+            training=False,
+        )
         with torch.enable_grad():
             _, losses, accs = self.map_tasks(
-                detached(dict(self.model.named_parameters())), tasks, indices,
-                steps=self.eval_adaptation_steps, support_metrics=False,
+                detached(dict(self.model.named_parameters())),
+                tasks,
+                indices,
+                steps=self.eval_adaptation_steps,
+                support_metrics=False,
             )
         return losses.detach(), accs
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        indices = self.batch_indices(1, support_x.shape[0], self.eval_inner_batch_size, self.eval_adaptation_steps,
-                                     support_x.device, training=False)
+        indices = self.batch_indices(
+            1,
+            support_x.shape[0],
+            self.eval_inner_batch_size,
+            self.eval_adaptation_steps,
+            support_x.device,
+            training=False,
+        )
         with torch.enable_grad():
             phi = detached(
                 self.adapted_params(
-                    detached(dict(self.model.named_parameters())), support_x, support_y, self.eval_adaptation_steps,
+                    detached(dict(self.model.named_parameters())),
+                    support_x,
+                    support_y,
+                    self.eval_adaptation_steps,
                     None if indices is None else indices[0],
                 )
             )
@@ -237,19 +302,28 @@ class Reptile(MetaLearner):
         the paper's non-transductive results."""
         if self.transductive or self.training:  # the query set plays no part in training's update
             return functional_call(self.model, phi, (query_x,))
-        alone = torch.cat([support_x.expand(len(query_x), *support_x.shape), query_x[:, None]], dim=1)  # [M, N*K+1, ...]
+        alone = torch.cat(
+            [support_x.expand(len(query_x), *support_x.shape), query_x[:, None]], dim=1
+        )  # [M, N*K+1, ...]
         return functional_call(self.model, phi, (alone,))[:, -1]  # [M, N]: each query's own batch
 
 
 def check_settings(**settings) -> None:
     """MetarunError, naming the key and the fix, for a hyperparameter Reptile cannot run with."""
-    at_least = {"adaptation_steps": 1, "eval_adaptation_steps": 0, "inner_batch_size": 0, "eval_inner_batch_size": 0}
+    at_least = {
+        "adaptation_steps": 1,
+        "eval_adaptation_steps": 0,
+        "inner_batch_size": 0,
+        "eval_inner_batch_size": 0,
+    }
     for key, low in at_least.items():
         check_at_least(key, settings[key], low)
     check_positive("inner_lr", settings["inner_lr"], "e.g. algorithm.inner_lr=0.001")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= settings[key] < 1:
-            raise MetarunError(f"algorithm.{key}={settings[key]} must be in [0, 1); e.g. algorithm.{key}=0.9")
+            raise MetarunError(
+                f"algorithm.{key}={settings[key]} must be in [0, 1); e.g. algorithm.{key}=0.9"
+            )
     if settings["inner_optimizer"] not in INNER_OPTIMIZERS:
         raise MetarunError(
             f"algorithm.inner_optimizer={settings['inner_optimizer']!r} is not one of {', '.join(INNER_OPTIMIZERS)}; "

@@ -36,15 +36,17 @@ def check_task_batching(task_batching: str, model: nn.Module | None = None) -> s
         )
     if getattr(model, "batch_norm", "task") == "running":
         if task_batching == "vmap":
-            raise MetarunError("algorithm.task_batching=vmap cannot update the running statistics of "
-                               "model.batch_norm=running; use algorithm.task_batching=loop (auto picks it) "
-                               "or model.batch_norm=task")
+            raise MetarunError(
+                "algorithm.task_batching=vmap cannot update the running statistics of "
+                "model.batch_norm=running; use algorithm.task_batching=loop (auto picks it) "
+                "or model.batch_norm=task"
+            )
         return "loop"
     return task_batching
 
 
 def resolve_task_batching(task_batching: str, device: torch.device) -> str:
-    """"auto" -> a loop on the CPU (scripts/bench.py: vmap ran at 0.3-0.45x its speed there) and vmap
+    """ "auto" -> a loop on the CPU (scripts/bench.py: vmap ran at 0.3-0.45x its speed there) and vmap
     on CUDA, where batching small convolutions usually pays (not yet measured here: no GPU)."""
     if task_batching != "auto":
         return task_batching
@@ -53,10 +55,14 @@ def resolve_task_batching(task_batching: str, device: torch.device) -> str:
 
 def check_task_chunk(task_chunk: int | str) -> int | str:
     """`task_chunk` if it is "auto" or a whole number of tasks >= 1; MetarunError naming the fix otherwise."""
-    if task_chunk == "auto" or (isinstance(task_chunk, int) and not isinstance(task_chunk, bool) and task_chunk >= 1):
+    if task_chunk == "auto" or (
+        isinstance(task_chunk, int) and not isinstance(task_chunk, bool) and task_chunk >= 1
+    ):
         return task_chunk
-    raise MetarunError(f"algorithm.task_chunk={task_chunk!r} is not auto or a number of tasks >= 1; use auto "
-                       "(one task at a time in a loop, the whole meta-batch under vmap) or e.g. algorithm.task_chunk=8")
+    raise MetarunError(
+        f"algorithm.task_chunk={task_chunk!r} is not auto or a number of tasks >= 1; use auto "
+        "(one task at a time in a loop, the whole meta-batch under vmap) or e.g. algorithm.task_chunk=8"
+    )
 
 
 def chunk_tasks(tasks: TaskBatch, task_chunk: int | str, task_batching: str) -> list[TaskBatch]:
@@ -67,8 +73,13 @@ def chunk_tasks(tasks: TaskBatch, task_chunk: int | str, task_batching: str) -> 
     return tasks.split(task_chunk)
 
 
-def map_tasks(fn: Callable[..., Any], task_batching: str, *args: Any, in_dims: Sequence[int | None] | None = None,
-              randomness: str = "error") -> Any:
+def map_tasks(
+    fn: Callable[..., Any],
+    task_batching: str,
+    *args: Any,
+    in_dims: Sequence[int | None] | None = None,
+    randomness: str = "error",
+) -> Any:
     """`fn` on each task's slice of `args`, the outputs stacked along a new first (task) dim.
 
     in_dims: per argument, 0 when it is batched over the tasks along dim 0, None when every task

@@ -63,7 +63,9 @@ def task_representation(support_emb: Tensor, support_y: Tensor, n_way: int) -> T
     """
     means = prototypes(support_emb, support_y, n_way)  # [T, N, D]
     # Deviations from the own class mean, not E[x^2] - E[x]^2, which cancels badly in low precision.
-    deviations = support_emb - means.gather(1, support_y.unsqueeze(-1).expand_as(support_emb))  # [T, N*K, D]
+    deviations = support_emb - means.gather(
+        1, support_y.unsqueeze(-1).expand_as(support_emb)
+    )  # [T, N*K, D]
     variances = prototypes(deviations.square(), support_y, n_way)  # [T, N, D]
     spreads = safe_sqrt(variances)  # [T, N, D]
     return torch.cat([means.mean(dim=1), spreads.mean(dim=1)], dim=-1)  # [T, 2D]
@@ -78,10 +80,14 @@ def channel_means(emb: Tensor, channels: int) -> Tensor:
 def safe_sqrt(x: Tensor) -> Tensor:
     """sqrt(x) for x >= 0 whose gradient at x = 0 is 0 rather than inf * 0 = NaN (1-shot spreads)."""
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    return torch.where(
+        positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x)
+    )
 
 
-def film_batch_norm_affine(weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+def film_batch_norm_affine(
+    weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor]:
     """Batch-norm affine parameters that apply FiLM after the batch norm: `[C], [C], [T, C], [T, C] -> [T, C] x 2`.
 
     gamma * (weight * x_hat + bias) + beta = (gamma * weight) * x_hat + (gamma * bias + beta).
@@ -100,7 +106,9 @@ class ResidualMLP(nn.Module):
 
     def __init__(self, in_features: int, width: int, layers: int):
         super().__init__()
-        self.linears = nn.ModuleList(nn.Linear(in_features if i == 0 else width, width) for i in range(layers))
+        self.linears = nn.ModuleList(
+            nn.Linear(in_features if i == 0 else width, width) for i in range(layers)
+        )
         for linear in self.linears:
             # TADAM's ScaledVarianceRandomNormal(factor=0.1): variance 0.1 * 2 / fan-out.
             nn.init.normal_(linear.weight, std=math.sqrt(0.2 / width))
@@ -137,11 +145,15 @@ class TaskCond(EpisodeClassifier):
         task_batching: str = "auto",
     ):
         check_at_least("film_l2", film_l2, 0, "set algorithm.film_l2=0.01 (TADAM's)")
-        check_positive("metric_scale_init", metric_scale_init, "set algorithm.metric_scale_init=1.0")
+        check_positive(
+            "metric_scale_init", metric_scale_init, "set algorithm.metric_scale_init=1.0"
+        )
         check_at_least("ten_layers", ten_layers, 1, "set algorithm.ten_layers=3 (TADAM's)")
         super().__init__(model, n_way)
         # The batch norms to condition, by the names functional_call knows them under.
-        self.film_names = [name for name, module in model.named_modules() if isinstance(module, TaskBatchNorm)]
+        self.film_names = [
+            name for name, module in model.named_modules() if isinstance(module, TaskBatchNorm)
+        ]
         if not self.film_names:
             raise MetarunError(
                 f"algorithm=taskcond conditions the backbone's batch norms (TaskBatchNorm), but "
@@ -161,9 +173,13 @@ class TaskCond(EpisodeClassifier):
         task_dim = 2 * self.task_features
         self.ten_gamma = nn.ModuleList(ResidualMLP(task_dim, c, ten_layers) for c in channels)
         self.ten_beta = nn.ModuleList(ResidualMLP(task_dim, c, ten_layers) for c in channels)
-        self.gamma0 = nn.Parameter(torch.zeros(len(channels)))  # post-multipliers, one per conditioned layer
+        self.gamma0 = nn.Parameter(
+            torch.zeros(len(channels))
+        )  # post-multipliers, one per conditioned layer
         self.beta0 = nn.Parameter(torch.zeros(len(channels)))
-        self.metric_scale = nn.Parameter(torch.tensor(float(metric_scale_init)), requires_grad=learn_metric_scale)
+        self.metric_scale = nn.Parameter(
+            torch.tensor(float(metric_scale_init)), requires_grad=learn_metric_scale
+        )
         self.film_l2 = film_l2
         self.task_batching = check_task_batching(task_batching, model)
 
@@ -181,7 +197,9 @@ class TaskCond(EpisodeClassifier):
             norm = self.model.get_submodule(name)
             gamma = 1 + self.gamma0[i] * self.ten_gamma[i](task)  # [T, C]
             beta = self.beta0[i] * self.ten_beta[i](task)  # [T, C]
-            weight, bias = film_batch_norm_affine(norm.weight, norm.bias, gamma, beta)  # [T, C] each
+            weight, bias = film_batch_norm_affine(
+                norm.weight, norm.bias, gamma, beta
+            )  # [T, C] each
             params[f"{name}.weight"], params[f"{name}.bias"] = weight, bias
         return params
 
@@ -189,24 +207,38 @@ class TaskCond(EpisodeClassifier):
         """The backbone with task t's batch-norm parameters on task t's items: `[T, B, C, H, W] -> [T, B, D]`.
 
         The parameters not in `film` are the backbone's own (functional_call leaves them in place)."""
-        return map_tasks(lambda p, xt: functional_call(self.model, p, (xt,)), self.task_batching, film, x)
+        return map_tasks(
+            lambda p, xt: functional_call(self.model, p, (xt,)), self.task_batching, film, x
+        )
 
-    def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
+    def episode_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> Tensor:
         """Query logits `[T, N*Q, N]`: -alpha * squared distance to the conditioned prototypes."""
         film = self.film_params(support_x, support_y, n_way)
         return self.conditioned_logits(film, support_x, support_y, query_x, n_way)
 
     def conditioned_logits(
-        self, film: dict[str, Tensor], support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+        self,
+        film: dict[str, Tensor],
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        n_way: int,
     ) -> Tensor:
         n_support = support_x.shape[1]
-        emb = self.conditioned_embedding(film, torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
+        emb = self.conditioned_embedding(
+            film, torch.cat([support_x, query_x], dim=1)
+        )  # [T, N*K + N*Q, D]
         support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
-        return -self.metric_scale * squared_euclidean(query_emb, prototypes(support_emb, support_y, n_way))
+        return -self.metric_scale * squared_euclidean(
+            query_emb, prototypes(support_emb, support_y, n_way)
+        )
 
     # -- the contract ------------------------------------------------------------------------------
-    def forward(self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, tasks: TaskBatch, diagnostics: bool = False, loss_scale: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean query cross-entropy plus the post-multipliers' L2 penalty; `diagnostics` adds alpha,
         the mean |gamma0| and |beta0| (how far the conditioning has moved from the plain network) and
         the penalty."""
@@ -225,9 +257,14 @@ class TaskCond(EpisodeClassifier):
         """The task's FiLM parameters are computed once; each prediction embeds the support set with
         the queries, as in training, so batch-norm statistics include the support set."""
         n_way = int(support_y.max()) + 1
-        film = {k: v.detach() for k, v in self.film_params(support_x[None], support_y[None], n_way).items()}
+        film = {
+            k: v.detach()
+            for k, v in self.film_params(support_x[None], support_y[None], n_way).items()
+        }
 
         def predict(query_x: Tensor) -> Tensor:
-            return self.conditioned_logits(film, support_x[None], support_y[None], query_x[None], n_way)[0]  # [M, N]
+            return self.conditioned_logits(
+                film, support_x[None], support_y[None], query_x[None], n_way
+            )[0]  # [M, N]
 
         return predict

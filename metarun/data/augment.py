@@ -27,7 +27,14 @@ from torchvision.transforms.v2.functional import rgb_to_grayscale
 from metarun.errors import MetarunError
 
 # What each op setting means when neither the config nor the dataset's standard sets it.
-OFF = {"crop_padding": 0, "flip": False, "color_jitter": 0.0, "rotate": 0.0, "translate": 0.0, "scale": 0.0}
+OFF = {
+    "crop_padding": 0,
+    "flip": False,
+    "color_jitter": 0.0,
+    "rotate": 0.0,
+    "translate": 0.0,
+    "scale": 0.0,
+}
 GEOMETRIC = ("shift", "flip", "angle", "translate", "scale")
 
 
@@ -43,11 +50,25 @@ class Augment:
     support/query which sets of a training episode the sampler augments
     """
 
-    def __init__(self, support: bool = True, query: bool = False, crop_padding: Optional[int] = None,
-                 flip: Optional[bool] = None, color_jitter: Optional[float] = None, rotate: Optional[float] = None,
-                 translate: Optional[float] = None, scale: Optional[float] = None):
-        settings = dict(crop_padding=crop_padding, flip=flip, color_jitter=color_jitter, rotate=rotate,
-                        translate=translate, scale=scale)
+    def __init__(
+        self,
+        support: bool = True,
+        query: bool = False,
+        crop_padding: Optional[int] = None,
+        flip: Optional[bool] = None,
+        color_jitter: Optional[float] = None,
+        rotate: Optional[float] = None,
+        translate: Optional[float] = None,
+        scale: Optional[float] = None,
+    ):
+        settings = dict(
+            crop_padding=crop_padding,
+            flip=flip,
+            color_jitter=color_jitter,
+            rotate=rotate,
+            translate=translate,
+            scale=scale,
+        )
         for key, value in dict(support=support, query=query, **settings).items():
             if value is not None:
                 _check(key, value)
@@ -66,9 +87,13 @@ class Augment:
         """A copy whose unset (None) op settings come from the dataset's `standard`, the rest off."""
         unknown = set(standard) - set(OFF)
         if unknown:
-            raise ValueError(f"standard augment has unknown keys {sorted(unknown)}; known: {', '.join(OFF)}")
-        merged = {key: next(v for v in (own, standard.get(key), OFF[key]) if v is not None)
-                  for key, own in self.settings().items()}
+            raise ValueError(
+                f"standard augment has unknown keys {sorted(unknown)}; known: {', '.join(OFF)}"
+            )
+        merged = {
+            key: next(v for v in (own, standard.get(key), OFF[key]) if v is not None)
+            for key, own in self.settings().items()
+        }
         return Augment(self.support, self.query, **merged)
 
     @property
@@ -79,18 +104,23 @@ class Augment:
         """Parameters of the ops that are on, for n images, on generator.device. The order of these
         calls is the generator's stream: changing it changes every later episode of a run."""
         device = generator.device
-        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(  # noqa: E731
-            n, *shape, generator=generator, device=device)
+        uniform = lambda low, high, *shape: (
+            low + (high - low) * torch.rand(n, *shape, generator=generator, device=device)
+        )
         params = {}
         if self.crop_padding:
             p = self.crop_padding
-            params["shift"] = torch.randint(-p, p + 1, (n, 2), generator=generator, device=device)  # [n, (x, y)] px
+            params["shift"] = torch.randint(
+                -p, p + 1, (n, 2), generator=generator, device=device
+            )  # [n, (x, y)] px
         if self.flip:
             params["flip"] = torch.rand(n, generator=generator, device=device) < 0.5  # [n]
         if self.rotate:
             params["angle"] = uniform(-self.rotate, self.rotate)  # [n] degrees
         if self.translate:
-            params["translate"] = uniform(-self.translate, self.translate, 2)  # [n, (x, y)] fraction of side
+            params["translate"] = uniform(
+                -self.translate, self.translate, 2
+            )  # [n, (x, y)] fraction of side
         if self.scale:
             params["scale"] = uniform(1 - self.scale, 1 + self.scale)  # [n]
         if self.color_jitter:
@@ -108,15 +138,22 @@ class Augment:
             # there is off by up to ~3e-5 from rounding in the grid.
             exact = not any(key in params for key in ("angle", "translate", "scale"))
             grid = nnf.affine_grid(_theta(params, images), list(images.shape), align_corners=False)
-            images = nnf.grid_sample(images, grid, mode="nearest" if exact else "bilinear",
-                                     padding_mode="zeros", align_corners=False)
+            images = nnf.grid_sample(
+                images,
+                grid,
+                mode="nearest" if exact else "bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            )
         if "brightness" in params:
             # ColorJitter's definitions with one factor per image; it applies them in a random order
             # per call, here always brightness, contrast, saturation.
-            factor = lambda key: params[key].to(images.dtype).view(-1, 1, 1, 1)  # noqa: E731
-            grey = lambda x: x if x.shape[1] == 1 else rgb_to_grayscale(x)  # noqa: E731
+            factor = lambda key: params[key].to(images.dtype).view(-1, 1, 1, 1)
+            grey = lambda x: x if x.shape[1] == 1 else rgb_to_grayscale(x)
             images = (images * factor("brightness")).clamp_(0, 1)
-            images = _blend(images, grey(images).mean(dim=(1, 2, 3), keepdim=True), factor("contrast"))
+            images = _blend(
+                images, grey(images).mean(dim=(1, 2, 3), keepdim=True), factor("contrast")
+            )
             if images.shape[1] == 3:
                 images = _blend(images, grey(images), factor("saturation"))
         return images
@@ -146,7 +183,9 @@ def _theta(params: dict[str, Tensor], images: Tensor) -> Tensor:
     offset = -(inverse @ move[..., None])[..., 0]  # [n, 2]
     if "flip" in params:
         inverse[:, :, 0] *= 1 - 2 * params["flip"].to(images.dtype)[:, None]
-    half = torch.tensor([W / 2, H / 2], **like)  # normalized -> pixels, so rotations stay rigid when H != W
+    half = torch.tensor(
+        [W / 2, H / 2], **like
+    )  # normalized -> pixels, so rotations stay rigid when H != W
     return torch.cat([inverse * half / half[:, None], (offset / half)[..., None]], dim=2)
 
 
@@ -160,16 +199,32 @@ def _check(key: str, value) -> None:
     name = f"augment.{key}={value}"
     if key in ("support", "query", "flip"):
         if not isinstance(value, bool):
-            raise MetarunError(f"{name} must be true or false; set augment.{key}=true or augment.{key}=false")
+            raise MetarunError(
+                f"{name} must be true or false; set augment.{key}=true or augment.{key}=false"
+            )
         return
     if key == "crop_padding":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise MetarunError(f"{name} must be >= 0; set augment.crop_padding to a pixel count, e.g. 4, or 0 for off")
+            raise MetarunError(
+                f"{name} must be >= 0; set augment.crop_padding to a pixel count, e.g. 4, or 0 for off"
+            )
         return
-    limits = {"color_jitter": (1, True, "0.4"), "rotate": (180, True, "10"),
-              "translate": (1, True, "0.1"), "scale": (1, False, "0.1")}
+    limits = {
+        "color_jitter": (1, True, "0.4"),
+        "rotate": (180, True, "10"),
+        "translate": (1, True, "0.1"),
+        "scale": (1, False, "0.1"),
+    }
     high, closed, example = limits[key]
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0 \
-            or value > high or (value == high and not closed):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value < 0
+        or value > high
+        or (value == high and not closed)
+    ):
         bound = f"[0, {high}]" if closed else f"[0, {high})"
-        raise MetarunError(f"{name} must be a number in {bound}; set e.g. augment.{key}={example}, or 0 for off")
+        raise MetarunError(
+            f"{name} must be a number in {bound}; set e.g. augment.{key}={example}, or 0 for off"
+        )

@@ -70,7 +70,9 @@ def load_or_build(path: Path, source: str, build: Callable[[], dict[str, Any]]) 
         if payload is not None:
             return payload
         if damage:
-            warnings.warn(f"the dataset cache {path} is damaged ({damage}); rebuilding it", stacklevel=3)
+            warnings.warn(
+                f"the dataset cache {path} is damaged ({damage}); rebuilding it", stacklevel=3
+            )
         payload = {**build(), "source": source}
         write_atomically(path, lambda f: torch.save(payload, f))
     return payload
@@ -85,7 +87,10 @@ def read_cache(path: Path, source: str) -> tuple[dict[str, Any] | None, str | No
         payload = torch.load(path, mmap=True, weights_only=True)
     except Exception as e:
         if not zipfile.is_zipfile(path):  # torch's own message then asks for a torch.save option
-            return None, f"{path.stat().st_size} bytes, not a whole torch file: cut short or overwritten"
+            return (
+                None,
+                f"{path.stat().st_size} bytes, not a whole torch file: cut short or overwritten",
+            )
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         return None, (lines[0] if lines else type(e).__name__)[:120]
     if not isinstance(payload, dict) or "source" not in payload:

@@ -23,10 +23,17 @@ import numpy as np
 import torch
 
 from metarun.data.cache import cache_file, load_or_build, source_fingerprint
-from metarun.data.contract import (PARTS, ClassDataset, ClassImages, check_channels, check_image_size, colour_stats,
-                                   to_channels)
-from metarun.data.images import resize
+from metarun.data.contract import (
+    PARTS,
+    ClassDataset,
+    ClassImages,
+    check_channels,
+    check_image_size,
+    colour_stats,
+    to_channels,
+)
 from metarun.data.download import one_line
+from metarun.data.images import resize
 from metarun.errors import MetarunError
 
 SPLITS = Path(__file__).resolve().parent.parent / "splits"
@@ -36,7 +43,9 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 # The normalization of MetaOptNet's CIFAR-FS and FC100 loaders (Lee et al., 2019; repository
 # kjunelee/MetaOptNet, data/CIFAR_FS.py and data/FC100.py): per-channel mean and std in 0-255 pixel
 # values, divided by 255. One grey channel gets the luma-weighted value.
-MEAN = tuple(v / 255 for v in (129.37731888, 124.10583864, 112.47758569))  # (0.5074, 0.4867, 0.4411)
+MEAN = tuple(
+    v / 255 for v in (129.37731888, 124.10583864, 112.47758569)
+)  # (0.5074, 0.4867, 0.4411)
 STD = tuple(v / 255 for v in (68.20947949, 65.43124043, 70.45866994))  # (0.2675, 0.2566, 0.2763)
 
 
@@ -74,11 +83,17 @@ def read_cifar100(root: str, download: bool) -> tuple[np.ndarray, np.ndarray, li
     from torchvision.datasets import CIFAR100
 
     try:
-        train = CIFAR100(root, train=True, download=download)  # downloads the whole release if allowed
+        train = CIFAR100(
+            root, train=True, download=download
+        )  # downloads the whole release if allowed
         test = CIFAR100(root, train=False)
     except Exception as e:  # missing, bad md5, offline, proxy: all end the same way for the user
         raise not_found(root, one_line(e)) from None
-    return np.concatenate([train.data, test.data]), np.array(train.targets + test.targets), list(train.classes)
+    return (
+        np.concatenate([train.data, test.data]),
+        np.array(train.targets + test.targets),
+        list(train.classes),
+    )
 
 
 class CIFAR100Split(ClassDataset):
@@ -91,7 +106,12 @@ class CIFAR100Split(ClassDataset):
     machine_local = ("root", "cache_dir", "download")
 
     def __init__(
-        self, root: str, image_size: int = 32, channels: int = 3, download: bool = True, cache_dir: str | None = None
+        self,
+        root: str,
+        image_size: int = 32,
+        channels: int = 3,
+        download: bool = True,
+        cache_dir: str | None = None,
     ):
         check_channels(self.name, channels)
         check_image_size(image_size, example=32)
@@ -99,9 +119,15 @@ class CIFAR100Split(ClassDataset):
         self.download, self.cache_dir = download, cache_dir
         self.mean, self.std = colour_stats(MEAN, STD, channels)
         # CIFAR's usual 4-pixel padded crop at 32x32, scaled with the image.
-        self.standard_augment = {"crop_padding": max(1, round(4 * image_size / 32)), "flip": True, "color_jitter": 0.4}
+        self.standard_augment = {
+            "crop_padding": max(1, round(4 * image_size / 32)),
+            "flip": True,
+            "color_jitter": 0.4,
+        }
         self._parts: dict[str, ClassImages] = {}
-        self._cifar: tuple[np.ndarray, np.ndarray, list[str]] | None = None  # read only on a cache miss
+        self._cifar: tuple[np.ndarray, np.ndarray, list[str]] | None = (
+            None  # read only on a cache miss
+        )
 
     @abstractmethod
     def class_list(self, part: str) -> list[str]:
@@ -112,8 +138,12 @@ class CIFAR100Split(ClassDataset):
         if part not in self._parts:  # built on first use, then kept
             names = self.class_list(part)
             source = source_fingerprint(self._source_files(), names, self.image_size, self.channels)
-            payload = load_or_build(self._cache_file(part), source, lambda: self._build(part, names))
-            self._parts[part] = ClassImages(payload["images"], payload["counts"], tuple(payload["names"]))
+            payload = load_or_build(
+                self._cache_file(part), source, lambda: self._build(part, names)
+            )
+            self._parts[part] = ClassImages(
+                payload["images"], payload["counts"], tuple(payload["names"])
+            )
         return self._parts[part]
 
     def layout(self) -> dict[str, str]:
@@ -124,7 +154,9 @@ class CIFAR100Split(ClassDataset):
         }
 
     def _cache_file(self, part: str) -> Path:
-        return cache_file(self.cache_dir, self.name, self.root, part, f"{self.image_size}px", f"{self.channels}c")
+        return cache_file(
+            self.cache_dir, self.name, self.root, part, f"{self.image_size}px", f"{self.channels}c"
+        )
 
     def _source_files(self) -> list[Path]:
         """root/cifar-100-python/{train,test,meta}, downloaded first when one is missing and allowed."""
@@ -148,10 +180,16 @@ class CIFAR100Split(ClassDataset):
         for name in names:
             fine = name.rsplit("/", 1)[-1]
             if fine not in label_of:
-                raise MetarunError(f"class {name} of {self.name}/{part} is not a CIFAR-100 fine class; correct "
-                                   "its list in metarun/splits/ (or reinstall metarun)")
-            chosen = torch.from_numpy(images[labels == label_of[fine]]).permute(0, 3, 1, 2)  # [600, 3, 32, 32]
-            per_class.append(resize(to_channels(chosen, self.channels), self.image_size))  # [600, C, S, S]
+                raise MetarunError(
+                    f"class {name} of {self.name}/{part} is not a CIFAR-100 fine class; correct "
+                    "its list in metarun/splits/ (or reinstall metarun)"
+                )
+            chosen = torch.from_numpy(images[labels == label_of[fine]]).permute(
+                0, 3, 1, 2
+            )  # [600, 3, 32, 32]
+            per_class.append(
+                resize(to_channels(chosen, self.channels), self.image_size)
+            )  # [600, C, S, S]
         built = ClassImages.from_classes(per_class, names)
         return {"images": built.images, "counts": built.counts, "names": list(names)}
 
@@ -174,6 +212,8 @@ class FC100(CIFAR100Split):
         groups, listed = superclasses(), read_class_list("fc100", part)
         unknown = [superclass for superclass in listed if superclass not in groups]
         if unknown:
-            raise MetarunError(f"superclass {unknown[0]} of fc100/{part} is not a CIFAR-100 superclass; "
-                               f"correct metarun/splits/fc100/{part}.txt (or reinstall metarun)")
+            raise MetarunError(
+                f"superclass {unknown[0]} of fc100/{part} is not a CIFAR-100 superclass; "
+                f"correct metarun/splits/fc100/{part}.txt (or reinstall metarun)"
+            )
         return [f"{superclass}/{fine}" for superclass in listed for fine in groups[superclass]]

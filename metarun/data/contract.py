@@ -55,17 +55,25 @@ class ClassImages:
         if self.images.ndim != 4:
             raise ValueError(f"images must be [I, C, H, W], got shape {tuple(self.images.shape)}")
         if len(self.names) != len(self.counts) or int(self.counts.sum()) != len(self.images):
-            raise ValueError(f"{len(self.names)} names and counts summing to {int(self.counts.sum())} "
-                             f"do not describe {len(self.images)} images")
+            raise ValueError(
+                f"{len(self.names)} names and counts summing to {int(self.counts.sum())} "
+                f"do not describe {len(self.images)} images"
+            )
 
     @classmethod
-    def uniform(cls, images: Tensor, names: list[str] | tuple[str, ...] | None = None) -> ClassImages:
+    def uniform(
+        cls, images: Tensor, names: list[str] | tuple[str, ...] | None = None
+    ) -> ClassImages:
         """From `[n_classes, M, C, H, W]`: every class holds M images (a view, no copy)."""
         if images.ndim != 5:
-            raise ValueError(f"images must be [n_classes, M, C, H, W], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [n_classes, M, C, H, W], got shape {tuple(images.shape)}"
+            )
         n_classes, per_class = images.shape[:2]
         names = tuple(names) if names is not None else tuple(str(c) for c in range(n_classes))
-        return cls(images.flatten(0, 1), torch.full((n_classes,), per_class, dtype=torch.long), names)
+        return cls(
+            images.flatten(0, 1), torch.full((n_classes,), per_class, dtype=torch.long), names
+        )
 
     @classmethod
     def from_classes(cls, per_class: list[Tensor], names: list[str]) -> ClassImages:
@@ -92,7 +100,7 @@ class ClassImages:
     def class_images(self, c: int) -> Tensor:
         """`[counts[c], C, H, W]`: the images of class c."""
         start = int(self.offsets[c])
-        return self.images[start:start + int(self.counts[c])]
+        return self.images[start : start + int(self.counts[c])]
 
 
 class ClassDataset(ABC):
@@ -128,29 +136,39 @@ class ClassDataset(ABC):
 
     def decode(self, image: Image.Image) -> Tensor:
         """A PIL image as uint8 `[channels, image_size, image_size]`, as the parts hold images."""
-        return torch.from_numpy(decode_image(image, self.image_size, self.channels).copy())  # writable, contiguous
+        return torch.from_numpy(
+            decode_image(image, self.image_size, self.channels).copy()
+        )  # writable, contiguous
 
     def check_part(self, part: str) -> None:
         if part not in self.parts:
-            raise MetarunError(f"{self.name} has no part {part!r}; use one of {', '.join(self.parts)}")
+            raise MetarunError(
+                f"{self.name} has no part {part!r}; use one of {', '.join(self.parts)}"
+            )
 
 
 def check_channels(name: str, channels: int, allowed: tuple[int, ...] = (1, 3)) -> None:
     if channels not in allowed:
-        raise MetarunError(f"dataset.channels={channels} is not supported by {name}; "
-                           f"use dataset.channels={' or '.join(map(str, allowed))}")
+        raise MetarunError(
+            f"dataset.channels={channels} is not supported by {name}; "
+            f"use dataset.channels={' or '.join(map(str, allowed))}"
+        )
 
 
 def check_image_size(image_size: int, example: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise MetarunError(f"dataset.image_size={image_size} must be a positive integer; use e.g. {example}")
+        raise MetarunError(
+            f"dataset.image_size={image_size} must be a positive integer; use e.g. {example}"
+        )
 
 
-def colour_stats(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> tuple[tuple[float, ...], ...]:
+def colour_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], channels: int
+) -> tuple[tuple[float, ...], ...]:
     """A dataset's RGB normalization for `channels` channels: as given, or one luma-weighted value."""
     if channels == 3:
         return tuple(mean), tuple(std)
-    grey = lambda values: (sum(w * v for w, v in zip(LUMA, values)),)  # noqa: E731
+    grey = lambda values: (sum(w * v for w, v in zip(LUMA, values)),)
     return grey(mean), grey(std)
 
 
@@ -164,5 +182,7 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
         return images.expand(*images.shape[:-3], 3, *images.shape[-2:]).contiguous()
     if have == 3 and channels == 1:
         weights = torch.tensor(LUMA).view(3, 1, 1)
-        return (images.float() * weights).sum(-3, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+        return (
+            (images.float() * weights).sum(-3, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+        )
     raise ValueError(f"cannot turn {have} channels into {channels}")

@@ -28,7 +28,9 @@ def decode_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def read_images(paths: list[Path], image_size: int, channels: int, desc: str) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+def read_images(
+    paths: list[Path], image_size: int, channels: int, desc: str
+) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
     """Decode `paths` (PIL releases the GIL, so threads decode in parallel) with a progress bar.
 
     Returns uint8 `[len(paths), C, S, S]` and the (path, reason) of each file PIL could not read,
@@ -44,8 +46,14 @@ def read_images(paths: list[Path], image_size: int, channels: int, desc: str) ->
             failures.append((paths[i], " ".join(str(e).split())[:120] or type(e).__name__))
 
     with ThreadPoolExecutor(max_workers=min(8, (torch.get_num_threads() or 1) * 2)) as pool:
-        for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths), desc=desc, unit="img",
-                      disable=None, leave=False):
+        for _ in tqdm(
+            pool.map(decode, range(len(paths))),
+            total=len(paths),
+            desc=desc,
+            unit="img",
+            disable=None,
+            leave=False,
+        ):
             pass
     return torch.from_numpy(out), sorted(failures)
 
@@ -62,8 +70,18 @@ def resize(images: torch.Tensor, size: int, chunk: int = 1000) -> torch.Tensor:
     read_image; in chunks, because 38,400 mini-ImageNet images as floats would take 3 GB."""
     if images.shape[-2:] == (size, size):
         return images
-    return torch.cat([
-        F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        .round_().clamp_(0, 255).to(torch.uint8)
-        for batch in images.split(chunk)
-    ])
+    return torch.cat(
+        [
+            F.interpolate(
+                batch.float(),
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+            for batch in images.split(chunk)
+        ]
+    )

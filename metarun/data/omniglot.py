@@ -20,7 +20,13 @@ import torch
 from PIL import Image
 
 from metarun.data.cache import cache_file, files_under, load_or_build, source_fingerprint
-from metarun.data.contract import ClassDataset, ClassImages, check_channels, check_image_size, to_channels
+from metarun.data.contract import (
+    ClassDataset,
+    ClassImages,
+    check_channels,
+    check_image_size,
+    to_channels,
+)
 from metarun.data.download import download_and_extract
 from metarun.errors import MetarunError
 
@@ -116,7 +122,9 @@ def decode_omniglot(root: str | Path, image_size: int) -> dict:
 def load_or_decode(root: str | Path, image_size: int, cache_dir: str | Path | None) -> dict:
     """The decoded payload from the shared cache, decoded again when a PNG changed."""
     base = Path(root).expanduser() / "omniglot-py"
-    source = source_fingerprint([p for folder in FOLDERS for p in files_under(base / folder)], image_size)
+    source = source_fingerprint(
+        [p for folder in FOLDERS for p in files_under(base / folder)], image_size
+    )
     path = cache_file(cache_dir, "omniglot", root, f"{image_size}px")
     return load_or_build(path, source, lambda: decode_omniglot(root, image_size))
 
@@ -154,7 +162,9 @@ class Omniglot(ClassDataset):
     ):
         """`channels=3` repeats the grey image, for models built for colour images."""
         if split not in SPLITS:
-            raise MetarunError(f"dataset.split={split!r} is not an Omniglot split; use one of {', '.join(SPLITS)}")
+            raise MetarunError(
+                f"dataset.split={split!r} is not an Omniglot split; use one of {', '.join(SPLITS)}"
+            )
         check_image_size(image_size, 28)
         check_channels(self.name, channels)
         ensure_image_folders(root, download)
@@ -180,11 +190,18 @@ class Omniglot(ClassDataset):
 
     def decode(self, image: Image.Image) -> torch.Tensor:
         """A drawing as the parts hold it: strokes bright on black, in `channels` channels."""
-        return to_channels(torch.from_numpy(decode_drawing(image, self.image_size))[None], self.channels)
+        return to_channels(
+            torch.from_numpy(decode_drawing(image, self.image_size))[None], self.channels
+        )
 
     def layout(self) -> dict[str, str]:
-        return {"layout": f"torchvision's omniglot-py folders, split={self.split}", "root": str(self.root),
-                "cache": str(cache_file(self.cache_dir, self.name, self.root, f"{self.image_size}px").parent)}
+        return {
+            "layout": f"torchvision's omniglot-py folders, split={self.split}",
+            "root": str(self.root),
+            "cache": str(
+                cache_file(self.cache_dir, self.name, self.root, f"{self.image_size}px").parent
+            ),
+        }
 
     def _part(self, part: str) -> tuple[list[str], torch.Tensor]:
         self.check_part(part)

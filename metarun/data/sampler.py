@@ -52,18 +52,26 @@ class EpisodeSampler:
         adds M augmented copies of each support image to evaluation episodes (needs `augment`)."""
         if isinstance(images, Tensor):
             if images.ndim != 5:
-                raise ValueError(f"images must be [C, M, channels, H, W], got shape {tuple(images.shape)}")
+                raise ValueError(
+                    f"images must be [C, M, channels, H, W], got shape {tuple(images.shape)}"
+                )
             images = ClassImages.uniform(images)
         for key, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
             if not isinstance(value, int) or value < 1:
-                raise MetarunError(f"{config_key}.{key}={value} must be a positive integer; set {config_key}.{key}>=1")
-        self.classes = usable_classes(images, n_way, k_shot, n_query, f"{dataset_name}/{part}", config_key)
+                raise MetarunError(
+                    f"{config_key}.{key}={value} must be a positive integer; set {config_key}.{key}>=1"
+                )
+        self.classes = usable_classes(
+            images, n_way, k_shot, n_query, f"{dataset_name}/{part}", config_key
+        )
         self.images = images.images  # [I, C, H, W] uint8
         self.offsets = images.offsets.to(images.images.device)  # [n_classes]
         self.counts = images.counts  # [n_classes], on the CPU
         self.ragged = bool((self.counts != self.counts[0]).any())
         self.max_count = int(self.counts.max())
-        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (classes, counts) per generator device
+        self._on_device: dict[
+            torch.device, tuple[Tensor, Tensor]
+        ] = {}  # (classes, counts) per generator device
         self.n_way, self.k_shot, self.n_query = n_way, k_shot, n_query
         self.part, self.dataset_name = part, dataset_name
         self.mean_std = normalization(mean, std)
@@ -80,10 +88,12 @@ class EpisodeSampler:
     def sample(self, meta_batch_size: int, generator: torch.Generator) -> TaskBatch:
         """T = meta_batch_size training episodes drawn from `generator` (ideally on images.device)."""
         if meta_batch_size < 1:
-            raise MetarunError(f"meta_batch_size={meta_batch_size} must be positive; set it to 1 or more")
+            raise MetarunError(
+                f"meta_batch_size={meta_batch_size} must be positive; set it to 1 or more"
+            )
         tasks = self._gather(*self._draw(meta_batch_size, generator))
         if self.augment is not None:
-            augment = lambda x: self.augment(x.flatten(0, 1), generator).view_as(x)  # noqa: E731
+            augment = lambda x: self.augment(x.flatten(0, 1), generator).view_as(x)
             if self.augment.support:
                 tasks.support_x = augment(tasks.support_x)
             if self.augment.query:
@@ -97,13 +107,18 @@ class EpisodeSampler:
     def episodes(self, seed: int, start: int, count: int) -> TaskBatch:
         """Fixed episodes start..start+count-1 stacked (T = count); equal to stacking `episode`."""
         if count < 1:
-            raise MetarunError(f"episode count={count} must be positive; ask for 1 or more episodes")
+            raise MetarunError(
+                f"episode count={count} must be positive; ask for 1 or more episodes"
+            )
         # One CPU generator per episode, so episode i does not depend on the batch it is drawn in
         # nor on the device; only these small index tensors are drawn per episode.
-        generators = [torch.Generator("cpu").manual_seed(episode_seed(seed, i)) for i in range(start, start + count)]
+        generators = [
+            torch.Generator("cpu").manual_seed(episode_seed(seed, i))
+            for i in range(start, start + count)
+        ]
         draws = [self._draw(1, g) for g in generators]
         support, query, classes = zip(*draws)
-        stack = lambda parts: tuple(torch.cat(p) for p in zip(*parts))  # noqa: E731
+        stack = lambda parts: tuple(torch.cat(p) for p in zip(*parts))
         tasks = self._gather(stack(support), stack(query), torch.cat(classes))
         if self.support_copies:
             tasks = self._with_support_copies(tasks, generators)
@@ -117,7 +132,7 @@ class EpisodeSampler:
         """
         T, N, K, Q = n_tasks, self.n_way, self.k_shot, self.n_query
         device = generator.device
-        rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+        rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
         if device not in self._on_device:  # copied once, not at every step
             self._on_device[device] = self.classes.to(device), self.counts.to(device)
         usable, counts = self._on_device[device]
@@ -128,9 +143,13 @@ class EpisodeSampler:
         if self.ragged:
             # Ragged classes: positions past a class's own count sort last, so the first K + Q of
             # the permutation are distinct images of that class.
-            noise.masked_fill_(torch.arange(self.max_count, device=device) >= counts[classes][..., None], 2.0)
+            noise.masked_fill_(
+                torch.arange(self.max_count, device=device) >= counts[classes][..., None], 2.0
+            )
         items = noise.argsort(dim=2)[:, :, : K + Q]  # [T, N, K+Q], distinct per class
-        images = self.offsets[classes.to(self.offsets.device)][..., None] + items.to(self.offsets.device)  # [T, N, K+Q]
+        images = self.offsets[classes.to(self.offsets.device)][..., None] + items.to(
+            self.offsets.device
+        )  # [T, N, K+Q]
         labels = torch.arange(N, device=device).expand(T, N)  # [T, N]
 
         def flat_shuffled(item_slice: slice, per: int):
@@ -139,9 +158,15 @@ class EpisodeSampler:
             lab = labels[:, :, None].expand(T, N, per).reshape(T, n)
             # Shuffled so that no learner can read labels off the position of an item.
             order = rand(T, n).argsort(dim=1)
-            return tuple(t.gather(1, order.to(t.device)).to(self.images.device) for t in (image, lab))
+            return tuple(
+                t.gather(1, order.to(t.device)).to(self.images.device) for t in (image, lab)
+            )
 
-        return flat_shuffled(slice(0, K), K), flat_shuffled(slice(K, K + Q), Q), classes.to(self.images.device)
+        return (
+            flat_shuffled(slice(0, K), K),
+            flat_shuffled(slice(K, K + Q), Q),
+            classes.to(self.images.device),
+        )
 
     def _gather(self, support, query, classes) -> TaskBatch:
         """Pixels for the drawn indices: float32 in [0, 1] on images.device."""
@@ -150,9 +175,12 @@ class EpisodeSampler:
         query_x = self.images[q_image].float().div_(255)  # [T, N*Q, C, H, W]
         return TaskBatch(support_x, s_y, query_x, q_y, self.n_way, classes)
 
-    def _with_support_copies(self, tasks: TaskBatch, generators: list[torch.Generator]) -> TaskBatch:
+    def _with_support_copies(
+        self, tasks: TaskBatch, generators: list[torch.Generator]
+    ) -> TaskBatch:
         tasks.support_x, tasks.support_y = with_support_copies(
-            self.augment, tasks.support_x, tasks.support_y, self.support_copies, generators)
+            self.augment, tasks.support_x, tasks.support_y, self.support_copies, generators
+        )
         return tasks
 
     def _normalized(self, tasks: TaskBatch) -> TaskBatch:
@@ -163,8 +191,13 @@ class EpisodeSampler:
         return tasks
 
 
-def with_support_copies(augment, support_x: torch.Tensor, support_y: torch.Tensor, copies: int,
-                        generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def with_support_copies(
+    augment,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    copies: int,
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each support image followed by M = `copies` augmented copies: `[T, N*K, ...] -> [T, N*K*(1+M), ...]`.
     Episode t's copies are drawn from its own generator, so it still depends on (seed, index) alone."""
     T, n = support_y.shape
@@ -172,8 +205,10 @@ def with_support_copies(augment, support_x: torch.Tensor, support_y: torch.Tenso
     params = {key: torch.cat([p[key] for p in params]) for key in params[0]}
     originals = support_x.repeat_interleave(copies, dim=1).flatten(0, 1)  # [T*N*K*M, C, H, W]
     added = augment.apply(originals, params).unflatten(0, (T, n * copies))  # [T, N*K*M, C, H, W]
-    return (torch.cat([support_x, added], dim=1),
-            torch.cat([support_y, support_y.repeat_interleave(copies, dim=1)], dim=1))
+    return (
+        torch.cat([support_x, added], dim=1),
+        torch.cat([support_y, support_y.repeat_interleave(copies, dim=1)], dim=1),
+    )
 
 
 def normalization(mean, std) -> tuple[list[float], list[float]] | None:
@@ -189,10 +224,14 @@ def statistics(dataset) -> dict[str, list[float]] | None:
     a run tested on another dataset normalizes its images as the model learned (metarun.saved_run).
     None for a dataset without them (drawn tasks)."""
     mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
-    return None if mean is None else {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    return (
+        None if mean is None else {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    )
 
 
-def usable_classes(images: ClassImages, n_way: int, k_shot: int, n_query: int, where: str, config_key: str) -> Tensor:
+def usable_classes(
+    images: ClassImages, n_way: int, k_shot: int, n_query: int, where: str, config_key: str
+) -> Tensor:
     """Indices of the classes holding at least k_shot + n_query images; those with fewer are named
     in a warning, and too few left for `n_way` is one line naming the fix."""
     counts, per_class = images.counts, k_shot + n_query
@@ -204,7 +243,11 @@ def usable_classes(images: ClassImages, n_way: int, k_shot: int, n_query: int, w
     keep = counts >= per_class
     if not keep.any():
         most = int(counts.max())
-        per = f"{most} images per class" if bool((counts == most).all()) else f"at most {most} images in a class"
+        per = (
+            f"{most} images per class"
+            if bool((counts == most).all())
+            else f"at most {most} images in a class"
+        )
         raise MetarunError(
             f"{config_key}.k_shot={k_shot} + {config_key}.n_query={n_query} = {per_class} but {where} has {per}; "
             f"lower {config_key}.k_shot or {config_key}.n_query to sum to at most {most}"
@@ -217,9 +260,13 @@ def usable_classes(images: ClassImages, n_way: int, k_shot: int, n_query: int, w
             f"{need} images; lower {config_key}.n_way, {config_key}.k_shot or {config_key}.n_query"
         )
     if dropped:
-        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
-        warnings.warn(f"{where}: {len(dropped)} classes hold fewer than {need} images and are left out: {shown}",
-                      stacklevel=3)
+        shown = ", ".join(dropped[:5]) + (
+            f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        )
+        warnings.warn(
+            f"{where}: {len(dropped)} classes hold fewer than {need} images and are left out: {shown}",
+            stacklevel=3,
+        )
     return keep.nonzero().flatten()  # [usable classes]
 
 

@@ -24,15 +24,27 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y), self.n_way,
-                         move(self.classes))
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return TaskBatch(
+            move(self.support_x),
+            move(self.support_y),
+            move(self.query_x),
+            move(self.query_y),
+            self.n_way,
+            move(self.classes),
+        )
 
     def __getitem__(self, tasks: slice) -> TaskBatch:
         """The tasks a slice selects, as a TaskBatch (views, no copies)."""
         classes = None if self.classes is None else self.classes[tasks]
-        return TaskBatch(self.support_x[tasks], self.support_y[tasks], self.query_x[tasks], self.query_y[tasks],
-                         self.n_way, classes)
+        return TaskBatch(
+            self.support_x[tasks],
+            self.support_y[tasks],
+            self.query_x[tasks],
+            self.query_y[tasks],
+            self.n_way,
+            classes,
+        )
 
     def task(self, i: int) -> TaskBatch:
         """Task i alone, still with a leading task dimension of 1."""

@@ -22,18 +22,25 @@ from torch import Tensor, nn
 from metarun.errors import MetarunError
 from metarun.models.layers import Backbone, TaskBatchNorm, check_batch_norm
 
-
 DOWNSAMPLE = ("pool", "stride")
 
 
 class ConvBlock(nn.Module):
     """3x3 conv (stride `stride`) -> per-task batch norm -> ReLU -> 2x2 max-pool (if `pool`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool = True, batch_norm: str = "task",
-                 stride: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        pool: bool = True,
+        batch_norm: str = "task",
+        stride: int = 1,
+    ):
         super().__init__()
         # No conv bias: the batch-norm mean subtraction cancels it (its gradient is exactly zero).
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False
+        )
         self.norm = TaskBatchNorm(out_channels, batch_norm)
         self.pool = pool
 
@@ -58,16 +65,24 @@ class Conv4(Backbone):
         super().__init__()
         check_batch_norm(batch_norm)
         if downsample not in DOWNSAMPLE:
-            raise MetarunError(f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLE)}; set model."
-                               "downsample=pool (2x2 max-pooling) or stride (stride-2 convs, MAML's Omniglot net)")
+            raise MetarunError(
+                f"model.downsample={downsample!r} is not one of {', '.join(DOWNSAMPLE)}; set model."
+                "downsample=pool (2x2 max-pooling) or stride (stride-2 convs, MAML's Omniglot net)"
+            )
         if pool_layers is None:
             pool_layers = layers
-        if isinstance(pool_layers, bool) or not isinstance(pool_layers, int) or not 0 <= pool_layers <= layers:
+        if (
+            isinstance(pool_layers, bool)
+            or not isinstance(pool_layers, int)
+            or not 0 <= pool_layers <= layers
+        ):
             raise MetarunError(
                 f"model.pool_layers={pool_layers!r} must be an integer from 0 to model.layers={layers}; "
                 f"set model.pool_layers=null to pool in every block"
             )
-        if downsample == "pool" and image_size // 2**pool_layers < 1:  # a stride-2 conv keeps at least 1x1
+        if (
+            downsample == "pool" and image_size // 2**pool_layers < 1
+        ):  # a stride-2 conv keeps at least 1x1
             raise MetarunError(
                 f"model.layers={layers} pools a {image_size}x{image_size} image down to nothing; "
                 f"lower model.layers (or model.pool_layers) or set model.image_size to the dataset's image size"
@@ -77,8 +92,13 @@ class Conv4(Backbone):
         channels = [in_channels] + [hidden] * layers
         strided = downsample == "stride"
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, pool=i < pool_layers and not strided, batch_norm=batch_norm,
-                      stride=2 if i < pool_layers and strided else 1)
+            ConvBlock(
+                c_in,
+                c_out,
+                pool=i < pool_layers and not strided,
+                batch_norm=batch_norm,
+                stride=2 if i < pool_layers and strided else 1,
+            )
             for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]))
         )
         self.finish((in_channels, image_size, image_size))

@@ -41,11 +41,15 @@ BATCH_NORM_MODES = ("task", "running")
 
 def check_batch_norm(mode: str) -> None:
     if mode not in BATCH_NORM_MODES:
-        raise MetarunError(f"model.batch_norm={mode!r} is not one of {', '.join(BATCH_NORM_MODES)}; "
-                           "use model.batch_norm=task (transductive) or model.batch_norm=running (inductive)")
+        raise MetarunError(
+            f"model.batch_norm={mode!r} is not one of {', '.join(BATCH_NORM_MODES)}; "
+            "use model.batch_norm=task (transductive) or model.batch_norm=running (inductive)"
+        )
 
 
-def task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+def task_batch_norm(
+    x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5
+) -> Tensor:
     """Normalize `x [T*B, C, H, W]` per task and channel with the task's own batch statistics.
 
     PyTorch's fused kernel where it is exact; plain tensor operations under `torch.func.vmap`,
@@ -58,11 +62,15 @@ def task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: 
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     # Tasks side by side as channels: [B, T*C, H, W], so one kernel call normalizes per task.
     xt = x.unflatten(0, (n_tasks, -1)).transpose(0, 1).flatten(1, 2)
-    y = F.batch_norm(xt, None, None, weight.repeat(n_tasks), bias.repeat(n_tasks), training=True, eps=eps)
+    y = F.batch_norm(
+        xt, None, None, weight.repeat(n_tasks), bias.repeat(n_tasks), training=True, eps=eps
+    )
     return y.unflatten(1, (n_tasks, -1)).transpose(0, 1).flatten(0, 1)  # [T*B, C, H, W]
 
 
-def plain_task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+def plain_task_batch_norm(
+    x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor, eps: float = 1e-5
+) -> Tensor:
     """task_batch_norm in plain mean/variance operations: exact to any order, also under vmap.
 
     y = (x - mean) / sqrt(var + eps) * weight + bias, mean and (biased) var over the B items and
@@ -71,7 +79,9 @@ def plain_task_batch_norm(x: Tensor, n_tasks: int, weight: Tensor, bias: Tensor,
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     xt = x.to(compute_dtype).unflatten(0, (n_tasks, -1))  # [T, B, C, H, W]
-    var, mean = torch.var_mean(xt, dim=(1, 3, 4), correction=0, keepdim=True)  # [T, 1, C, 1, 1] each
+    var, mean = torch.var_mean(
+        xt, dim=(1, 3, 4), correction=0, keepdim=True
+    )  # [T, 1, C, 1, 1] each
     # Folded into one scale and shift per task and channel, so the full-size tensor is touched
     # by a single multiply-add (this layer dominates Conv4's time on a CPU).
     scale = torch.rsqrt(var + eps) * weight.view(1, 1, -1, 1, 1)  # [T, 1, C, 1, 1]
@@ -101,20 +111,35 @@ class TaskBatchNorm(nn.Module):
         if self.mode == "task":
             return task_batch_norm(x, n_tasks, self.weight, self.bias, self.eps)
         if not self.training:  # inductive: every item on its own
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
-                                eps=self.eps)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                eps=self.eps,
+            )
         if is_vmapped(x):
-            raise MetarunError("model.batch_norm=running updates running statistics, which torch.func.vmap "
-                               "cannot do in place; set algorithm.task_batching=loop or model.batch_norm=task")
-        if self.counting and not is_transformed(x):  # Meta-LSTM's support passes run inside torch.func.grad
+            raise MetarunError(
+                "model.batch_norm=running updates running statistics, which torch.func.vmap "
+                "cannot do in place; set algorithm.task_batching=loop or model.batch_norm=task"
+            )
+        if self.counting and not is_transformed(
+            x
+        ):  # Meta-LSTM's support passes run inside torch.func.grad
             self.record_statistics(x.detach(), n_tasks)
         return task_batch_norm(x, n_tasks, self.weight, self.bias, self.eps)
 
     @torch.no_grad()
     def record_statistics(self, x: Tensor, n_tasks: int) -> None:
         """Add each task's batch mean and unbiased variance (as nn.BatchNorm2d keeps) to this meta-batch's."""
-        xt = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(0, (n_tasks, -1))  # [T, B, C, H, W]
-        var, mean = torch.var_mean(xt, dim=(1, 3, 4), correction=1 if xt[0, :, 0].numel() > 1 else 0)  # [T, C]
+        xt = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(
+            0, (n_tasks, -1)
+        )  # [T, B, C, H, W]
+        var, mean = torch.var_mean(
+            xt, dim=(1, 3, 4), correction=1 if xt[0, :, 0].numel() > 1 else 0
+        )  # [T, C]
         sums = torch.stack([mean.sum(0), var.sum(0)])  # [2, C]
         if self.pending is not None:
             sums, n_tasks = self.pending[0] + sums, self.pending[1] + n_tasks
@@ -202,15 +227,28 @@ class Backbone(nn.Module):
             n_tasks, items = 1, None
             h = x
         else:
-            raise MetarunError(f"{name} expects inputs [B, {', '.join(map(str, self.in_shape))}] or [T, B, ...], got "
-                               f"shape {tuple(x.shape)}; check the dataset transform")
+            raise MetarunError(
+                f"{name} expects inputs [B, {', '.join(map(str, self.in_shape))}] or [T, B, ...], got "
+                f"shape {tuple(x.shape)}; check the dataset transform"
+            )
         if tuple(h.shape[1:]) != self.in_shape:
             got = tuple(h.shape[1:])
-            fix = " ".join(f"model.{key}={have}" for key, want, have in
-                           (("in_channels", self.in_shape[0], got[0]), ("image_size", self.in_shape[-1], got[-1]))
-                           if want != have) if len(got) == 3 else f"model.in_features={got[0]}"
-            raise MetarunError(f"{name} was built for {'x'.join(map(str, self.in_shape))} inputs but got "
-                               f"{'x'.join(map(str, got))}; set {fix} (the defaults follow the dataset)")
+            fix = (
+                " ".join(
+                    f"model.{key}={have}"
+                    for key, want, have in (
+                        ("in_channels", self.in_shape[0], got[0]),
+                        ("image_size", self.in_shape[-1], got[-1]),
+                    )
+                    if want != have
+                )
+                if len(got) == 3
+                else f"model.in_features={got[0]}"
+            )
+            raise MetarunError(
+                f"{name} was built for {'x'.join(map(str, self.in_shape))} inputs but got "
+                f"{'x'.join(map(str, got))}; set {fix} (the defaults follow the dataset)"
+            )
         h = self.features(h, n_tasks).flatten(1)  # [T*B, D]
         return h if items is None else h.unflatten(0, (n_tasks, items))  # [T, B, D]
 

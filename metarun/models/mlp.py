@@ -21,9 +21,13 @@ class MLP(Backbone):
     def __init__(self, in_features: int = 1, hidden: list[int] | None = None):
         super().__init__()
         hidden = list((40, 40) if hidden is None else hidden)  # also an OmegaConf ListConfig
-        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise MetarunError(f"model.hidden={hidden} must be a list of positive layer widths; "
-                               "set model.hidden=[40,40] (MAML's sinusoid network)")
+        if not hidden or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
+        ):
+            raise MetarunError(
+                f"model.hidden={hidden} must be a list of positive layer widths; "
+                "set model.hidden=[40,40] (MAML's sinusoid network)"
+            )
         widths = [in_features] + hidden
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.in_features = in_features

@@ -34,7 +34,9 @@ def drop_block(x: Tensor, drop_rate: float, block_size: int) -> Tensor:
     size = min(block_size, height, width)
     seed_h, seed_w = height - size + 1, width - size + 1
     gamma = drop_rate / size**2 * height * width / (seed_h * seed_w)
-    seeds = torch.bernoulli(torch.full((*x.shape[:-2], seed_h, seed_w), gamma, dtype=x.dtype, device=x.device))
+    seeds = torch.bernoulli(
+        torch.full((*x.shape[:-2], seed_h, seed_w), gamma, dtype=x.dtype, device=x.device)
+    )
     # Each seed at (i, j) grows into the block [i, i + size) x [j, j + size): [B, C, H, W]
     dropped = F.max_pool2d(F.pad(seeds, (size - 1,) * 4), size, stride=1)
     keep = 1 - dropped
@@ -45,8 +47,14 @@ class ResidualBlock(nn.Module):
     """3 x [3x3 conv, batch norm, LeakyReLU] (no activation after the last norm) + 1x1 conv shortcut,
     add, LeakyReLU, 2x2 max-pool, DropBlock when `drop_rate > 0` and training."""
 
-    def __init__(self, in_channels: int, out_channels: int, batch_norm: str, drop_rate: float = 0.0,
-                 block_size: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        batch_norm: str,
+        drop_rate: float = 0.0,
+        block_size: int = 1,
+    ):
         super().__init__()
         # No conv biases: the batch-norm mean subtraction cancels them.
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
@@ -84,21 +92,45 @@ class ResNet12(Backbone):
     ):
         super().__init__()
         check_batch_norm(batch_norm)
-        channels = list(DEFAULT_CHANNELS if channels is None else channels)  # also an OmegaConf ListConfig
-        if len(channels) != 4 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
-            raise MetarunError(f"model.channels={channels} must be 4 positive integers, one per block; "
-                               "set model.channels=[64,160,320,640] (MetaOptNet's)")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise MetarunError(f"model.drop_rate={drop_rate!r} must be in [0, 1); "
-                               "set model.drop_rate=0.1 (MetaOptNet's) or 0 to turn DropBlock off")
-        if isinstance(dropblock_size, bool) or not isinstance(dropblock_size, int) or dropblock_size < 1:
-            raise MetarunError(f"model.dropblock_size={dropblock_size!r} must be an integer of at least 1; "
-                               "set model.dropblock_size=5 (MetaOptNet's mini-ImageNet value; 2 on CIFAR)")
+        channels = list(
+            DEFAULT_CHANNELS if channels is None else channels
+        )  # also an OmegaConf ListConfig
+        if len(channels) != 4 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels
+        ):
+            raise MetarunError(
+                f"model.channels={channels} must be 4 positive integers, one per block; "
+                "set model.channels=[64,160,320,640] (MetaOptNet's)"
+            )
+        if (
+            isinstance(drop_rate, bool)
+            or not isinstance(drop_rate, (int, float))
+            or not 0 <= drop_rate < 1
+        ):
+            raise MetarunError(
+                f"model.drop_rate={drop_rate!r} must be in [0, 1); "
+                "set model.drop_rate=0.1 (MetaOptNet's) or 0 to turn DropBlock off"
+            )
+        if (
+            isinstance(dropblock_size, bool)
+            or not isinstance(dropblock_size, int)
+            or dropblock_size < 1
+        ):
+            raise MetarunError(
+                f"model.dropblock_size={dropblock_size!r} must be an integer of at least 1; "
+                "set model.dropblock_size=5 (MetaOptNet's mini-ImageNet value; 2 on CIFAR)"
+            )
         if image_size < 16:
-            raise MetarunError(f"model.image_size={image_size} is too small for ResNet-12's 4 max-pools; "
-                               "use images of at least 16 pixels")
+            raise MetarunError(
+                f"model.image_size={image_size} is too small for ResNet-12's 4 max-pools; "
+                "use images of at least 16 pixels"
+            )
         self.in_channels, self.image_size, self.channels = in_channels, image_size, channels
-        self.drop_rate, self.dropblock_size, self.batch_norm = float(drop_rate), dropblock_size, batch_norm
+        self.drop_rate, self.dropblock_size, self.batch_norm = (
+            float(drop_rate),
+            dropblock_size,
+            batch_norm,
+        )
         widths = [in_channels] + channels
         self.blocks = nn.ModuleList(
             ResidualBlock(c_in, c_out, batch_norm, drop_rate if i >= 2 else 0.0, dropblock_size)

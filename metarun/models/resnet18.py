@@ -46,15 +46,26 @@ class BasicBlock(resnet.BasicBlock):
 class ResNet18(Backbone):
     """ResNet-18 embedding network for square `image_size` inputs of `in_channels` channels."""
 
-    def __init__(self, in_channels: int = 3, image_size: int = 84, batch_norm: str = "task", width: int = 64):
+    def __init__(
+        self, in_channels: int = 3, image_size: int = 84, batch_norm: str = "task", width: int = 64
+    ):
         super().__init__()
         check_batch_norm(batch_norm)
-        for key, value, fix in (("in_channels", in_channels, "${dataset.channels} (the default)"),
-                                ("image_size", image_size, "${dataset.image_size} (the default)"),
-                                ("width", width, "64 (the real ResNet-18) or 8 for a quick test")):
+        for key, value, fix in (
+            ("in_channels", in_channels, "${dataset.channels} (the default)"),
+            ("image_size", image_size, "${dataset.image_size} (the default)"),
+            ("width", width, "64 (the real ResNet-18) or 8 for a quick test"),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MetarunError(f"model.{key}={value!r} must be a positive integer; set model.{key}={fix}")
-        self.in_channels, self.image_size, self.batch_norm, self.width = in_channels, image_size, batch_norm, width
+                raise MetarunError(
+                    f"model.{key}={value!r} must be a positive integer; set model.{key}={fix}"
+                )
+        self.in_channels, self.image_size, self.batch_norm, self.width = (
+            in_channels,
+            image_size,
+            batch_norm,
+            width,
+        )
 
         def norm(channels: int) -> TaskBatchNorm:
             return TaskBatchNorm(channels, batch_norm)
@@ -62,19 +73,33 @@ class ResNet18(Backbone):
         if image_size <= 32:
             self.conv1 = resnet.conv3x3(in_channels, width)
         else:
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(
+                in_channels, width, kernel_size=7, stride=2, padding=3, bias=False
+            )
         self.bn1 = norm(width)
         self.maxpool = image_size >= 100
         channels = width
-        for i, (planes, stride) in enumerate(((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)), 1):
+        for i, (planes, stride) in enumerate(
+            ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)), 1
+        ):
             downsample = None
             if stride != 1 or channels != planes:
                 downsample = nn.Sequential(resnet.conv1x1(channels, planes, stride), norm(planes))
             # A ModuleList, not torchvision's nn.Sequential: a block needs n_tasks, which Sequential cannot pass.
-            setattr(self, f"layer{i}", nn.ModuleList([BasicBlock(channels, planes, stride, downsample, norm_layer=norm),
-                                                      BasicBlock(planes, planes, norm_layer=norm)]))
+            setattr(
+                self,
+                f"layer{i}",
+                nn.ModuleList(
+                    [
+                        BasicBlock(channels, planes, stride, downsample, norm_layer=norm),
+                        BasicBlock(planes, planes, norm_layer=norm),
+                    ]
+                ),
+            )
             channels = planes
-        for m in self.modules():  # torchvision's init; TaskBatchNorm starts at weight 1, bias 0 as it sets
+        for m in (
+            self.modules()
+        ):  # torchvision's init; TaskBatchNorm starts at weight 1, bias 0 as it sets
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.finish((in_channels, image_size, image_size))

@@ -10,11 +10,19 @@ from metarun.algorithms.inner_loop import inner_loop
 from metarun.data.tasks import TaskBatch
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, meta_gradient, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import (
+    assert_vmap_matches_loop,
+    max_abs_diff,
+    meta_gradient,
+    perturb_batch_norm,
+    random_tasks,
+)
 
 F64 = torch.float64
 HEAD = ["head.weight", "head.bias"]
-SMALL = dict(layers=2, image_size=8)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
+SMALL = dict(
+    layers=2, image_size=8
+)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
 
 
 make_tasks = partial(random_tasks, shuffled=False)  # this file's defaults
@@ -22,7 +30,9 @@ make_tasks = partial(random_tasks, shuffled=False)  # this file's defaults
 
 def make_anil(hidden=4, layers=4, image_size=28, dtype=F64, seed=0, **kwargs) -> ANIL:
     torch.manual_seed(seed)
-    learner = ANIL(Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs).to(dtype)
+    learner = ANIL(
+        Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs
+    ).to(dtype)
     perturb_batch_norm(learner)
     return learner
 
@@ -33,8 +43,16 @@ def reference_meta_loss(learner: ANIL, tasks: TaskBatch, steps: int, first_order
     params = dict(learner.model.named_parameters())
     losses = []
     for t in range(len(tasks)):
-        adapted = inner_loop(learner.model, params, tasks.support_x[t], tasks.support_y[t], adaptation_steps=steps,
-                             inner_lr=learner.inner_lr, first_order=first_order, adapted_names=HEAD)
+        adapted = inner_loop(
+            learner.model,
+            params,
+            tasks.support_x[t],
+            tasks.support_y[t],
+            adaptation_steps=steps,
+            inner_lr=learner.inner_lr,
+            first_order=first_order,
+            adapted_names=HEAD,
+        )
         logits = functional_call(learner.model, adapted, (tasks.query_x[t],))
         losses.append(F.cross_entropy(logits, tasks.query_y[t]))
     meta_loss = torch.stack(losses).mean()
@@ -45,7 +63,9 @@ def test_anil_body_receives_no_inner_loop_update():
     learner = make_anil(adaptation_steps=3)
     tasks = make_tasks()
     params = dict(learner.model.named_parameters())
-    adapted = learner.adapted_params(params, tasks.support_x[0], tasks.support_y[0], steps=3, first_order=False)
+    adapted = learner.adapted_params(
+        params, tasks.support_x[0], tasks.support_y[0], steps=3, first_order=False
+    )
     assert list(adapted) == list(params)
     for name, p in params.items():
         if name in HEAD:
@@ -57,14 +77,20 @@ def test_anil_body_receives_no_inner_loop_update():
 @pytest.mark.parametrize("task_batching", ["loop", "vmap"])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_anil_matches_inner_loop_on_the_whole_classifier_adapting_the_head(task_batching, steps, first_order):
-    learner = make_anil(adaptation_steps=steps, first_order=first_order, task_batching=task_batching, **SMALL)
+def test_anil_matches_inner_loop_on_the_whole_classifier_adapting_the_head(
+    task_batching, steps, first_order
+):
+    learner = make_anil(
+        adaptation_steps=steps, first_order=first_order, task_batching=task_batching, **SMALL
+    )
     tasks = make_tasks(image_size=8)
     loss, grads, _ = meta_gradient(learner, tasks)
     ref_loss, ref_grads = reference_meta_loss(learner, tasks, steps, first_order)
     diff = max_abs_diff(grads, ref_grads)
-    print(f"ANIL ({task_batching}, {steps} steps, first_order={first_order}) vs whole-Classifier inner loop: "
-          f"loss diff {abs(loss.item() - ref_loss.item()):.1e}, max abs grad diff {diff:.2e}")
+    print(
+        f"ANIL ({task_batching}, {steps} steps, first_order={first_order}) vs whole-Classifier inner loop: "
+        f"loss diff {abs(loss.item() - ref_loss.item()):.1e}, max abs grad diff {diff:.2e}"
+    )
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert diff < 1e-10
 
@@ -80,10 +106,14 @@ def test_second_order_anil_differentiates_the_body_through_the_head_update():
 def test_anil_runs_the_body_once_per_set_however_many_inner_steps():
     tasks = make_tasks()
     for steps in (1, 5):
-        learner = make_anil(adaptation_steps=steps, eval_adaptation_steps=steps, task_batching="loop")
+        learner = make_anil(
+            adaptation_steps=steps, eval_adaptation_steps=steps, task_batching="loop"
+        )
         batched_calls = []
         learner.model.backbone.register_forward_hook(
-            lambda module, args, out: batched_calls.append(args[0].shape) if args[0].dim() == 5 else None
+            lambda module, args, out, calls=batched_calls: (
+                calls.append(args[0].shape) if args[0].dim() == 5 else None
+            )
         )
         learner(tasks)[0].backward()
         learner.evaluate(tasks)
@@ -95,7 +125,9 @@ def test_anil_runs_the_body_once_per_set_however_many_inner_steps():
 @pytest.mark.parametrize("first_order", [False, True])
 def test_vmap_and_loop_task_batching_agree(steps, first_order):
     def make(mode):
-        return make_anil(adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL)
+        return make_anil(
+            adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL
+        )
 
     assert_vmap_matches_loop(make, make_tasks(image_size=8))
 
@@ -127,7 +159,13 @@ def test_anil_reports_support_accuracy_before_and_after():
 def test_anil_short_run_learns_well_above_chance(make_config, tmp_path):
     # 80 steps cost about what MAML's 40 do: the body runs once per set, without second-order terms.
     # Measured: 68.6% test accuracy (59.0% after 40 steps).
-    cfg = make_config("algorithm=anil", "episode.meta_batch_size=4", "episode.n_query=5", "train.steps=80",
-                      "train.val_every=40", "eval.episodes=100")
+    cfg = make_config(
+        "algorithm=anil",
+        "episode.meta_batch_size=4",
+        "episode.n_query=5",
+        "train.steps=80",
+        "train.val_every=40",
+        "eval.episodes=100",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.5

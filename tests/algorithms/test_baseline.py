@@ -22,10 +22,14 @@ from metarun.trainer import Trainer
 from tests.algorithms.synthetic import random_tasks
 
 F64 = torch.float64
-FINETUNE = dict(scale=2.0, epochs=5, lr=0.1, batch_size=2, momentum=0.9, dampening=0.9, weight_decay=1e-3)
+FINETUNE = dict(
+    scale=2.0, epochs=5, lr=0.1, batch_size=2, momentum=0.9, dampening=0.9, weight_decay=1e-3
+)
 
 
-make_tasks = partial(random_tasks, k_shot=2, queries=3, n_classes=40, dtype=torch.float32)  # this file's defaults
+make_tasks = partial(
+    random_tasks, k_shot=2, queries=3, n_classes=40, dtype=torch.float32
+)  # this file's defaults
 
 
 class FlatEmbedding(nn.Flatten):
@@ -40,36 +44,61 @@ def test_cosine_classifier_equals_hand_computed_scaled_cosines():
     x = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=F64)
     w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]], dtype=F64)
     # cos((3,4),(1,0)) = 3/5; cos((3,4),(0,2)) = 8/10; cos((3,4),(-1,1)) = 1/(5 sqrt 2); (1,0): 1, 0, -1/sqrt 2.
-    expected = 2.5 * torch.tensor([[0.6, 0.8, 1 / (5 * math.sqrt(2))], [1.0, 0.0, -1 / math.sqrt(2)]], dtype=F64)
+    expected = 2.5 * torch.tensor(
+        [[0.6, 0.8, 1 / (5 * math.sqrt(2))], [1.0, 0.0, -1 / math.sqrt(2)]], dtype=F64
+    )
     logits = cosine_logits(x, w, scale=2.5)
     diff = (logits - expected).abs().max().item()
     print(f"cosine classifier vs hand computation: max abs diff {diff:.1e}")
     assert diff < 1e-15
     # Batched over tasks: [T, M, D] against [T, N, D].
-    torch.testing.assert_close(cosine_logits(torch.stack([x, 2 * x]), torch.stack([w, w]), 2.5),
-                               torch.stack([expected, expected]), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        cosine_logits(torch.stack([x, 2 * x]), torch.stack([w, w]), 2.5),
+        torch.stack([expected, expected]),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 @pytest.mark.parametrize("cosine", [False, True])
-def test_training_loss_is_cross_entropy_over_all_training_classes_with_labels_mapped_through_classes(cosine):
+def test_training_loss_is_cross_entropy_over_all_training_classes_with_labels_mapped_through_classes(
+    cosine,
+):
     # Two 2-way tasks of 2-pixel images; 4 training classes; the embedding is the pixels.
-    support_x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]], dtype=F64).view(2, 2, 1, 1, 2)
-    query_x = torch.tensor([[[0.5, 0.5], [1.0, 2.0]], [[0.0, 3.0], [1.0, -1.0]]], dtype=F64).view(2, 2, 1, 1, 2)
+    support_x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]], dtype=F64).view(
+        2, 2, 1, 1, 2
+    )
+    query_x = torch.tensor([[[0.5, 0.5], [1.0, 2.0]], [[0.0, 3.0], [1.0, -1.0]]], dtype=F64).view(
+        2, 2, 1, 1, 2
+    )
     support_y = torch.tensor([[1, 0], [0, 1]])
     query_y = torch.tensor([[0, 1], [1, 0]])
     classes = torch.tensor([[3, 0], [1, 2]])
     tasks = TaskBatch(support_x, support_y, query_x, query_y, 2, classes)
-    learner = Baseline(FlatEmbedding(2), n_way=2, n_train_classes=4, cosine=cosine, scale=3.0).to(F64)
+    learner = Baseline(FlatEmbedding(2), n_way=2, n_train_classes=4, cosine=cosine, scale=3.0).to(
+        F64
+    )
     with torch.no_grad():
         learner.head.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, 1.0], [2.0, -1.0]]))
         if not cosine:
             learner.head.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
     loss, metrics = learner(tasks)
 
-    w, b = learner.head.weight.detach().tolist(), [0.0] * 4 if cosine else learner.head.bias.detach().tolist()
+    w, b = (
+        learner.head.weight.detach().tolist(),
+        [0.0] * 4 if cosine else learner.head.bias.detach().tolist(),
+    )
     # Support then query of task 0, then of task 1; labels through classes: task 0 maps 0->3, 1->0.
-    items = [((1.0, 0.0), 0), ((0.0, 1.0), 3), ((0.5, 0.5), 3), ((1.0, 2.0), 0),
-             ((1.0, 1.0), 1), ((2.0, 0.0), 2), ((0.0, 3.0), 2), ((1.0, -1.0), 1)]
+    items = [
+        ((1.0, 0.0), 0),
+        ((0.0, 1.0), 3),
+        ((0.5, 0.5), 3),
+        ((1.0, 2.0), 0),
+        ((1.0, 1.0), 1),
+        ((2.0, 0.0), 2),
+        ((0.0, 3.0), 2),
+        ((1.0, -1.0), 1),
+    ]
     total, correct = 0.0, 0
     for x, c in items:
         if cosine:
@@ -80,7 +109,9 @@ def test_training_loss_is_cross_entropy_over_all_training_classes_with_labels_ma
         total += math.log(sum(math.exp(v) for v in z)) - z[c]
         correct += max(range(4), key=lambda j: z[j]) == c
     diff = abs(loss.item() - total / len(items))
-    print(f"Baseline{'++' if cosine else ''} training loss vs hand cross-entropy: abs diff {diff:.1e}")
+    print(
+        f"Baseline{'++' if cosine else ''} training loss vs hand cross-entropy: abs diff {diff:.1e}"
+    )
     assert diff < 1e-12
     assert metrics["accuracy"].item() == pytest.approx(correct / len(items))
     assert 0 < correct < len(items)  # the accuracy check distinguishes right from wrong labels
@@ -101,8 +132,19 @@ def test_training_without_classes_says_what_is_missing():
         Baseline(Conv4(hidden=4), n_way=5, n_train_classes=40)(tasks)
 
 
-def reference_finetune(support_emb, support_y, n_way, cosine, scale, epochs, lr, batch_size, momentum, dampening,
-                       weight_decay):
+def reference_finetune(
+    support_emb,
+    support_y,
+    n_way,
+    cosine,
+    scale,
+    epochs,
+    lr,
+    batch_size,
+    momentum,
+    dampening,
+    weight_decay,
+):
     """The paper's per-task loop (methods/baselinefinetune.py): a fresh head per task and its own SGD,
     with the same initialization and mini-batch order as finetune_heads."""
     weights, biases = [], []
@@ -114,13 +156,20 @@ def reference_finetune(support_emb, support_y, n_way, cosine, scale, epochs, lr,
             head.weight.copy_(w0)
             if not cosine:
                 head.bias.copy_(b0)
-        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, dampening=dampening,
-                              weight_decay=weight_decay)
+        opt = torch.optim.SGD(
+            head.parameters(),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+        )
         for idx in minibatch_schedule(support_emb.shape[1], epochs, batch_size, g):
             z = support_emb[t, idx]
             if cosine:
                 w = head.weight
-                scores = scale * (z / z.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+                scores = (
+                    scale * (z / z.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+                )
             else:
                 scores = head(z)
             opt.zero_grad()
@@ -143,25 +192,33 @@ def test_batched_finetuning_equals_the_per_task_sgd_loop(cosine):
         diff = max(diff, (bias - ref_bias).abs().max().item())
     print(f"batched fine-tuning (cosine={cosine}) vs per-task SGD loop: max abs diff {diff:.1e}")
     assert diff < 1e-12
-    assert (weight[0] - init_head(5, 6, torch.Generator().manual_seed(FINETUNE_SEED))[0]).abs().max() > 1e-2
+    assert (
+        weight[0] - init_head(5, 6, torch.Generator().manual_seed(FINETUNE_SEED))[0]
+    ).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("cosine", [False, True])
 def test_evaluating_tasks_together_equals_evaluating_each_alone(cosine):
     torch.manual_seed(0)
-    learner = Baseline(Conv4(hidden=8), n_way=5, n_train_classes=40, cosine=cosine, finetune_epochs=10).to(F64)
+    learner = Baseline(
+        Conv4(hidden=8), n_way=5, n_train_classes=40, cosine=cosine, finetune_epochs=10
+    ).to(F64)
     tasks = make_tasks(T=3, dtype=F64)
     with torch.no_grad():
         logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
         losses, accs = learner.evaluate(tasks)
-        alone = [learner.episode_logits(t.support_x, t.support_y, t.query_x, 5)[0]
-                 for t in (tasks.task(i) for i in range(3))]
+        alone = [
+            learner.episode_logits(t.support_x, t.support_y, t.query_x, 5)[0]
+            for t in (tasks.task(i) for i in range(3))
+        ]
         predicted = learner.adapt(tasks.support_x[2], tasks.support_y[2])(tasks.query_x[2])
     diff = max((logits[i] - alone[i]).abs().max().item() for i in range(3))
     print(f"3 tasks batched vs each alone (cosine={cosine}): max abs logit diff {diff:.1e}")
     assert diff < 1e-12
     torch.testing.assert_close(predicted, logits[2], rtol=0, atol=1e-12)
-    torch.testing.assert_close(losses, F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none").mean(1))
+    torch.testing.assert_close(
+        losses, F.cross_entropy(logits.transpose(1, 2), tasks.query_y, reduction="none").mean(1)
+    )
     assert accs.shape == (3,)
 
 
@@ -202,11 +259,24 @@ def test_finetuning_fits_the_support_set():
     # Separable support embeddings: after fine-tuning the new head classifies its own support set.
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(5, 16, generator=g) * 3
-    support_emb = (centers.repeat(2, 1) + 0.1 * torch.randn(10, 16, generator=g))[None]  # [1, 10, 16]
+    support_emb = (centers.repeat(2, 1) + 0.1 * torch.randn(10, 16, generator=g))[
+        None
+    ]  # [1, 10, 16]
     support_y = torch.arange(5).repeat(2)[None]
     for cosine in (False, True):
-        weight, bias = finetune_heads(support_emb, support_y, 5, cosine=cosine, scale=2.0, epochs=100, lr=0.01,
-                                      batch_size=4, momentum=0.9, dampening=0.9, weight_decay=1e-3)
+        weight, bias = finetune_heads(
+            support_emb,
+            support_y,
+            5,
+            cosine=cosine,
+            scale=2.0,
+            epochs=100,
+            lr=0.01,
+            batch_size=4,
+            momentum=0.9,
+            dampening=0.9,
+            weight_decay=1e-3,
+        )
         if cosine:
             logits = cosine_logits(support_emb, weight, 2.0)
         else:
@@ -234,10 +304,22 @@ def test_short_baseline_pp_run_learns_well_above_chance(make_config, tmp_path):
     # Batches of 16 images (8 classes x 2), the paper's batch size, at 3x the paper's learning rate so that
     # 1000 steps (0.2 epochs) learn: test accuracy 0.77 here; the untrained backbone with a fine-tuned
     # head gets 0.55, so the bound needs the backbone to have learned.
-    cfg = make_config("algorithm=baselinepp", "episode.n_way=8", "episode.k_shot=1", "episode.n_query=1",
-                      "episode.meta_batch_size=1", "optimizer.lr=0.003", "eval.n_way=5", "eval.k_shot=1",
-                      "eval.n_query=15", "train.steps=1000", "train.val_every=1000", "train.log_every=100",
-                      "eval.episodes=100", "eval.batch_size=50")
+    cfg = make_config(
+        "algorithm=baselinepp",
+        "episode.n_way=8",
+        "episode.k_shot=1",
+        "episode.n_query=1",
+        "episode.meta_batch_size=1",
+        "optimizer.lr=0.003",
+        "eval.n_way=5",
+        "eval.k_shot=1",
+        "eval.n_query=15",
+        "train.steps=1000",
+        "train.val_every=1000",
+        "train.log_every=100",
+        "eval.episodes=100",
+        "eval.batch_size=50",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.2 + 0.45
 
@@ -246,8 +328,14 @@ def test_short_baseline_pp_run_learns_well_above_chance(make_config, tmp_path):
 def test_the_experiments_test_inductively_as_the_papers_code(make_config, tmp_path, experiment):
     """The paper's code extracts test features in model.eval(), with the running statistics of
     training: a query's prediction depends on the support set and itself, not on the other queries."""
-    cfg = make_config(f"+experiment={experiment}", "model.hidden=8", "train.val_episodes=4", "eval.episodes=4",
-                      "eval.n_query=3", "algorithm.finetune_epochs=2")
+    cfg = make_config(
+        f"+experiment={experiment}",
+        "model.hidden=8",
+        "train.val_episodes=4",
+        "eval.episodes=4",
+        "eval.n_query=3",
+        "algorithm.finetune_epochs=2",
+    )
     assert cfg.model.batch_norm == "running"
     trainer = Trainer(cfg, tmp_path)
     tasks = trainer.samplers["train"].sample(1, torch.Generator().manual_seed(0))

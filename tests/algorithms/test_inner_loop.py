@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metarun.algorithms.inner_loop import adam_step, inner_loop
-from metarun.models.layers import Classifier
 from metarun.models.conv4 import Conv4
+from metarun.models.layers import Classifier
 from tests.algorithms.synthetic import max_abs_diff, perturb_batch_norm
 
 F64 = torch.float64
@@ -44,7 +44,8 @@ def hand_adam(model, params, x, y, steps, lr, betas, eps=1e-8, indices=None, cre
         m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads)]
         v = [beta2 * vi + (1 - beta2) * g**2 for vi, g in zip(v, grads)]
         fast = [
-            w - lr * (mi / (1 - beta1**t)) / (torch.sqrt(vi / (1 - beta2**t)) + eps) for w, mi, vi in zip(fast, m, v)
+            w - lr * (mi / (1 - beta1**t)) / (torch.sqrt(vi / (1 - beta2**t)) + eps)
+            for w, mi, vi in zip(fast, m, v)
         ]
     return dict(zip(names, fast))
 
@@ -54,8 +55,17 @@ def test_adam_inner_loop_matches_hand_written_adam(betas):
     model = make_model()
     params = {n: p.detach() for n, p in model.named_parameters()}
     x, y = make_support()
-    adapted = inner_loop(model, params, x, y, adaptation_steps=4, inner_lr=0.01, first_order=True,
-                         inner_optimizer="adam", adam_betas=betas)
+    adapted = inner_loop(
+        model,
+        params,
+        x,
+        y,
+        adaptation_steps=4,
+        inner_lr=0.01,
+        first_order=True,
+        inner_optimizer="adam",
+        adam_betas=betas,
+    )
     reference = hand_adam(model, params, x, y, steps=4, lr=0.01, betas=betas)
     diff = max_abs_diff(adapted, reference)
     print(f"Adam inner loop {betas} vs hand-written Adam: max abs diff {diff:.2e}")
@@ -72,10 +82,20 @@ def test_second_order_adam_inner_loop_matches_hand_written_adam_gradient():
     def query_loss(adapted):
         return F.cross_entropy(functional_call(model, adapted, (query_x,)), query_y)
 
-    adapted = inner_loop(model, params, x, y, adaptation_steps=2, inner_lr=0.01, inner_optimizer="adam",
-                         adam_betas=(0.9, 0.99))
+    adapted = inner_loop(
+        model,
+        params,
+        x,
+        y,
+        adaptation_steps=2,
+        inner_lr=0.01,
+        inner_optimizer="adam",
+        adam_betas=(0.9, 0.99),
+    )
     grads = torch.autograd.grad(query_loss(adapted), list(params.values()))
-    reference = hand_adam(model, params, x, y, steps=2, lr=0.01, betas=(0.9, 0.99), create_graph=True)
+    reference = hand_adam(
+        model, params, x, y, steps=2, lr=0.01, betas=(0.9, 0.99), create_graph=True
+    )
     ref_grads = torch.autograd.grad(query_loss(reference), list(params.values()))
     diff = max((g - r).abs().max().item() for g, r in zip(grads, ref_grads))
     print(f"second-order Adam inner loop vs hand-written: max abs meta-gradient diff {diff:.2e}")
@@ -106,22 +126,45 @@ def test_batch_indices_select_the_support_items_of_each_step(inner_optimizer):
     params = {n: p.detach() for n, p in model.named_parameters()}
     x, y = make_support(n_items=10)
     indices = torch.tensor([[0, 3, 5, 7], [9, 1, 2, 4], [6, 8, 0, 3]])  # [steps, B]
-    adapted = inner_loop(model, params, x, y, adaptation_steps=3, inner_lr=0.1, first_order=True,
-                         inner_optimizer=inner_optimizer, batch_indices=indices)
+    adapted = inner_loop(
+        model,
+        params,
+        x,
+        y,
+        adaptation_steps=3,
+        inner_lr=0.1,
+        first_order=True,
+        inner_optimizer=inner_optimizer,
+        batch_indices=indices,
+    )
     if inner_optimizer == "adam":
-        reference = hand_adam(model, params, x, y, steps=3, lr=0.1, betas=(0.9, 0.999), indices=indices)
+        reference = hand_adam(
+            model, params, x, y, steps=3, lr=0.1, betas=(0.9, 0.999), indices=indices
+        )
     else:
         names, reference_list = list(params), list(params.values())
         for rows in indices:
             leaves = [w.detach().requires_grad_() for w in reference_list]
-            loss = F.cross_entropy(functional_call(model, dict(zip(names, leaves)), (x[rows],)), y[rows])
-            reference_list = [w - 0.1 * g for w, g in zip(leaves, torch.autograd.grad(loss, leaves))]
+            loss = F.cross_entropy(
+                functional_call(model, dict(zip(names, leaves)), (x[rows],)), y[rows]
+            )
+            reference_list = [
+                w - 0.1 * g for w, g in zip(leaves, torch.autograd.grad(loss, leaves))
+            ]
         reference = {n: w.detach() for n, w in zip(names, reference_list)}
     diff = max_abs_diff(adapted, reference)
     print(f"{inner_optimizer} on mini-batches vs hand loop: max abs diff {diff:.2e}")
     assert diff < 1e-13
-    full = inner_loop(model, params, x, y, adaptation_steps=3, inner_lr=0.1, first_order=True,
-                      inner_optimizer=inner_optimizer)
+    full = inner_loop(
+        model,
+        params,
+        x,
+        y,
+        adaptation_steps=3,
+        inner_lr=0.1,
+        first_order=True,
+        inner_optimizer=inner_optimizer,
+    )
     assert max_abs_diff(adapted, full) > 1e-4  # the mini-batches are not the full set
 
 
@@ -142,8 +185,12 @@ def test_vmapped_inner_loop_with_per_task_mini_batches_matches_a_loop(inner_opti
     data = [make_support(seed=s) for s in range(3)]
     support_x = torch.stack([x for x, _ in data])  # [T, N*K, C, H, W]
     support_y = torch.stack([y for _, y in data])  # [T, N*K]
-    indices = torch.rand(3, 4, 10, generator=torch.Generator().manual_seed(0)).argsort(-1)[..., :6]  # [T, steps, B]
-    settings = dict(adaptation_steps=4, inner_lr=0.05, first_order=True, inner_optimizer=inner_optimizer)
+    indices = torch.rand(3, 4, 10, generator=torch.Generator().manual_seed(0)).argsort(-1)[
+        ..., :6
+    ]  # [T, steps, B]
+    settings = dict(
+        adaptation_steps=4, inner_lr=0.05, first_order=True, inner_optimizer=inner_optimizer
+    )
 
     def adapt(x, y, idx):
         return inner_loop(model, params, x, y, batch_indices=idx, **settings)

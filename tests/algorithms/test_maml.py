@@ -4,14 +4,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.anil import ANIL
+from metarun.algorithms.inner_loop import inner_loop
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.metasgd import MetaSGD
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
-from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, meta_gradient, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import (
+    assert_vmap_matches_loop,
+    max_abs_diff,
+    meta_gradient,
+    perturb_batch_norm,
+    random_tasks,
+)
 
 F64 = torch.float64
 
@@ -21,7 +27,9 @@ make_tasks = partial(random_tasks, dtype=torch.float32, shuffled=False)  # this 
 
 def make_maml(hidden=4, layers=4, image_size=28, dtype=F64, seed=0, **kwargs) -> MAML:
     torch.manual_seed(seed)
-    learner = MAML(Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs).to(dtype)
+    learner = MAML(
+        Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs
+    ).to(dtype)
     perturb_batch_norm(learner)
     return learner
 
@@ -39,7 +47,9 @@ def reference_logits(p: dict, x: torch.Tensor, layers: int) -> torch.Tensor:
     return F.linear(x.flatten(1), p["model.head.weight"], p["model.head.bias"])
 
 
-def reference_meta_loss(learner: MAML, tasks: TaskBatch, layers: int, steps: int, first_order: bool):
+def reference_meta_loss(
+    learner: MAML, tasks: TaskBatch, layers: int, steps: int, first_order: bool
+):
     """Unrolled MAML, one task after another, inner gradients by torch.autograd.grad."""
     names, params = zip(*learner.named_parameters())
     losses = []
@@ -69,7 +79,9 @@ def test_maml_meta_gradient_matches_unrolled_autograd(task_batching):
 
 
 def test_maml_meta_gradient_matches_finite_differences():
-    learner = make_maml(hidden=3, layers=2, image_size=8, inner_lr=0.5, adaptation_steps=2, task_batching="loop")
+    learner = make_maml(
+        hidden=3, layers=2, image_size=8, inner_lr=0.5, adaptation_steps=2, task_batching="loop"
+    )
     tasks = make_tasks(T=2, image_size=8, dtype=F64)
     _, grads, _ = meta_gradient(learner, tasks)
     eps, worst = 1e-6, 0.0
@@ -111,7 +123,10 @@ def test_vmap_and_loop_task_batching_agree(steps, first_order):
 
 def test_maml_reports_loss_accuracy_and_support_accuracy_before_and_after():
     learner = make_maml(hidden=8, dtype=torch.float32, adaptation_steps=10, task_batching="loop")
-    assert set(learner(make_tasks())[1]) == {"loss", "accuracy"}  # the diagnostics cost extra passes
+    assert set(learner(make_tasks())[1]) == {
+        "loss",
+        "accuracy",
+    }  # the diagnostics cost extra passes
     _, metrics = learner(make_tasks(), diagnostics=True)
     assert set(metrics) == {"loss", "accuracy", "support_acc_before", "support_acc_after"}
     assert all(m.dim() == 0 and not m.requires_grad for m in metrics.values())
@@ -143,7 +158,14 @@ def test_loss_scale_leaves_adapted_parameters_unchanged():
     kwargs = dict(adaptation_steps=2, inner_lr=0.4)
     plain = inner_loop(learner.model, params, tasks.support_x[0], tasks.support_y[0], **kwargs)
     for scale in (1024.0, 3.7):
-        scaled = inner_loop(learner.model, params, tasks.support_x[0], tasks.support_y[0], loss_scale=scale, **kwargs)
+        scaled = inner_loop(
+            learner.model,
+            params,
+            tasks.support_x[0],
+            tasks.support_y[0],
+            loss_scale=scale,
+            **kwargs,
+        )
         for name in params:
             torch.testing.assert_close(scaled[name], plain[name], rtol=1e-5, atol=1e-6)
     loss = learner(tasks)[0].item()
@@ -158,7 +180,13 @@ def test_inner_loop_adapts_only_the_named_parameters_with_per_parameter_rates():
     rates = {"head.weight": 0.1, "head.bias": torch.full((5,), 0.2, dtype=F64)}
     support_x, support_y = tasks.support_x[0], tasks.support_y[0]
     adapted = inner_loop(
-        learner.model, params, support_x, support_y, adaptation_steps=1, inner_lr=rates, adapted_names=head
+        learner.model,
+        params,
+        support_x,
+        support_y,
+        adaptation_steps=1,
+        inner_lr=rates,
+        adapted_names=head,
     )
     loss = F.cross_entropy(learner.model(tasks.support_x[0]), tasks.support_y[0])
     grads = torch.autograd.grad(loss, [params[n] for n in head])
@@ -179,8 +207,13 @@ def test_sum_over_k_inner_step_is_the_papers_code_step_and_n_times_the_mean_step
     n_way, k_shot, alpha = 4, 2, 0.3
     # MAML's code (cbfinn/maml utils.xent): sum_i CE_i / K, whose gradient in the logits z_i is
     # (softmax(z_i) - onehot(y_i)) / K.
-    dz = (torch.softmax(x @ params["weight"].T + params["bias"], dim=1) - F.one_hot(y, n_way)) / k_shot  # [N*K, N]
-    by_hand = {"weight": params["weight"] - alpha * dz.T @ x, "bias": params["bias"] - alpha * dz.sum(0)}
+    dz = (
+        torch.softmax(x @ params["weight"].T + params["bias"], dim=1) - F.one_hot(y, n_way)
+    ) / k_shot  # [N*K, N]
+    by_hand = {
+        "weight": params["weight"] - alpha * dz.T @ x,
+        "bias": params["bias"] - alpha * dz.sum(0),
+    }
     step = partial(inner_loop, head, params, x, y, adaptation_steps=1, first_order=True)
     summed = step(inner_lr=alpha, inner_loss="sum_over_k")
     assert max_abs_diff(summed, by_hand) < 1e-14
@@ -189,13 +222,24 @@ def test_sum_over_k_inner_step_is_the_papers_code_step_and_n_times_the_mean_step
     assert max_abs_diff(summed, step(inner_lr=alpha, inner_loss="mean")) > 1e-3
 
 
-@pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])  # ANIL and Meta-SGD share MAML's inner loop
+@pytest.mark.parametrize(
+    "learner", [MAML, ANIL, MetaSGD]
+)  # ANIL and Meta-SGD share MAML's inner loop
 def test_inner_loss_sum_over_k_reaches_every_learner_as_n_times_the_rate(learner):
     def make(inner_loss, rate):
         torch.manual_seed(0)
-        rates = dict(inner_lr_min=rate, inner_lr_max=rate) if learner is MetaSGD else dict(inner_lr=rate)
-        model = learner(Conv4(hidden=4, layers=2, image_size=8), n_way=5, inner_loss=inner_loss,
-                        task_batching="loop", **rates).to(F64)
+        rates = (
+            dict(inner_lr_min=rate, inner_lr_max=rate)
+            if learner is MetaSGD
+            else dict(inner_lr=rate)
+        )
+        model = learner(
+            Conv4(hidden=4, layers=2, image_size=8),
+            n_way=5,
+            inner_loss=inner_loss,
+            task_batching="loop",
+            **rates,
+        ).to(F64)
         return perturb_batch_norm(model)
 
     tasks = make_tasks(T=2, image_size=8, dtype=F64)
@@ -205,7 +249,9 @@ def test_inner_loss_sum_over_k_reaches_every_learner_as_n_times_the_rate(learner
     assert abs(summed.item() - make("mean", rate)(tasks)[0].item()) > 1e-4
 
 
-@pytest.mark.parametrize("learner", [MAML, ANIL, MetaSGD])  # ANIL and Meta-SGD inherit MAML's checks
+@pytest.mark.parametrize(
+    "learner", [MAML, ANIL, MetaSGD]
+)  # ANIL and Meta-SGD inherit MAML's checks
 @pytest.mark.parametrize(
     "kwargs, key",
     [

@@ -49,7 +49,9 @@ def make_mann(model=None, n_way=5, dtype=F64, seed=0, **kwargs) -> MANN:
 
 # -- LRUA against hand computations ---------------------------------------------------------------
 def test_lrua_write_goes_to_the_zeroed_least_used_slot_then_reads_by_softmax_of_cosines():
-    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], dtype=F64)[None]  # [1, 4, 2]
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], dtype=F64)[
+        None
+    ]  # [1, 4, 2]
     usage = torch.tensor([[0.5, 0.1, 0.9, 0.3]], dtype=F64)  # slot 1 is the least used
     prev_read = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]], dtype=F64)  # [1, H=1, 4]
     key = torch.tensor([[[3.0, 4.0]]], dtype=F64)  # [1, 1, 2]
@@ -70,7 +72,9 @@ def test_lrua_write_goes_to_the_zeroed_least_used_slot_then_reads_by_softmax_of_
     exps = [math.exp(c) for c in cosines]
     expected_read = torch.tensor([[[e / sum(exps) for e in exps]]], dtype=F64)
     diff = (read_weights - expected_read).abs().max().item()
-    print(f"LRUA read weights vs softmax of hand cosines: max abs diff {diff:.1e} (eps {COSINE_EPS} in the norms)")
+    print(
+        f"LRUA read weights vs softmax of hand cosines: max abs diff {diff:.1e} (eps {COSINE_EPS} in the norms)"
+    )
     assert diff < 1e-6
     torch.testing.assert_close(read_vector, read_weights @ new_memory)
 
@@ -104,7 +108,9 @@ def test_two_heads_write_to_the_first_and_second_least_used_slots_and_only_the_f
     usage = torch.tensor([[0.7, 0.2, 0.1]], dtype=F64)  # least used: slot 2, then slot 1
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=F64)  # [1, H=2, 2]
     alpha = torch.full((1, 2), -1e3, dtype=F64)  # sigmoid(alpha) = 0: pure least-used writes
-    new_memory, write_weights = lrua_write(memory, keys, alpha, torch.zeros(1, 2, 3, dtype=F64), usage)
+    new_memory, write_weights = lrua_write(
+        memory, keys, alpha, torch.zeros(1, 2, 3, dtype=F64), usage
+    )
     assert write_weights.tolist() == [[[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]]
     # Slot 2 is zeroed and takes head 0's key; slot 1 keeps its content and adds head 1's key.
     assert new_memory.tolist() == [[[1.0, 2.0], [3.0, 5.0], [1.0, 0.0]]]
@@ -112,8 +118,15 @@ def test_two_heads_write_to_the_first_and_second_least_used_slots_and_only_the_f
 
 def test_controller_step_writes_then_reads_and_a_query_step_reads_without_writing():
     torch.manual_seed(0)
-    cell = LRUAController(input_size=3, controller_size=5, memory_slots=4, memory_size=2, read_heads=2, gamma=0.95,
-                          key_strength=10.0).to(F64)
+    cell = LRUAController(
+        input_size=3,
+        controller_size=5,
+        memory_slots=4,
+        memory_size=2,
+        read_heads=2,
+        gamma=0.95,
+        key_strength=10.0,
+    ).to(F64)
     empty = cell.initial_state(batch=2, device=torch.device("cpu"), dtype=F64)
     features, state = cell(torch.randn(2, 3, dtype=F64), empty)
     # Fresh memory, no previous reads: head h writes (1 - sigmoid(alpha_h)) k_h to the h-th least-used slot.
@@ -124,8 +137,12 @@ def test_controller_step_writes_then_reads_and_a_query_step_reads_without_writin
     # The same step then reads the memory it wrote (M_t), cosines scaled by key_strength.
     expected = torch.softmax(10.0 * cosine_similarity(keys, state.memory), dim=-1)
     torch.testing.assert_close(state.read_weights, expected, rtol=0, atol=1e-15)
-    assert state.read_weights[:, 0, 0].min() > 0.5 and state.read_weights[:, 1, 1].min() > 0.5  # own slot
-    torch.testing.assert_close(features[:, 5:], (expected @ state.memory).flatten(1), rtol=0, atol=1e-15)
+    assert (
+        state.read_weights[:, 0, 0].min() > 0.5 and state.read_weights[:, 1, 1].min() > 0.5
+    )  # own slot
+    torch.testing.assert_close(
+        features[:, 5:], (expected @ state.memory).flatten(1), rtol=0, atol=1e-15
+    )
     # A query step reads the memory it is given and writes nothing.
     x = torch.randn(2, 3, 3, dtype=F64)  # [T, Q, input]
     query_state = type(state)(*(t.unsqueeze(1) for t in state))
@@ -133,15 +150,21 @@ def test_controller_step_writes_then_reads_and_a_query_step_reads_without_writin
     assert nothing is None and query_features.shape == (2, 3, 9)
     query_keys = torch.tanh(cell.keys(query_features[..., :5])).view(2, 3, 2, 2)
     weights = torch.softmax(10.0 * cosine_similarity(query_keys, state.memory.unsqueeze(1)), dim=-1)
-    torch.testing.assert_close(query_features[..., 5:], (weights @ state.memory.unsqueeze(1)).flatten(-2),
-                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        query_features[..., 5:],
+        (weights @ state.memory.unsqueeze(1)).flatten(-2),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
 def test_controller_embedding_is_centred_and_unit_length():
     emb = torch.tensor([[1.0, 2.0, 3.0, 6.0]], dtype=F64)
     out = controller_embedding(emb)
     centred = emb - 3.0
-    torch.testing.assert_close(out, centred / centred.norm(), rtol=0, atol=1e-5)  # layer norm eps 1e-5
+    torch.testing.assert_close(
+        out, centred / centred.norm(), rtol=0, atol=1e-5
+    )  # layer norm eps 1e-5
     assert abs(out.norm().item() - 1) < 1e-5
 
 
@@ -173,21 +196,27 @@ def test_controller_label_input_at_each_step_is_the_label_of_the_item_presented_
     learner = make_mann(ItemIdentity(), n_way=n_way)
     learner.train(training)
     inputs = []
-    learner.memory.controller.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    learner.memory.controller.register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].detach().clone())
+    )
     learner(tasks)
     support_steps, query_step = inputs[:-1], inputs[-1].view(T, queries * n_way, -1)
     assert len(support_steps) == n_way * k_shot
-    item_ids = lambda step: step[..., :ItemIdentity.out_features].argmax(-1)  # noqa: E731
-    presented = torch.stack([item_ids(step) for step in support_steps], dim=1) - 1  # [T, S] item indices
+    item_ids = lambda step: step[..., : ItemIdentity.out_features].argmax(-1)
+    presented = (
+        torch.stack([item_ids(step) for step in support_steps], dim=1) - 1
+    )  # [T, S] item indices
     assert all(sorted(row) == list(range(n_way * k_shot)) for row in presented.tolist())
     labels = tasks.support_y.gather(1, presented)  # [T, S] in presentation order
     d = ItemIdentity.out_features
-    label_inputs = torch.stack([step[:, d:d + n_way] for step in support_steps], dim=1)  # [T, S, N]
+    label_inputs = torch.stack(
+        [step[:, d : d + n_way] for step in support_steps], dim=1
+    )  # [T, S, N]
     assert torch.equal(label_inputs[:, 0], torch.zeros(T, n_way, dtype=F64))
     assert torch.equal(label_inputs[:, 1:], F.one_hot(labels[:, :-1], n_way).to(F64))
     # Every query gets the last support item's label, and its own image.
     last = F.one_hot(labels[:, -1:], n_way).to(F64).expand(-1, queries * n_way, -1)
-    assert torch.equal(query_step[..., d:d + n_way], last)
+    assert torch.equal(query_step[..., d : d + n_way], last)
     assert torch.equal(item_ids(query_step), torch.zeros(T, queries * n_way, dtype=torch.long))
 
 
@@ -214,13 +243,15 @@ def test_evaluation_of_a_task_does_not_depend_on_the_other_tasks_in_the_batch():
         losses, accs = learner.evaluate(tasks)
         for i in range(3):
             alone = learner.evaluate(tasks.task(i))
-            torch.testing.assert_close(alone[0], losses[i:i + 1], rtol=0, atol=1e-13)
-            torch.testing.assert_close(alone[1], accs[i:i + 1])
+            torch.testing.assert_close(alone[0], losses[i : i + 1], rtol=0, atol=1e-13)
+            torch.testing.assert_close(alone[1], accs[i : i + 1])
         # adapt/predict gives evaluate's logits for a task.
         predict = learner.adapt(tasks.support_x[1], tasks.support_y[1])
         logits = predict(tasks.query_x[1])
     assert logits.shape == (10, 5)
-    torch.testing.assert_close(F.cross_entropy(logits, tasks.query_y[1]), losses[1], rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        F.cross_entropy(logits, tasks.query_y[1]), losses[1], rtol=0, atol=1e-13
+    )
 
 
 # -- no leakage between queries --------------------------------------------------------------------
@@ -230,7 +261,9 @@ def test_permuting_the_queries_permutes_their_logits():
     perm = torch.randperm(15, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x)[2]
-        permuted = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x[:, perm])[2]
+        permuted = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x[:, perm])[
+            2
+        ]
     diff = (permuted - logits[:, perm]).abs().max().item()
     print(f"permuted queries vs permuted logits: max abs diff {diff:.1e}")
     assert diff < 1e-12
@@ -267,20 +300,29 @@ def test_score_support_adds_the_support_steps_to_the_loss():
     tasks = make_tasks(dtype=F64)
     learner = make_mann().eval()  # fixed order, so both settings see the same sequence
     with torch.no_grad():
-        support_logits, labels, query_logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x)
+        support_logits, labels, query_logits = learner.episode_logits(
+            tasks.support_x, tasks.support_y, tasks.query_x
+        )
         query_only = learner.task_losses(support_logits, labels, query_logits, tasks.query_y)
         learner.score_support = True
         both = learner.task_losses(support_logits, labels, query_logits, tasks.query_y)
-    support_ce = F.cross_entropy(support_logits.transpose(1, 2), labels, reduction="none").sum(1)  # [T]
+    support_ce = F.cross_entropy(support_logits.transpose(1, 2), labels, reduction="none").sum(
+        1
+    )  # [T]
     torch.testing.assert_close(both, (support_ce + query_only * 10) / 15)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"read_heads": 0}, "algorithm.read_heads=0 must be at least 1"),
-     ({"memory_slots": 2, "read_heads": 4}, "algorithm.read_heads=4 exceeds algorithm.memory_slots=2"),
-     ({"gamma": 1.5}, r"algorithm.gamma=1.5 must be in \[0, 1\]"),
-     ({"key_strength": 0.0}, "algorithm.key_strength=0.0 must be positive")],
+    [
+        ({"read_heads": 0}, "algorithm.read_heads=0 must be at least 1"),
+        (
+            {"memory_slots": 2, "read_heads": 4},
+            "algorithm.read_heads=4 exceeds algorithm.memory_slots=2",
+        ),
+        ({"gamma": 1.5}, r"algorithm.gamma=1.5 must be in \[0, 1\]"),
+        ({"key_strength": 0.0}, "algorithm.key_strength=0.0 must be positive"),
+    ],
 )
 def test_impossible_hyperparameters_name_the_key(kwargs, message):
     with pytest.raises(MetarunError, match=message):
@@ -293,8 +335,16 @@ def test_short_mann_run_learns_well_above_chance(make_config, tmp_path):
     # bind labels first), so this run is cheap per step rather than short: a 16-channel Conv4,
     # 5-shot episodes (more matches to learn from per episode), one query per class.
     # Test accuracy with seeds 0, 1, 2: 0.414, 0.466, 0.402 (chance 0.2).
-    cfg = make_config("algorithm=mann", "model.hidden=16", "episode=5w5s", "episode.meta_batch_size=4",
-                      "episode.n_query=1", "train.steps=500", "train.val_every=250", "train.log_every=50",
-                      "eval.episodes=100")
+    cfg = make_config(
+        "algorithm=mann",
+        "model.hidden=16",
+        "episode=5w5s",
+        "episode.meta_batch_size=4",
+        "episode.n_query=1",
+        "train.steps=500",
+        "train.val_every=250",
+        "train.log_every=50",
+        "eval.episodes=100",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.32

@@ -26,11 +26,19 @@ from tests.conftest import REPO
 F64 = torch.float64
 
 
-def random_tasks(T=3, n_way=5, k_shot=2, queries=3, shape=(1, 28, 28), dtype=F64, seed=0) -> TaskBatch:
+def random_tasks(
+    T=3, n_way=5, k_shot=2, queries=3, shape=(1, 28, 28), dtype=F64, seed=0
+) -> TaskBatch:
     """Support labels shuffled per task, as the sampler shuffles them."""
     g = torch.Generator().manual_seed(seed)
-    support_y = torch.stack([torch.arange(n_way).repeat_interleave(k_shot)[torch.randperm(n_way * k_shot, generator=g)]
-                             for _ in range(T)])
+    support_y = torch.stack(
+        [
+            torch.arange(n_way).repeat_interleave(k_shot)[
+                torch.randperm(n_way * k_shot, generator=g)
+            ]
+            for _ in range(T)
+        ]
+    )
     return TaskBatch(
         torch.rand(T, n_way * k_shot, *shape, generator=g).to(dtype),
         support_y,
@@ -58,8 +66,12 @@ def test_matching_net_without_fce_equals_hand_computed_cosine_attention(scale):
     tasks = random_tasks(k_shot=3, shape=(1, 1, 8))
     logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)  # [T, M, N]
     support_emb, query_emb = tasks.support_x.flatten(2), tasks.query_x.flatten(2)
-    expected = torch.stack([hand_computed_log_probs(support_emb[t], tasks.support_y[t], query_emb[t], 5, scale)
-                            for t in range(len(tasks))])
+    expected = torch.stack(
+        [
+            hand_computed_log_probs(support_emb[t], tasks.support_y[t], query_emb[t], 5, scale)
+            for t in range(len(tasks))
+        ]
+    )
     diff = (logits - expected).abs().max().item()
     print(f"MatchingNet (scale {scale}) vs hand-computed cosine attention: max abs diff {diff:.1e}")
     assert diff < 1e-12
@@ -79,7 +91,9 @@ def test_class_log_probs_stay_finite_where_probabilities_underflow():
     logits = torch.tensor([[[0.0, -800.0, -900.0]]], dtype=F64)  # [T=1, M=1, S=3]
     log_p = class_log_probs(logits, torch.tensor([[0, 1, 1]]), n_way=2)
     expected_other = -800.0 + math.log1p(math.exp(-100.0))
-    torch.testing.assert_close(log_p, torch.tensor([[[0.0, expected_other]]], dtype=F64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        log_p, torch.tensor([[[0.0, expected_other]]], dtype=F64), rtol=0, atol=1e-9
+    )
 
 
 def test_cosine_similarity_by_hand():
@@ -101,7 +115,10 @@ def test_fce_logits_have_episode_shape_and_are_log_probabilities():
     assert logits.shape == (2, 15, 5)
     torch.testing.assert_close(logits.exp().sum(-1), torch.ones(2, 15, dtype=F64))
     assert learner.full_context.support_lstm.hidden_size == learner.model.out_features == 6
-    assert learner.adapt(tasks.support_x[0], tasks.support_y[0])(tasks.query_x[0, :4]).shape == (4, 5)
+    assert learner.adapt(tasks.support_x[0], tasks.support_y[0])(tasks.query_x[0, :4]).shape == (
+        4,
+        5,
+    )
     losses, accs = learner.evaluate(tasks)
     assert losses.shape == accs.shape == (2,)
 
@@ -193,8 +210,13 @@ def test_learned_scale_is_trained_and_starts_at_cosine_scale():
     loss.backward()
     assert learner.log_scale.grad is not None and learner.log_scale.grad.abs() > 0
     fixed = MatchingNet(Conv4(hidden=6), n_way=5)
-    assert not any("scale" in name for name, _ in fixed.named_parameters())  # the paper's plain cosine
-    assert set(fixed(random_tasks(dtype=torch.float32), diagnostics=True)[1]) == {"loss", "accuracy"}
+    assert not any(
+        "scale" in name for name, _ in fixed.named_parameters()
+    )  # the paper's plain cosine
+    assert set(fixed(random_tasks(dtype=torch.float32), diagnostics=True)[1]) == {
+        "loss",
+        "accuracy",
+    }
 
 
 def test_fce_under_bf16_autocast_is_finite_and_close_to_float32():  # without FCE: tests/test_zoo.py
@@ -213,8 +235,13 @@ def test_fce_under_bf16_autocast_is_finite_and_close_to_float32():  # without FC
 def test_fce_under_bf16_autocast_runs_on_a_cpu_without_avx512():
     """oneDNN builds no bf16 LSTM without AVX-512; ONEDNN_MAX_CPU_ISA makes any x86 CPU such a one."""
     test = f"{Path(__file__).relative_to(REPO)}::test_fce_under_bf16_autocast_is_finite_and_close_to_float32"
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
-                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=REPO,
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+        capture_output=True,
+        text=True,
+    )
     assert child.returncode == 0, child.stdout[-2000:]
 
 
@@ -238,25 +265,42 @@ def test_fce_parameters_counts_both_lstms(dim):
 
 
 def test_fce_on_resnet12s_flattened_84x84_map_is_refused_in_one_line_naming_the_fix():
-    with torch.device("meta"):  # shapes only: the 7-billion-parameter LSTMs would not even be allocated
+    with torch.device(
+        "meta"
+    ):  # shapes only: the 7-billion-parameter LSTMs would not even be allocated
         backbone = ResNet12(image_size=84)
-        with pytest.raises(MetarunError, match=r"out_features=16000 \(ResNet12's 640x5x5 map\): 7,168M parameters, "
-                                               r"over the 100M limit; .*model=conv4.* or set algorithm.fce=false") as error:
+        with pytest.raises(
+            MetarunError,
+            match=r"out_features=16000 \(ResNet12's 640x5x5 map\): 7,168M parameters, "
+            r"over the 100M limit; .*model=conv4.* or set algorithm.fce=false",
+        ) as error:
             MatchingNet(backbone, n_way=5, fce=True)
     assert "\n" not in str(error.value)
-    MatchingNet(backbone, n_way=5, fce=False)  # without FCE the flattened map is only a cosine's input
+    MatchingNet(
+        backbone, n_way=5, fce=False
+    )  # without FCE the flattened map is only a cosine's input
 
 
 def test_fce_on_the_papers_mini_imagenet_conv4_is_accepted():
     with torch.device("meta"):
         learner = MatchingNet(Conv4(in_channels=3, image_size=84), n_way=5, fce=True)
     assert learner.model.out_features == 1600
-    assert sum(p.numel() for p in learner.full_context.parameters()) == fce_parameters(1600) < MAX_FCE_PARAMETERS
+    assert (
+        sum(p.numel() for p in learner.full_context.parameters())
+        == fce_parameters(1600)
+        < MAX_FCE_PARAMETERS
+    )
 
 
 def test_short_omniglot_run_learns_well_above_chance(make_config, tmp_path):
     # The paper's plain cosine: 30 steps of 2 tasks reached 65.2% (5-way chance: 20%).
-    cfg = make_config("algorithm=matchingnet", "episode.meta_batch_size=2", "episode.n_query=5", "train.steps=30",
-                      "train.val_every=30", "eval.episodes=100")
+    cfg = make_config(
+        "algorithm=matchingnet",
+        "episode.meta_batch_size=2",
+        "episode.n_query=5",
+        "train.steps=30",
+        "train.val_every=30",
+        "eval.episodes=100",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.45

@@ -48,7 +48,9 @@ def sgd_reference(learner: MetaLSTM, support_x, support_y, steps, alpha, batch_s
     for step in range(steps):
         start = step % math.ceil(n / batch_size) * batch_size
         optimizer.zero_grad()
-        F.cross_entropy(model(support_x[start:start + batch_size]), support_y[start:start + batch_size]).backward()
+        F.cross_entropy(
+            model(support_x[start : start + batch_size]), support_y[start : start + batch_size]
+        ).backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
         optimizer.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), grads
@@ -77,7 +79,11 @@ def test_preprocess_matches_hand_computation():
 def test_lstm_cell_equals_torch_lstm_cell():
     torch.manual_seed(0)
     cell = torch.nn.LSTMCell(4, 6).to(F64)
-    x, h, c = torch.randn(11, 4, dtype=F64), torch.randn(11, 6, dtype=F64), torch.randn(11, 6, dtype=F64)
+    x, h, c = (
+        torch.randn(11, 4, dtype=F64),
+        torch.randn(11, 6, dtype=F64),
+        torch.randn(11, 6, dtype=F64),
+    )
     h_ref, c_ref = cell(x, (h, c))
     h_out, c_out = lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     diff = max((h_out - h_ref).abs().max().item(), (c_out - c_ref).abs().max().item())
@@ -95,16 +101,22 @@ def test_meta_lstm_update_is_forget_times_theta_minus_input_times_gradient():
 @pytest.mark.parametrize("support_batch_size", [0, 2])
 def test_forget_gate_one_and_input_gate_alpha_give_plain_sgd(support_batch_size, task_batching):
     alpha, steps = 0.3, 4
-    learner = as_sgd(make_learner(support_batch_size=support_batch_size, task_batching=task_batching), alpha)
+    learner = as_sgd(
+        make_learner(support_batch_size=support_batch_size, task_batching=task_batching), alpha
+    )
     tasks = make_tasks(dtype=F64)
     theta, _ = learner.adapt_tasks(tasks.support_x, tasks.support_y, steps)
     worst = 0.0
     for t in range(len(tasks)):
-        expected, _ = sgd_reference(learner, tasks.support_x[t], tasks.support_y[t], steps, alpha, support_batch_size)
+        expected, _ = sgd_reference(
+            learner, tasks.support_x[t], tasks.support_y[t], steps, alpha, support_batch_size
+        )
         worst = max(worst, (theta[t] - expected).abs().max().item())
     moved = (theta[0] - learner.initial_cell_state()).abs().max().item()
-    print(f"meta-learner (f=1, i={alpha}, {task_batching}) vs torch.optim.SGD, {steps} steps, "
-          f"batch {support_batch_size}: max abs diff {worst:.1e} (parameters moved by up to {moved:.2f})")
+    print(
+        f"meta-learner (f=1, i={alpha}, {task_batching}) vs torch.optim.SGD, {steps} steps, "
+        f"batch {support_batch_size}: max abs diff {worst:.1e} (parameters moved by up to {moved:.2f})"
+    )
     assert moved > 0.1
     assert worst < 1e-12
 
@@ -117,7 +129,16 @@ def test_meta_gradient_reaches_the_lstm_weights_the_gates_and_c0():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().max() > 0, name
     meta = dict(learner.meta_learner.named_parameters())
-    assert set(meta) == {"lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_hh", "W_F", "W_I", "b_F", "b_I"}
+    assert set(meta) == {
+        "lstm.weight_ih",
+        "lstm.weight_hh",
+        "lstm.bias_ih",
+        "lstm.bias_hh",
+        "W_F",
+        "W_I",
+        "b_F",
+        "b_I",
+    }
 
 
 def test_meta_gradient_treats_the_learners_gradients_as_constants():
@@ -129,21 +150,32 @@ def test_meta_gradient_treats_the_learners_gradients_as_constants():
     tasks = make_tasks(T=1, dtype=F64)
     loss, _ = learner(tasks)
     loss.backward()
-    theta_T, step_grads = sgd_reference(learner, tasks.support_x[0], tasks.support_y[0], steps, alpha, 0)
+    theta_T, step_grads = sgd_reference(
+        learner, tasks.support_x[0], tasks.support_y[0], steps, alpha, 0
+    )
     theta_T.requires_grad_()
-    query_logits = torch.func.functional_call(learner.model, learner.unflatten(theta_T), (tasks.query_x[0],))
+    query_logits = torch.func.functional_call(
+        learner.model, learner.unflatten(theta_T), (tasks.query_x[0],)
+    )
     (g,) = torch.autograd.grad(F.cross_entropy(query_logits, tasks.query_y[0]), theta_T)
     c0_grad = torch.cat([p.grad.reshape(-1) for p in learner.model.parameters()])
     b_I_expected = -alpha * (1 - alpha) * sum((g * grad).sum() for grad in step_grads)
-    diffs = (c0_grad - g).abs().max().item(), abs(learner.meta_learner.b_I.grad.item() - b_I_expected.item())
-    print(f"c_0 gradient vs query gradient at theta_T: {diffs[0]:.1e}; b_I gradient vs hand formula: {diffs[1]:.1e}")
+    diffs = (
+        (c0_grad - g).abs().max().item(),
+        abs(learner.meta_learner.b_I.grad.item() - b_I_expected.item()),
+    )
+    print(
+        f"c_0 gradient vs query gradient at theta_T: {diffs[0]:.1e}; b_I gradient vs hand formula: {diffs[1]:.1e}"
+    )
     assert diffs[0] < 1e-12 and diffs[1] < 1e-12
 
 
 @pytest.mark.parametrize("support_batch_size", [0, 2])
 def test_vmap_and_loop_task_batching_agree(support_batch_size):
     def make(mode):
-        return make_learner(task_batching=mode, adaptation_steps=3, support_batch_size=support_batch_size)
+        return make_learner(
+            task_batching=mode, adaptation_steps=3, support_batch_size=support_batch_size
+        )
 
     assert_vmap_matches_loop(make, make_tasks(T=3, dtype=F64))
 
@@ -160,7 +192,9 @@ def test_evaluate_is_per_task_deterministic_and_matches_adapt():
     torch.testing.assert_close(torch.cat([loss for loss, _ in alone]), losses, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.cat([acc for _, acc in alone]), accs)
     assert logits.shape == (10, 5)
-    torch.testing.assert_close(F.cross_entropy(logits, tasks.query_y[1]), losses[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        F.cross_entropy(logits, tasks.query_y[1]), losses[1], rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(learner.evaluate(tasks)[0], losses, rtol=0, atol=0)
 
 
@@ -168,7 +202,14 @@ def test_diagnostics_report_support_accuracy_and_the_starting_gates():
     learner = make_learner(hidden=8, dtype=torch.float32, adaptation_steps=3)
     assert set(learner(make_tasks())[1]) == {"loss", "accuracy"}
     _, metrics = learner(make_tasks(), diagnostics=True)
-    assert set(metrics) == {"loss", "accuracy", "support_acc_before", "support_acc_after", "forget_gate", "input_gate"}
+    assert set(metrics) == {
+        "loss",
+        "accuracy",
+        "support_acc_before",
+        "support_acc_after",
+        "forget_gate",
+        "input_gate",
+    }
     assert all(m.dim() == 0 and not m.requires_grad for m in metrics.values())
     # At initialization the gates sit near sigmoid(b_F) and sigmoid(b_I): gradient descent, rate 0.011.
     assert abs(metrics["forget_gate"].item() - torch.sigmoid(torch.tensor(4.5)).item()) < 0.01
@@ -193,18 +234,29 @@ def test_invalid_hyperparameters_name_the_fix(kwargs, message):
         MetaLSTM(Conv4(hidden=4), n_way=5, **kwargs)
 
 
-def test_short_omniglot_run_learns_well_above_chance_and_above_its_untrained_self(make_config, tmp_path):
+def test_short_omniglot_run_learns_well_above_chance_and_above_its_untrained_self(
+    make_config, tmp_path
+):
     # A small learner (16 filters) and 5 updates keep this to seconds; a meta learning rate of 0.01
     # (the paper: 0.001) lets the input gate grow from 0.011 within the run. Seeds 0, 1, 2 went
     # from 36%, 33%, 31% before meta-training to 63%, 61%, 54% after.
     cfg = make_config(
-        "algorithm=metalstm", "model.hidden=16", "episode.meta_batch_size=1", "episode.n_query=5",
-        "algorithm.adaptation_steps=5", "algorithm.eval_adaptation_steps=5", "optimizer.lr=0.01",
-        "train.steps=80", "train.val_every=80", "eval.episodes=100",
+        "algorithm=metalstm",
+        "model.hidden=16",
+        "episode.meta_batch_size=1",
+        "episode.n_query=5",
+        "algorithm.adaptation_steps=5",
+        "algorithm.eval_adaptation_steps=5",
+        "optimizer.lr=0.01",
+        "train.steps=80",
+        "train.val_every=80",
+        "eval.episodes=100",
     )
     trainer = Trainer(cfg, tmp_path)
     untrained = trainer.evaluate("test", cfg.eval.episodes)["accuracy"]
     results = trainer.run()
-    print(f"MetaLSTM test accuracy: {untrained:.3f} untrained, {results['test_accuracy']:.3f} after 80 steps")
+    print(
+        f"MetaLSTM test accuracy: {untrained:.3f} untrained, {results['test_accuracy']:.3f} after 80 steps"
+    )
     assert results["test_accuracy"] >= 0.45
     assert results["test_accuracy"] >= untrained + 0.15

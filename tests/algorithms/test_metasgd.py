@@ -11,10 +11,17 @@ from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import (
+    assert_vmap_matches_loop,
+    max_abs_diff,
+    perturb_batch_norm,
+    random_tasks,
+)
 
 F64 = torch.float64
-SMALL = dict(layers=2, image_size=8)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
+SMALL = dict(
+    layers=2, image_size=8
+)  # a two-block Conv4 on 8x8 images: the same math, a fraction of the time
 
 
 make_tasks = partial(random_tasks, shuffled=False)  # this file's defaults
@@ -22,7 +29,9 @@ make_tasks = partial(random_tasks, shuffled=False)  # this file's defaults
 
 def make_metasgd(hidden=4, layers=4, image_size=28, dtype=F64, seed=0, **kwargs) -> MetaSGD:
     torch.manual_seed(seed)
-    learner = MetaSGD(Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs).to(dtype)
+    learner = MetaSGD(
+        Conv4(hidden=hidden, layers=layers, image_size=image_size), n_way=5, **kwargs
+    ).to(dtype)
     perturb_batch_norm(learner.model)
     return learner
 
@@ -37,7 +46,9 @@ def reference_meta_loss(learner: MetaSGD, tasks: TaskBatch, steps: int, first_or
         fast = list(theta)
         for _ in range(steps):
             logits = functional_call(learner.model, dict(zip(names, fast)), (tasks.support_x[t],))
-            grads = torch.autograd.grad(F.cross_entropy(logits, tasks.support_y[t]), fast, create_graph=not first_order)
+            grads = torch.autograd.grad(
+                F.cross_entropy(logits, tasks.support_y[t]), fast, create_graph=not first_order
+            )
             fast = [w - a * g for w, a, g in zip(fast, alpha, grads)]
         logits = functional_call(learner.model, dict(zip(names, fast)), (tasks.query_x[t],))
         losses.append(F.cross_entropy(logits, tasks.query_y[t]))
@@ -51,7 +62,9 @@ def meta_gradient(learner, tasks):
     loss, metrics = learner(tasks)
     loss.backward()
     theta = [p.grad.clone() for p in learner.model.parameters()]
-    rates = [p.grad.clone() for p in learner.inner_lrs.values()] if isinstance(learner, MetaSGD) else []
+    rates = (
+        [p.grad.clone() for p in learner.inner_lrs.values()] if isinstance(learner, MetaSGD) else []
+    )
     return loss.detach(), theta, rates, metrics
 
 
@@ -60,15 +73,25 @@ def meta_gradient(learner, tasks):
 def test_metasgd_with_equal_rates_matches_maml_loss_and_meta_gradient(task_batching, steps):
     alpha = 0.375  # exact in float32, where the rates are made before .to(float64)
     tasks = make_tasks()
-    maml = MAML(Conv4(hidden=4), n_way=5, inner_lr=alpha, adaptation_steps=steps, task_batching=task_batching).to(F64)
-    metasgd = make_metasgd(inner_lr_min=alpha, inner_lr_max=alpha, adaptation_steps=steps, task_batching=task_batching)
+    maml = MAML(
+        Conv4(hidden=4),
+        n_way=5,
+        inner_lr=alpha,
+        adaptation_steps=steps,
+        task_batching=task_batching,
+    ).to(F64)
+    metasgd = make_metasgd(
+        inner_lr_min=alpha, inner_lr_max=alpha, adaptation_steps=steps, task_batching=task_batching
+    )
     maml.model.load_state_dict(metasgd.model.state_dict())
     assert all((rates == alpha).all() for rates in metasgd.inner_lrs.values())
     loss_maml, grads_maml, _, _ = meta_gradient(maml, tasks)
     loss, grads, _, _ = meta_gradient(metasgd, tasks)
     diff = max_abs_diff(grads, grads_maml)
-    print(f"Meta-SGD (alpha={alpha}) vs MAML, {steps} steps, {task_batching}: loss diff "
-          f"{abs(loss.item() - loss_maml.item()):.1e}, max abs grad diff {diff:.2e}")
+    print(
+        f"Meta-SGD (alpha={alpha}) vs MAML, {steps} steps, {task_batching}: loss diff "
+        f"{abs(loss.item() - loss_maml.item()):.1e}, max abs grad diff {diff:.2e}"
+    )
     assert abs(loss.item() - loss_maml.item()) < 1e-13
     assert diff < 1e-12
 
@@ -80,16 +103,23 @@ def test_metasgd_gradients_of_initialization_and_rates_match_unrolled_autograd(f
     loss, grads, rate_grads, _ = meta_gradient(learner, tasks)
     ref_loss, ref_grads = reference_meta_loss(learner, tasks, steps=2, first_order=first_order)
     n = len(grads)
-    theta_diff, rate_diff = max_abs_diff(grads, ref_grads[:n]), max_abs_diff(rate_grads, ref_grads[n:])
-    print(f"Meta-SGD (first_order={first_order}) vs unrolled autograd: max abs grad diff theta {theta_diff:.2e}, "
-          f"alpha {rate_diff:.2e}")
+    theta_diff, rate_diff = (
+        max_abs_diff(grads, ref_grads[:n]),
+        max_abs_diff(rate_grads, ref_grads[n:]),
+    )
+    print(
+        f"Meta-SGD (first_order={first_order}) vs unrolled autograd: max abs grad diff theta {theta_diff:.2e}, "
+        f"alpha {rate_diff:.2e}"
+    )
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert theta_diff < 1e-10 and rate_diff < 1e-10
     assert all(g.abs().max() > 0 for g in rate_grads)  # every rate tensor learns, first-order too
 
 
 def test_metasgd_rate_gradient_matches_finite_differences():
-    learner = make_metasgd(hidden=3, layers=2, image_size=8, adaptation_steps=2, task_batching="loop")
+    learner = make_metasgd(
+        hidden=3, layers=2, image_size=8, adaptation_steps=2, task_batching="loop"
+    )
     tasks = make_tasks(T=2, image_size=8)
     _, _, rate_grads, _ = meta_gradient(learner, tasks)
     eps, worst, checked = 1e-6, 0.0, 0
@@ -104,7 +134,9 @@ def test_metasgd_rate_gradient_matches_finite_differences():
                 flat[j] += eps
                 worst = max(worst, abs((up - down) / (2 * eps) - g.view(-1)[j].item()))
                 checked += 1
-    print(f"Meta-SGD rate gradients vs central finite differences ({checked} coordinates): max abs diff {worst:.2e}")
+    print(
+        f"Meta-SGD rate gradients vs central finite differences ({checked} coordinates): max abs diff {worst:.2e}"
+    )
     assert worst < 1e-7
 
 
@@ -113,7 +145,9 @@ def test_metasgd_rate_gradient_matches_finite_differences():
 def test_vmap_and_loop_task_batching_agree(steps, first_order):
     # The rates are parameters too: their meta-gradients are compared with the initialization's.
     def make(mode):
-        return make_metasgd(adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL)
+        return make_metasgd(
+            adaptation_steps=steps, first_order=first_order, task_batching=mode, **SMALL
+        )
 
     assert_vmap_matches_loop(make, make_tasks(image_size=8))
 
@@ -161,8 +195,14 @@ def test_evaluate_adapts_under_no_grad_with_the_learned_rates_and_matches_adapt(
 
 
 def test_metasgd_reports_support_accuracy_before_and_after():
-    learner = make_metasgd(dtype=torch.float32, hidden=8, inner_lr_min=0.4, inner_lr_max=0.4, adaptation_steps=10,
-                           task_batching="loop")
+    learner = make_metasgd(
+        dtype=torch.float32,
+        hidden=8,
+        inner_lr_min=0.4,
+        inner_lr_max=0.4,
+        adaptation_steps=10,
+        task_batching="loop",
+    )
     _, metrics = learner(make_tasks(dtype=torch.float32), diagnostics=True)
     assert set(metrics) == {"loss", "accuracy", "support_acc_before", "support_acc_after"}
     assert metrics["support_acc_after"].item() == 1.0
@@ -182,7 +222,13 @@ def test_impossible_hyperparameters_name_the_key(kwargs, key):
 
 def test_metasgd_short_run_learns_well_above_chance(make_config, tmp_path):
     # MAML's short-run settings (tests/test_trainer.py); measured: 77.8% test accuracy.
-    cfg = make_config("algorithm=metasgd", "episode.meta_batch_size=4", "episode.n_query=5", "train.steps=40",
-                      "train.val_every=20", "eval.episodes=100")
+    cfg = make_config(
+        "algorithm=metasgd",
+        "episode.meta_batch_size=4",
+        "episode.n_query=5",
+        "train.steps=40",
+        "train.val_every=20",
+        "eval.episodes=100",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.5

@@ -25,7 +25,9 @@ def _hand_task() -> TaskBatch:
     # 1x1x2 "images" embedded by flattening: embeddings are the pixel values.
     support_x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]]).view(1, 4, 1, 1, 2)
     query_x = torch.tensor([[1.0, 1.0], [0.0, 2.0]]).view(1, 2, 1, 1, 2)
-    return TaskBatch(support_x, torch.tensor([[0, 0, 1, 1]]), query_x, torch.tensor([[0, 1]]), n_way=2)
+    return TaskBatch(
+        support_x, torch.tensor([[0, 0, 1, 1]]), query_x, torch.tensor([[0, 1]]), n_way=2
+    )
 
 
 def test_protonet_loss_and_logits_match_hand_computation():
@@ -61,9 +63,19 @@ def test_protonet_embeds_support_and_query_in_one_call():
 def test_metaoptnet_head_divides_distances_by_the_embedding_size_and_learns_a_scale():
     tasks = _hand_task()  # distances (1, 2) and (5, 0) in a 2-wide embedding, as above
     plain = ProtoNet(nn.Flatten(start_dim=-3), n_way=2)
-    scaled = ProtoNet(nn.Flatten(start_dim=-3), n_way=2, distance_scale=3.0, learn_scale=True, normalize_distance=True)
-    assert "distance_scale" not in dict(plain.named_parameters())  # the paper's model: nothing to learn
+    scaled = ProtoNet(
+        nn.Flatten(start_dim=-3),
+        n_way=2,
+        distance_scale=3.0,
+        learn_scale=True,
+        normalize_distance=True,
+    )
+    assert "distance_scale" not in dict(
+        plain.named_parameters()
+    )  # the paper's model: nothing to learn
     logits = scaled.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
-    torch.testing.assert_close(logits, 3.0 / 2 * plain.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2))
+    torch.testing.assert_close(
+        logits, 3.0 / 2 * plain.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
+    )
     scaled(tasks)[0].backward()
     assert scaled.distance_scale.grad is not None and scaled.distance_scale.grad != 0

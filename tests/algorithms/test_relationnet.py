@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algorithms.relationnet import RelationModule, RelationNet, class_feature_maps, relation_loss
+from metarun.algorithms.relationnet import (
+    RelationModule,
+    RelationNet,
+    class_feature_maps,
+    relation_loss,
+)
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
@@ -35,18 +40,26 @@ def reference_scores(module: RelationModule, class_maps, query_maps):
     T, N = class_maps.shape[:2]
     M = query_maps.shape[1]
     pairs = torch.cat(
-        [class_maps.unsqueeze(1).expand(-1, M, -1, -1, -1, -1), query_maps.unsqueeze(2).expand(-1, -1, N, -1, -1, -1)],
+        [
+            class_maps.unsqueeze(1).expand(-1, M, -1, -1, -1, -1),
+            query_maps.unsqueeze(2).expand(-1, -1, N, -1, -1, -1),
+        ],
         dim=3,
     )  # [T, M, N, 2C, h, w]
     scores = []
     for t in range(T):
         h = pairs[t].flatten(0, 1)  # [M*N, 2C, h, w]
-        blocks = ((module.conv1, module.norm1, module.pools[0]), (module.conv2, module.norm2, module.pools[1]))
+        blocks = (
+            (module.conv1, module.norm1, module.pools[0]),
+            (module.conv2, module.norm2, module.pools[1]),
+        )
         for conv, norm, pool in blocks:
             h = F.conv2d(h, conv.weight, padding=1)
             mean = h.mean(dim=(0, 2, 3), keepdim=True)
             var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-            h = (h - mean) / torch.sqrt(var + 1e-5) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+            h = (h - mean) / torch.sqrt(var + 1e-5) * norm.weight.view(
+                1, -1, 1, 1
+            ) + norm.bias.view(1, -1, 1, 1)
             h = F.relu(h)
             if pool:
                 h = F.max_pool2d(h, 2)
@@ -65,7 +78,9 @@ def test_class_feature_map_is_the_sum_of_its_support_maps():
     T, N, K, C, h, w = 2, 3, 4, 2, 3, 3
     g = torch.Generator().manual_seed(0)
     support_maps = torch.randn(T, N * K, C, h, w, generator=g, dtype=F64)
-    support_y = torch.stack([torch.randperm(N * K, generator=g) % N for _ in range(T)])  # shuffled labels
+    support_y = torch.stack(
+        [torch.randperm(N * K, generator=g) % N for _ in range(T)]
+    )  # shuffled labels
     maps = class_feature_maps(support_maps, support_y, N)
     assert maps.shape == (T, N, C, h, w)
     for t in range(T):
@@ -79,8 +94,12 @@ def test_relation_net_scores_queries_against_the_hand_summed_support_maps_of_a_s
     learner = RelationNet(StubEmbedding((2, 3, 3)), n_way=3).double()
     randomize_norms(learner)
     g = torch.Generator().manual_seed(0)
-    support_x = torch.randn(2, 12, 2, 3, 3, generator=g, dtype=F64)  # [T, N*K, C, h, w]: K = 4 shots
-    support_y = torch.stack([torch.randperm(12, generator=g) % 3 for _ in range(2)])  # shuffled labels
+    support_x = torch.randn(
+        2, 12, 2, 3, 3, generator=g, dtype=F64
+    )  # [T, N*K, C, h, w]: K = 4 shots
+    support_y = torch.stack(
+        [torch.randperm(12, generator=g) % 3 for _ in range(2)]
+    )  # shuffled labels
     query_x = torch.randn(2, 6, 2, 3, 3, generator=g, dtype=F64)
     scores = learner.episode_logits(support_x, support_y, query_x, 3)
     assert scores.shape == (2, 6, 3)
@@ -94,7 +113,9 @@ def test_relation_net_scores_queries_against_the_hand_summed_support_maps_of_a_s
     assert (learner.relation(by_hand / 4, query_x) - scores).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("path", ["forward", "batched_scores"])  # tasks one by one on the CPU / all at once
+@pytest.mark.parametrize(
+    "path", ["forward", "batched_scores"]
+)  # tasks one by one on the CPU / all at once
 @pytest.mark.parametrize("in_shape", [(4, 7, 7), (4, 5, 5), (4, 1, 1), (4, 3, 2)])
 def test_relation_module_matches_explicit_concatenated_pairs(in_shape, path):
     torch.manual_seed(0)
@@ -121,11 +142,17 @@ def test_relation_module_pools_only_while_the_map_is_at_least_2x2():
 
 
 def test_relation_loss_over_a_tasks_queries_is_its_mse_against_one_hot_targets():
-    scores = torch.tensor([[[0.9, 0.2, 0.1], [0.3, 0.4, 0.8]], [[0.5, 0.5, 0.0], [1.0, 0.0, 0.25]]], dtype=F64)
+    scores = torch.tensor(
+        [[[0.9, 0.2, 0.1], [0.3, 0.4, 0.8]], [[0.5, 0.5, 0.0], [1.0, 0.0, 0.25]]], dtype=F64
+    )
     query_y = torch.tensor([[0, 1], [2, 0]])
     # Task 0: (0.1^2 + 0.2^2 + 0.1^2 + 0.3^2 + 0.6^2 + 0.8^2) / 6; task 1: (0.25 + 0.25 + 1 + 0 + 0 + 0.0625) / 6.
-    expected = torch.tensor([(0.01 + 0.04 + 0.01 + 0.09 + 0.36 + 0.64) / 6, (0.25 + 0.25 + 1 + 0.0625) / 6], dtype=F64)
-    torch.testing.assert_close(relation_loss(scores, query_y).mean(dim=1), expected, rtol=0, atol=1e-15)
+    expected = torch.tensor(
+        [(0.01 + 0.04 + 0.01 + 0.09 + 0.36 + 0.64) / 6, (0.25 + 0.25 + 1 + 0.0625) / 6], dtype=F64
+    )
+    torch.testing.assert_close(
+        relation_loss(scores, query_y).mean(dim=1), expected, rtol=0, atol=1e-15
+    )
 
 
 def test_relation_net_loss_accuracy_evaluate_and_adapt_agree_with_the_scores():
@@ -137,13 +164,17 @@ def test_relation_net_loss_accuracy_evaluate_and_adapt_agree_with_the_scores():
     targets = F.one_hot(tasks.query_y, 5).to(F64)
     loss, metrics = learner(tasks)
     torch.testing.assert_close(loss, ((scores - targets) ** 2).mean(), rtol=0, atol=1e-15)
-    assert set(metrics) == {"loss", "accuracy"} and all(m.dim() == 0 and not m.requires_grad for m in metrics.values())
+    assert set(metrics) == {"loss", "accuracy"} and all(
+        m.dim() == 0 and not m.requires_grad for m in metrics.values()
+    )
     expected_acc = (scores.argmax(-1) == tasks.query_y).double().mean(-1)
     torch.testing.assert_close(metrics["accuracy"], expected_acc.float().mean())
     with torch.no_grad():
         losses, accs = learner.evaluate(tasks)
         predicted = learner.adapt(tasks.support_x[1], tasks.support_y[1])(tasks.query_x[1])
-    torch.testing.assert_close(losses, ((scores - targets) ** 2).mean(dim=(1, 2)).detach(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        losses, ((scores - targets) ** 2).mean(dim=(1, 2)).detach(), rtol=0, atol=1e-15
+    )
     torch.testing.assert_close(accs, expected_acc.float())
     torch.testing.assert_close(predicted, scores[1].detach(), rtol=0, atol=1e-12)
 
@@ -179,8 +210,14 @@ def test_short_relation_net_run_learns_well_above_chance(make_config, tmp_path):
     # The paper's embedding (model.pool_layers=2) and one episode per step, 10 queries per class
     # (the paper: 19) to keep it short; seeds 0 and 1 reached 0.72 and 0.67 test accuracy.
     cfg = make_config(
-        "algorithm=relationnet", "model.pool_layers=2", "episode.meta_batch_size=1", "episode.n_query=10",
-        "eval.n_query=15", "train.steps=60", "train.val_every=30", "eval.episodes=100",
+        "algorithm=relationnet",
+        "model.pool_layers=2",
+        "episode.meta_batch_size=1",
+        "episode.n_query=10",
+        "eval.n_query=15",
+        "train.steps=60",
+        "train.val_every=30",
+        "eval.episodes=100",
     )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.2 + 0.3

@@ -40,20 +40,30 @@ def test_a_batched_dict_argument_is_sliced_per_task():
 
 
 def test_an_unknown_choice_names_the_key_and_the_choices():
-    with pytest.raises(MetarunError, match=r"algorithm.task_batching='vamp' is not one of auto, vmap, loop"):
+    with pytest.raises(
+        MetarunError, match=r"algorithm.task_batching='vamp' is not one of auto, vmap, loop"
+    ):
         check_task_batching("vamp")
 
 
-@pytest.mark.parametrize("task_chunk, task_batching, sizes", [
-    ("auto", "loop", [1, 1, 1, 1, 1]),  # a loop runs the tasks one by one: one graph at a time
-    ("auto", "vmap", [5]),  # vmap runs them together: one chunk
-    (2, "loop", [2, 2, 1]),
-    (8, "vmap", [5]),
-])
+@pytest.mark.parametrize(
+    "task_chunk, task_batching, sizes",
+    [
+        ("auto", "loop", [1, 1, 1, 1, 1]),  # a loop runs the tasks one by one: one graph at a time
+        ("auto", "vmap", [5]),  # vmap runs them together: one chunk
+        (2, "loop", [2, 2, 1]),
+        (8, "vmap", [5]),
+    ],
+)
 def test_task_chunks_cover_the_batch_in_order(task_chunk, task_batching, sizes):
-    tasks = TaskBatch(torch.arange(5.0).view(5, 1, 1), torch.zeros(5, 1, dtype=torch.long),
-                      torch.arange(5.0).view(5, 1, 1), torch.zeros(5, 1, dtype=torch.long), 1,
-                      torch.arange(5).view(5, 1))
+    tasks = TaskBatch(
+        torch.arange(5.0).view(5, 1, 1),
+        torch.zeros(5, 1, dtype=torch.long),
+        torch.arange(5.0).view(5, 1, 1),
+        torch.zeros(5, 1, dtype=torch.long),
+        1,
+        torch.arange(5).view(5, 1),
+    )
     chunks = chunk_tasks(tasks, task_chunk, task_batching)
     assert [len(chunk) for chunk in chunks] == sizes
     assert torch.cat([chunk.query_x for chunk in chunks]).flatten().tolist() == [0, 1, 2, 3, 4]

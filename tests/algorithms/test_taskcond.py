@@ -16,7 +16,12 @@ from metarun.models.conv4 import Conv4
 from metarun.models.layers import task_batch_norm
 from metarun.models.resnet12 import ResNet12
 from metarun.trainer import Trainer
-from tests.algorithms.synthetic import assert_vmap_matches_loop, max_abs_diff, perturb_batch_norm, random_tasks
+from tests.algorithms.synthetic import (
+    assert_vmap_matches_loop,
+    max_abs_diff,
+    perturb_batch_norm,
+    random_tasks,
+)
 
 F64 = torch.float64
 
@@ -43,7 +48,9 @@ def test_task_representation_is_mean_class_mean_and_mean_class_spread_by_hand():
     support_emb = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 4.0], [1.0, 3.0]]], dtype=F64)
     support_y = torch.tensor([[0, 1, 0, 1]])
     expected = torch.tensor([[1.0, 2.0, 0.5, 1.5]], dtype=F64)
-    torch.testing.assert_close(task_representation(support_emb, support_y, 2), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        task_representation(support_emb, support_y, 2), expected, rtol=0, atol=1e-15
+    )
 
 
 def test_task_representation_is_invariant_to_the_order_of_the_support_items():
@@ -58,7 +65,9 @@ def test_task_representation_is_invariant_to_the_order_of_the_support_items():
     assert diff < 1e-13
     # The whole learner: the support set goes through batch norm and prototypes, both order-free.
     logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
-    permuted_logits = learner.episode_logits(tasks.support_x[:, order], tasks.support_y[:, order], tasks.query_x, 5)
+    permuted_logits = learner.episode_logits(
+        tasks.support_x[:, order], tasks.support_y[:, order], tasks.query_x, 5
+    )
     assert max_abs_diff(logits, permuted_logits) < 1e-10
 
 
@@ -86,7 +95,10 @@ def test_film_folded_into_batch_norm_affine_equals_explicit_film_after_batch_nor
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 5, 5, generator=g, dtype=F64)
     weight, bias = torch.randn(3, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)
-    gamma, beta = torch.randn(1, 3, generator=g, dtype=F64), torch.randn(1, 3, generator=g, dtype=F64)
+    gamma, beta = (
+        torch.randn(1, 3, generator=g, dtype=F64),
+        torch.randn(1, 3, generator=g, dtype=F64),
+    )
     # gamma * BN(x) + beta in plain operations.
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
@@ -126,7 +138,9 @@ def test_conditioned_backbone_equals_conv4_with_explicit_film_layers(task_batchi
     for t in range(len(tasks)):
         gammas = [1 + learner.gamma0[i] * learner.ten_gamma[i](rep[t]) for i in range(4)]
         betas = [learner.beta0[i] * learner.ten_beta[i](rep[t]) for i in range(4)]
-        worst = max(worst, max_abs_diff(emb[t], reference_conditioned_conv4(learner, x[t], gammas, betas)))
+        worst = max(
+            worst, max_abs_diff(emb[t], reference_conditioned_conv4(learner, x[t], gammas, betas))
+        )
     print(f"conditioned Conv4 ({task_batching}) vs explicit FiLM layers: max abs diff {worst:.2e}")
     assert worst < 1e-12
     assert max_abs_diff(emb, learner.model(x)) > 1e-3  # the conditioning changed something
@@ -141,7 +155,9 @@ def test_film_penalty_is_half_the_weighted_sum_of_squared_post_multipliers():
 def test_conv4_on_28x28_builds_its_task_representation_from_the_flattened_1x1_map_exactly():
     learner = make_taskcond(hidden=8)
     assert learner.model.out_shape == (8, 1, 1)
-    assert all(branch.linears[0].in_features == 2 * 8 for branch in [*learner.ten_gamma, *learner.ten_beta])
+    assert all(
+        branch.linears[0].in_features == 2 * 8 for branch in [*learner.ten_gamma, *learner.ten_beta]
+    )
     tasks = make_tasks(k_shot=2)
     expected = task_representation(learner.model(tasks.support_x), tasks.support_y, 5)
     assert torch.equal(learner.task_embedding(tasks.support_x, tasks.support_y, 5), expected)
@@ -152,12 +168,16 @@ def test_resnet12_map_is_averaged_over_height_and_width_for_the_ten_and_the_lear
     learner = TaskCond(ResNet12(channels=[8, 8, 16, 16], image_size=84), n_way=5)
     assert learner.model.out_shape == (16, 5, 5) and learner.model.out_features == 400
     branches = [*learner.ten_gamma, *learner.ten_beta]
-    assert len(branches) == 2 * 16  # every batch norm of the 4 blocks, one gamma and one beta branch each
+    assert (
+        len(branches) == 2 * 16
+    )  # every batch norm of the 4 blocks, one gamma and one beta branch each
     assert all(branch.linears[0].in_features == 2 * 16 for branch in branches)  # not 2 * 400
     tasks = make_tasks(T=2, k_shot=2, image_size=84, channels=3, dtype=torch.float32)
     maps = learner.model(tasks.support_x).unflatten(-1, (16, 5, 5))  # [T, N*K, C, H, W]
-    torch.testing.assert_close(learner.task_embedding(tasks.support_x, tasks.support_y, 5),
-                               task_representation(maps.mean(dim=(-2, -1)), tasks.support_y, 5))
+    torch.testing.assert_close(
+        learner.task_embedding(tasks.support_x, tasks.support_y, 5),
+        task_representation(maps.mean(dim=(-2, -1)), tasks.support_y, 5),
+    )
     with torch.no_grad():  # post-multipliers off 0, so that the TEN is trained too
         learner.gamma0.fill_(0.5)
         learner.beta0.fill_(0.5)
@@ -168,8 +188,12 @@ def test_resnet12_map_is_averaged_over_height_and_width_for_the_ten_and_the_lear
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
     assert all(branch.linears[0].weight.grad.abs().max() > 0 for branch in branches)
     optimizer.step()
-    assert all(not torch.equal(p, before[name]) for name, p in learner.named_parameters() if p.grad.any())
-    assert not torch.equal(learner.ten_gamma[0].linears[0].weight, before["ten_gamma.0.linears.0.weight"])
+    assert all(
+        not torch.equal(p, before[name]) for name, p in learner.named_parameters() if p.grad.any()
+    )
+    assert not torch.equal(
+        learner.ten_gamma[0].linears[0].weight, before["ten_gamma.0.linears.0.weight"]
+    )
     assert torch.isfinite(learner(tasks)[0])
 
 
@@ -187,12 +211,16 @@ def test_taskcond_at_initialization_gives_protonet_logits_times_metric_scale():
     learner = make_taskcond(metric_scale_init=2.5)
     tasks = make_tasks(k_shot=2)
     logits = learner.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
-    protonet = ProtoNet(learner.model, n_way=5).episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 5)
+    protonet = ProtoNet(learner.model, n_way=5).episode_logits(
+        tasks.support_x, tasks.support_y, tasks.query_x, 5
+    )
     diff = max_abs_diff(logits, 2.5 * protonet)
     print(f"TaskCond at init vs 2.5 x ProtoNet logits: max abs diff {diff:.2e}")
     assert diff < 1e-12
     loss, _ = learner(tasks)
-    torch.testing.assert_close(loss, F.cross_entropy(2.5 * protonet.flatten(0, 1), tasks.query_y.flatten()))
+    torch.testing.assert_close(
+        loss, F.cross_entropy(2.5 * protonet.flatten(0, 1), tasks.query_y.flatten())
+    )
 
 
 @pytest.mark.parametrize("k_shot", [1, 3])
@@ -203,13 +231,20 @@ def test_gradients_reach_the_ten_the_post_multipliers_and_the_metric_scale(k_sho
     learner(tasks)[0].backward()
     assert learner.gamma0.grad.abs().min() > 0 and learner.beta0.grad.abs().min() > 0
     assert learner.metric_scale.grad.abs() > 0
-    assert all(torch.equal(p.grad, torch.zeros_like(p)) for n, p in learner.named_parameters() if n.startswith("ten_"))
+    assert all(
+        torch.equal(p.grad, torch.zeros_like(p))
+        for n, p in learner.named_parameters()
+        if n.startswith("ten_")
+    )
     # Once the post-multipliers moved, every TEN branch learns; all gradients finite (1-shot spread).
     learner = make_taskcond(film_on=True)
     learner(tasks)[0].backward()
     for branches in (learner.ten_gamma, learner.ten_beta):
         for branch in branches:
-            assert branch.linears[0].weight.grad.abs().max() > 0 and branch.linears[-1].weight.grad.abs().max() > 0
+            assert (
+                branch.linears[0].weight.grad.abs().max() > 0
+                and branch.linears[-1].weight.grad.abs().max() > 0
+            )
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters())
 
 
@@ -228,12 +263,21 @@ def test_loss_is_query_cross_entropy_plus_film_penalty_and_diagnostics_are_detac
     penalty = 0.5 * (learner.gamma0.square().sum() + learner.beta0.square().sum()) / 2
     assert abs(loss.item() - (query_losses.mean() + penalty).item()) < 1e-12
     _, metrics = learner(tasks, diagnostics=True)
-    assert set(metrics) == {"loss", "accuracy", "metric_scale", "film_gamma0", "film_beta0", "film_penalty"}
+    assert set(metrics) == {
+        "loss",
+        "accuracy",
+        "metric_scale",
+        "film_gamma0",
+        "film_beta0",
+        "film_penalty",
+    }
     assert all(m.dim() == 0 and not m.requires_grad for m in metrics.values())
 
 
 def test_vmap_and_loop_task_batching_agree():
-    assert_vmap_matches_loop(lambda mode: make_taskcond(film_on=True, task_batching=mode), make_tasks(k_shot=2))
+    assert_vmap_matches_loop(
+        lambda mode: make_taskcond(film_on=True, task_batching=mode), make_tasks(k_shot=2)
+    )
 
 
 def test_evaluate_is_per_task_and_adapt_predicts_the_same_logits():
@@ -274,7 +318,9 @@ def test_impossible_hyperparameters_name_the_key_and_the_fix(kwargs, message):
 
 
 def test_a_backbone_without_batch_norm_is_refused():
-    with pytest.raises(MetarunError, match="has none; use a backbone built from metarun.models.layers"):
+    with pytest.raises(
+        MetarunError, match="has none; use a backbone built from metarun.models.layers"
+    ):
         TaskCond(torch.nn.Flatten(), n_way=5)
 
 
@@ -282,7 +328,14 @@ def test_a_backbone_without_batch_norm_is_refused():
 def test_short_omniglot_run_learns_well_above_chance(make_config, tmp_path):
     # Trained on 20-way episodes (more ways learn faster, as ProtoNet's), tested 5-way 1-shot with 5
     # queries per class; this run reached 0.76 test accuracy after 30 steps (the default seed).
-    cfg = make_config("algorithm=taskcond", "episode=20w1s", "episode.meta_batch_size=1", "episode.n_query=5",
-                      "eval.n_way=5", "train.steps=30", "train.val_every=30")
+    cfg = make_config(
+        "algorithm=taskcond",
+        "episode=20w1s",
+        "episode.meta_batch_size=1",
+        "episode.n_query=5",
+        "eval.n_way=5",
+        "train.steps=30",
+        "train.val_every=30",
+    )
     results = Trainer(cfg, tmp_path).run()
     assert results["test_accuracy"] >= 0.2 + 0.4

@@ -9,4 +9,6 @@ from metarun.data.omniglot import Omniglot
 
 @pytest.fixture(scope="session")
 def omniglot(omniglot_root, omniglot_cache) -> Omniglot:
-    return Omniglot(str(omniglot_root), split="vinyals", download=False, cache_dir=str(omniglot_cache))
+    return Omniglot(
+        str(omniglot_root), split="vinyals", download=False, cache_dir=str(omniglot_cache)
+    )

@@ -17,7 +17,9 @@ EVERYTHING = dict(**NATURAL, **OMNIGLOT)
 
 def images(n: int = 16, channels: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
     """[n, C, size, size] float in [0, 1]; distinct images, with no pixel at 0 or 1."""
-    return 0.05 + 0.9 * torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    return 0.05 + 0.9 * torch.rand(
+        n, channels, size, size, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def augment(**settings) -> Augment:
@@ -32,7 +34,9 @@ def shifted(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     """image [C, H, W] moved dx pixels right and dy down: torch.roll with the wrapped pixels zeroed."""
     H, W = image.shape[-2:]
     rows, cols = torch.arange(H), torch.arange(W)
-    came_in = ((rows - dy < 0) | (rows - dy >= H))[:, None] | ((cols - dx < 0) | (cols - dx >= W))[None, :]
+    came_in = ((rows - dy < 0) | (rows - dy >= H))[:, None] | ((cols - dx < 0) | (cols - dx >= W))[
+        None, :
+    ]
     return torch.roll(image, shifts=(dy, dx), dims=(-2, -1)).masked_fill(came_in, 0)
 
 
@@ -68,7 +72,16 @@ def test_augmenting_leaves_the_global_rng_untouched():
 def test_draw_returns_only_the_ops_that_are_on_with_one_value_per_image():
     assert set(augment(crop_padding=2).draw(5, seeded(0))) == {"shift"}
     params = augment(**EVERYTHING).draw(5, seeded(0))
-    assert set(params) == {"shift", "flip", "angle", "translate", "scale", "brightness", "contrast", "saturation"}
+    assert set(params) == {
+        "shift",
+        "flip",
+        "angle",
+        "translate",
+        "scale",
+        "brightness",
+        "contrast",
+        "saturation",
+    }
     assert all(len(value) == 5 for value in params.values())
 
 
@@ -106,14 +119,18 @@ def test_zero_color_jitter_with_everything_else_off_returns_the_input_itself():
 
 def test_unit_jitter_factors_leave_images_unchanged():
     x, ones = images(n=4), torch.ones(4)
-    out = augment(color_jitter=0.5).apply(x, {"brightness": ones, "contrast": ones, "saturation": ones})
+    out = augment(color_jitter=0.5).apply(
+        x, {"brightness": ones, "contrast": ones, "saturation": ones}
+    )
     torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
 
 
 def test_brightness_factor_scales_one_image_as_computed_by_hand():
     x = images(n=1)
     ones = torch.ones(1)
-    out = augment(color_jitter=0.5).apply(x, {"brightness": torch.tensor([1.3]), "contrast": ones, "saturation": ones})
+    out = augment(color_jitter=0.5).apply(
+        x, {"brightness": torch.tensor([1.3]), "contrast": ones, "saturation": ones}
+    )
     torch.testing.assert_close(out[0], (x[0] * 1.3).clamp(0, 1), atol=1e-6, rtol=0)
     assert out.max() == 1  # brightened pixels past 1 are clamped
 
@@ -123,8 +140,10 @@ def test_color_jitter_matches_torchvision_functional_with_each_images_factors(ch
     x, aug = images(n=6, channels=channels), augment(color_jitter=0.8)
     params = aug.draw(6, seeded(0))
     low, high = 0.2, 1.8
-    assert all(low <= float(params[key].min()) and float(params[key].max()) <= high
-               for key in ("brightness", "contrast", "saturation"))
+    assert all(
+        low <= float(params[key].min()) and float(params[key].max()) <= high
+        for key in ("brightness", "contrast", "saturation")
+    )
     out = aug.apply(x, params)
     for i in range(6):
         expected = F.adjust_brightness(x[i], float(params["brightness"][i]))
@@ -142,14 +161,18 @@ def test_draw_on_a_cpu_generator_then_apply_equals_call_with_the_same_seed():
 def test_cpu_drawn_parameters_apply_alike_on_cuda_and_a_cuda_generator_draws_on_cuda():
     x, aug = images(), augment(**EVERYTHING)
     params = aug.draw(len(x), seeded(0))
-    torch.testing.assert_close(aug.apply(x.cuda(), params).cpu(), aug.apply(x, params), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        aug.apply(x.cuda(), params).cpu(), aug.apply(x, params), atol=1e-5, rtol=0
+    )
     crop = augment(crop_padding=3, flip=True)
     params = crop.draw(len(x), seeded(0))
     assert torch.equal(crop.apply(x.cuda(), params).cpu(), crop.apply(x, params))
     generator = torch.Generator("cuda").manual_seed(0)
     assert all(value.is_cuda for value in aug.draw(4, generator).values())
-    assert torch.equal(aug(x.cuda(), torch.Generator("cuda").manual_seed(1)),
-                       aug(x.cuda(), torch.Generator("cuda").manual_seed(1)))
+    assert torch.equal(
+        aug(x.cuda(), torch.Generator("cuda").manual_seed(1)),
+        aug(x.cuda(), torch.Generator("cuda").manual_seed(1)),
+    )
 
 
 def test_resolve_fills_unset_settings_from_the_standard_and_keeps_explicit_ones():
@@ -162,8 +185,9 @@ def test_resolve_fills_unset_settings_from_the_standard_and_keeps_explicit_ones(
 
 def test_resolve_turns_off_what_neither_the_config_nor_the_standard_sets():
     resolved = Augment().resolve({})
-    assert resolved.settings() == dict(crop_padding=0, flip=False, color_jitter=0.0, rotate=0.0, translate=0.0,
-                                       scale=0.0)
+    assert resolved.settings() == dict(
+        crop_padding=0, flip=False, color_jitter=0.0, rotate=0.0, translate=0.0, scale=0.0
+    )
     assert not resolved.active
 
 
@@ -172,10 +196,20 @@ def test_resolve_rejects_unknown_standard_keys():
         Augment().resolve({"hue": 0.1})
 
 
-@pytest.mark.parametrize("key, value", [
-    ("crop_padding", -1), ("crop_padding", 2.5), ("flip", "yes"), ("color_jitter", 1.5), ("color_jitter", -0.1),
-    ("rotate", -5), ("translate", 2.0), ("scale", 1.0), ("support", 1),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("crop_padding", -1),
+        ("crop_padding", 2.5),
+        ("flip", "yes"),
+        ("color_jitter", 1.5),
+        ("color_jitter", -0.1),
+        ("rotate", -5),
+        ("translate", 2.0),
+        ("scale", 1.0),
+        ("support", 1),
+    ],
+)
 def test_invalid_settings_are_one_line_errors_naming_the_config_key(key, value):
     with pytest.raises(MetarunError) as error:
         Augment(**{key: value})

@@ -48,11 +48,17 @@ def test_two_processes_needing_one_cache_at_once_decode_it_once_and_read_the_sam
     folders = [str(tmp_path / name) for name in ("images", "cache", "ready", "builds")]
     command = [sys.executable, "-c", BUILD_AT_ONCE, *folders]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], [err for _, err in outputs]
-    assert len((tmp_path / "builds").read_text().splitlines()) == 1  # the second waited, then read the cache
+    assert (
+        len((tmp_path / "builds").read_text().splitlines()) == 1
+    )  # the second waited, then read the cache
     assert outputs[0][0] == outputs[1][0] and len(outputs[0][0].strip()) == 64
     # One cache file and nothing else: no temporary file, no lock file left.
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]
@@ -69,7 +75,9 @@ def damage(path, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_a_damaged_cache_file_is_rebuilt_with_one_warning(tmp_path, how):
     write_folder(tmp_path / "images", n_classes=6)
-    build = lambda: ImageFolder(str(tmp_path / "images"), image_size=8, cache_dir=str(tmp_path / "cache"))  # noqa: E731
+    build = lambda: ImageFolder(
+        str(tmp_path / "images"), image_size=8, cache_dir=str(tmp_path / "cache")
+    )
     original = build()
     [cache] = (tmp_path / "cache").iterdir()
     damage(cache, how)
@@ -89,14 +97,27 @@ def test_a_damaged_cache_file_is_rebuilt_with_one_warning(tmp_path, how):
 
 def test_a_damaged_cache_is_one_warning_line_on_the_command_line(tmp_path):
     write_folder(tmp_path / "images", n_classes=6)
-    check = [sys.executable, "-m", "metarun.data_check", "folder", f"path={tmp_path / 'images'}", "image_size=8",
-             f"cache_dir={tmp_path / 'cache'}"]
-    ImageFolder(str(tmp_path / "images"), image_size=8, cache_dir=str(tmp_path / "cache"))  # what metarun-data reads
+    check = [
+        sys.executable,
+        "-m",
+        "metarun.data_check",
+        "folder",
+        f"path={tmp_path / 'images'}",
+        "image_size=8",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    ImageFolder(
+        str(tmp_path / "images"), image_size=8, cache_dir=str(tmp_path / "cache")
+    )  # what metarun-data reads
     [cache] = (tmp_path / "cache").iterdir()
     damage(cache, "truncated")
-    result = subprocess.run(check, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        check, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith(f"metarun-data: warning: the dataset cache {cache} is damaged (")
+    assert result.stderr.startswith(
+        f"metarun-data: warning: the dataset cache {cache} is damaged ("
+    )
     assert result.stderr.endswith("); rebuilding it\n") and result.stderr.count("\n") == 1
     assert "train" in result.stdout
 

@@ -16,8 +16,14 @@ from torchvision.datasets import CIFAR100
 from metarun.config import validate
 from metarun.data.cifar import CIFARFS, FC100
 from tests.conftest import compose_config, one_line_error
-from tests.fixtures.cifar import (COARSE_NAMES, FINE_NAMES, SUPERCLASSES, accept_fixture_md5s, read_fixture,
-                                   write_cifar100)
+from tests.fixtures.cifar import (
+    COARSE_NAMES,
+    FINE_NAMES,
+    SUPERCLASSES,
+    accept_fixture_md5s,
+    read_fixture,
+    write_cifar100,
+)
 
 PER_CLASS_TRAIN, PER_CLASS_TEST = 4, 2
 PARTS = ("train", "val", "test")
@@ -45,7 +51,9 @@ def accept(monkeypatch):
 def open_dataset(cifar_root, accept, tmp_path):
     """open_dataset(CIFARFS or FC100, **settings) on the fixture, with a cache of its own per test."""
     accept(cifar_root)
-    return lambda cls, **settings: cls(str(cifar_root), download=False, cache_dir=str(tmp_path / "cache"), **settings)
+    return lambda cls, **settings: cls(
+        str(cifar_root), download=False, cache_dir=str(tmp_path / "cache"), **settings
+    )
 
 
 @pytest.fixture
@@ -84,7 +92,11 @@ def test_parts_have_the_papers_class_counts_of_pooled_images(open_dataset, cls, 
 def test_parts_share_no_class_and_cover_cifar100(open_dataset, cls):
     data = open_dataset(cls)
     names = {part: set(data.class_names(part)) for part in PARTS}
-    assert not names["train"] & names["val"] and not names["train"] & names["test"] and not names["val"] & names["test"]
+    assert (
+        not names["train"] & names["val"]
+        and not names["train"] & names["test"]
+        and not names["val"] & names["test"]
+    )
     fine = [name.split("/")[1] for part in PARTS for name in data.class_names(part)]
     assert sorted(fine) == FINE_NAMES  # every CIFAR-100 class once
 
@@ -101,16 +113,23 @@ def test_class_names_carry_cifar100s_own_superclass(open_dataset):
 def test_fc100_parts_are_whole_superclasses(open_dataset, cifar_root):
     """Checked against the fixture's per-image coarse_labels, not the lists the module reads."""
     train = read_fixture(cifar_root, "train")
-    coarse_of = {FINE_NAMES[f]: COARSE_NAMES[c] for f, c in zip(train["fine_labels"], train["coarse_labels"])}
+    coarse_of = {
+        FINE_NAMES[f]: COARSE_NAMES[c] for f, c in zip(train["fine_labels"], train["coarse_labels"])
+    }
     data = open_dataset(FC100)
     superclasses = {}
     for part in PARTS:
         fine = [name.split("/")[1] for name in data.class_names(part)]
         superclasses[part] = {coarse_of[f] for f in fine}
         assert len(superclasses[part]) * 5 == len(fine)  # 5 fine classes per listed superclass ...
-        assert sorted(fine) == sorted(f for s in superclasses[part] for f in SUPERCLASSES[s])  # ... all of them
+        assert sorted(fine) == sorted(
+            f for s in superclasses[part] for f in SUPERCLASSES[s]
+        )  # ... all of them
     assert [len(superclasses[part]) for part in PARTS] == [12, 4, 4]
-    assert not superclasses["train"] & superclasses["val"] and not superclasses["train"] & superclasses["test"]
+    assert (
+        not superclasses["train"] & superclasses["val"]
+        and not superclasses["train"] & superclasses["test"]
+    )
 
 
 def test_class_images_are_the_release_pixels_training_images_first(open_dataset, cifar_root):
@@ -118,7 +137,9 @@ def test_class_images_are_the_release_pixels_training_images_first(open_dataset,
     data = open_dataset(CIFARFS)
     part = data.part("val")
     for c, name in enumerate(part.names):
-        expected = images[labels == FINE_NAMES.index(name.split("/")[1])]  # [6, 3, 32, 32], release order
+        expected = images[
+            labels == FINE_NAMES.index(name.split("/")[1])
+        ]  # [6, 3, 32, 32], release order
         assert torch.equal(part.class_images(c), torch.from_numpy(expected))
     assert 0 < part.images.float().std() and part.images.max() > part.images.min()
 
@@ -157,7 +178,10 @@ def test_settings_scale_augmentation_and_normalization(open_dataset):
 def test_second_load_reads_the_cache_not_cifar(open_dataset, count_cifar_reads):
     first = open_dataset(FC100)
     built = {part: first.part(part) for part in PARTS}
-    assert sorted(count_cifar_reads) == [False, True]  # train and test files read once for all three parts
+    assert sorted(count_cifar_reads) == [
+        False,
+        True,
+    ]  # train and test files read once for all three parts
     again = open_dataset(FC100)
     for part in PARTS:
         assert torch.equal(again.part(part).images, built[part].images)
@@ -169,7 +193,9 @@ def test_changed_source_file_rebuilds_the_cache(cifar_root, accept, tmp_path, co
     root = tmp_path / "cifar100"
     shutil.copytree(cifar_root, root)
     accept(root)
-    before = CIFARFS(str(root), download=False, cache_dir=str(tmp_path / "cache")).part("val").images
+    before = (
+        CIFARFS(str(root), download=False, cache_dir=str(tmp_path / "cache")).part("val").images
+    )
     write_cifar100(root, PER_CLASS_TRAIN, PER_CLASS_TEST, seed=1)  # new pixels, new md5s
     os.utime(root / "cifar-100-python" / "train", ns=(1, 1))  # an mtime that surely differs
     accept(root)
@@ -203,7 +229,11 @@ def test_file_that_fails_its_md5_is_one_line(cifar_root, accept, tmp_path):
         f.truncate(1000)  # an interrupted copy
     data = CIFARFS(str(root), download=False, cache_dir=str(tmp_path / "cache"))
     message = one_line_error(lambda: data.part("train"))
-    assert "corrupted" in message and "cifar-100-python" in message and "dataset.download=true" in message
+    assert (
+        "corrupted" in message
+        and "cifar-100-python" in message
+        and "dataset.download=true" in message
+    )
 
 
 def test_unlisted_class_or_part_is_one_line(open_dataset):
@@ -219,8 +249,12 @@ def test_unlisted_class_or_part_is_one_line(open_dataset):
 @pytest.mark.parametrize("name, cls", [("cifarfs", CIFARFS), ("fc100", FC100)])
 def test_config_builds_the_dataset(cifar_root, accept, tmp_path, name, cls):
     accept(cifar_root)
-    cfg = compose_config(f"dataset={name}", f"dataset.root={cifar_root}", f"dataset.cache_dir={tmp_path}",
-                         "dataset.download=false")
+    cfg = compose_config(
+        f"dataset={name}",
+        f"dataset.root={cifar_root}",
+        f"dataset.cache_dir={tmp_path}",
+        "dataset.download=false",
+    )
     validate(cfg)
     data = hydra.utils.instantiate(cfg.dataset)
     assert type(data) is cls and data.image_size == 32 and data.channels == 3

@@ -18,7 +18,12 @@ from metarun.data.cache import cache_file
 from metarun.data.miniimagenet import MiniImageNet
 from tests.conftest import one_line_error
 from tests.fixtures.miniimagenet import (
-    class_colour, shipped_rows, write_foreign_pickle, write_malicious_pickle, write_pickles, write_ravi,
+    class_colour,
+    shipped_rows,
+    write_foreign_pickle,
+    write_malicious_pickle,
+    write_pickles,
+    write_ravi,
     write_shipped_part,
 )
 
@@ -58,7 +63,9 @@ def test_ravi_layout_gives_each_part_its_classes_in_csv_order(tmp_path):
         images = data.part(part)
         assert list(images.names) == list(written[part]) == list(shipped_rows(part))[:n_classes]
         assert images.counts.tolist() == [6] * n_classes
-        assert images.images.shape == (6 * n_classes, 3, 16, 16) and images.images.dtype == torch.uint8
+        assert (
+            images.images.shape == (6 * n_classes, 3, 16, 16) and images.images.dtype == torch.uint8
+        )
         assert 0 < images.images.float().std() and images.images.max() <= 255
         assert_class_colours(data, part)
     assert data.class_names("val")[0] == "n01855672"
@@ -68,7 +75,9 @@ def test_ravi_layout_gives_each_part_its_classes_in_csv_order(tmp_path):
 def test_classes_follow_first_appearance_in_the_csv_even_when_rows_interleave(tmp_path):
     written = write_ravi(tmp_path / "mini", n_classes_per_part=(3, 1, 1), per_class=4)
     order = list(written["train"])[::-1]  # not the sorted order of the shipped CSVs
-    rows = [f"{written['train'][wnid][i]},{wnid}" for i in range(4) for wnid in order]  # class 0, 1, 2, 0, 1, ...
+    rows = [
+        f"{written['train'][wnid][i]},{wnid}" for i in range(4) for wnid in order
+    ]  # class 0, 1, 2, 0, 1, ...
     (tmp_path / "mini" / "train.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
     data = load(tmp_path / "mini", tmp_path, image_size=16)
     assert data.class_names("train") == order and data.part("train").counts.tolist() == [4, 4, 4]
@@ -93,7 +102,9 @@ def test_shipped_csvs_are_used_when_root_has_only_images(tmp_path):
 
 
 def test_images_missing_from_the_shipped_csvs_are_named_and_counted(tmp_path):
-    written = write_ravi(tmp_path / "mini", n_classes_per_part=(1, 2, 1), per_class=3, with_csvs=False)
+    written = write_ravi(
+        tmp_path / "mini", n_classes_per_part=(1, 2, 1), per_class=3, with_csvs=False
+    )
     message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("val"))
     first_missing = shipped_rows("val")[next(iter(written["val"]))][3]
     assert f"{9600 - 2 * 3} files" in message and first_missing in message and "missing" in message
@@ -127,8 +138,13 @@ def test_cache_is_rebuilt_when_a_jpeg_changes(tmp_path, counted_reads):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_pickle_caches_give_class_dict_order_and_exact_images(tmp_path, protocol):
-    written = write_pickles(tmp_path / "mini", n_classes_per_part=(4, 2, 3), per_class=5, shuffle=True,
-                            protocol=protocol)
+    written = write_pickles(
+        tmp_path / "mini",
+        n_classes_per_part=(4, 2, 3),
+        per_class=5,
+        shuffle=True,
+        protocol=protocol,
+    )
     data = load(tmp_path / "mini", tmp_path)
     assert data.layout()["layout"] == "pickle caches"
     for part in ("train", "val", "test"):
@@ -136,13 +152,19 @@ def test_pickle_caches_give_class_dict_order_and_exact_images(tmp_path, protocol
         assert list(images.names) == list(source["class_dict"])
         assert images.counts.tolist() == [5] * len(source["class_dict"])
         index = np.concatenate(list(source["class_dict"].values()))
-        expected = torch.from_numpy(source["image_data"][index]).permute(0, 3, 1, 2)  # [I, 3, 84, 84]
+        expected = torch.from_numpy(source["image_data"][index]).permute(
+            0, 3, 1, 2
+        )  # [I, 3, 84, 84]
         assert torch.equal(images.images, expected)
 
 
 def test_validation_pickle_name_is_accepted(tmp_path):
-    written = write_pickles(tmp_path / "mini", n_classes_per_part=(1, 3, 1), per_class=2, val_name="validation")
-    assert load(tmp_path / "mini", tmp_path).class_names("val") == list(written["val"]["class_dict"])
+    written = write_pickles(
+        tmp_path / "mini", n_classes_per_part=(1, 3, 1), per_class=2, val_name="validation"
+    )
+    assert load(tmp_path / "mini", tmp_path).class_names("val") == list(
+        written["val"]["class_dict"]
+    )
 
 
 def test_pickle_images_are_resized_and_turned_grey(tmp_path):
@@ -161,7 +183,9 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     write_malicious_pickle(tmp_path / "mini" / "mini-imagenet-cache-train.pkl", marker)
     message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("train"))
     assert not marker.exists()
-    assert "mini-imagenet-cache-train.pkl" in message and f"{os.system.__module__}.system" in message
+    assert (
+        "mini-imagenet-cache-train.pkl" in message and f"{os.system.__module__}.system" in message
+    )
     assert "Ravi & Larochelle layout" in message
 
 
@@ -177,11 +201,16 @@ def test_malformed_or_truncated_pickle_is_one_line(tmp_path):
     with open(tmp_path / "mini" / "mini-imagenet-cache-val.pkl", "wb") as f:
         pickle.dump({"data": np.zeros((2, 84, 84, 3), np.uint8), "labels": [0, 1]}, f)
     message = one_line_error(lambda: load(tmp_path / "mini", tmp_path).part("val"))
-    assert "mini-imagenet-cache-val.pkl" in message and "image_data" in message and "class_dict" in message
+    assert (
+        "mini-imagenet-cache-val.pkl" in message
+        and "image_data" in message
+        and "class_dict" in message
+    )
     train = tmp_path / "mini" / "mini-imagenet-cache-train.pkl"
     train.write_bytes(train.read_bytes()[:1000])
     assert "mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in one_line_error(
-        lambda: load(tmp_path / "mini", tmp_path).part("train"))
+        lambda: load(tmp_path / "mini", tmp_path).part("train")
+    )
 
 
 def test_missing_root_names_both_layouts(tmp_path):
@@ -194,7 +223,9 @@ def test_missing_root_names_both_layouts(tmp_path):
 def test_missing_pickle_part_and_partial_csvs_are_one_line(tmp_path):
     write_pickles(tmp_path / "pkl", per_class=1)
     (tmp_path / "pkl" / "mini-imagenet-cache-test.pkl").unlink()
-    assert "mini-imagenet-cache-test.pkl is missing" in one_line_error(lambda: load(tmp_path / "pkl", tmp_path))
+    assert "mini-imagenet-cache-test.pkl is missing" in one_line_error(
+        lambda: load(tmp_path / "pkl", tmp_path)
+    )
     write_ravi(tmp_path / "csv", per_class=1)
     (tmp_path / "csv" / "val.csv").unlink()
     assert "but not val.csv" in one_line_error(lambda: load(tmp_path / "csv", tmp_path))
@@ -219,7 +250,9 @@ def test_normalization_and_augmentation_follow_channels_and_size(tmp_path):
     assert grey.standard_augment["crop_padding"] == 3
     assert load(tmp_path / "mini", tmp_path, image_size=5).standard_augment["crop_padding"] == 1
     assert "no part 'trainval'" in one_line_error(lambda: colour.part("trainval"))
-    assert "dataset.channels=2" in one_line_error(lambda: load(tmp_path / "mini", tmp_path, channels=2))
+    assert "dataset.channels=2" in one_line_error(
+        lambda: load(tmp_path / "mini", tmp_path, channels=2)
+    )
 
 
 def test_config_builds_the_dataset(tmp_path):

@@ -26,8 +26,15 @@ def test_vinyals_split_has_4112_688_1692_classes_of_20_images(omniglot):
 
 
 def test_vinyals_parts_share_no_character(omniglot):
-    characters = {part: {n.rsplit("/", 1)[0] for n in omniglot.class_names(part)} for part in ("train", "val", "test")}
-    assert len(characters["train"]) == 1028 and len(characters["val"]) == 172 and len(characters["test"]) == 423
+    characters = {
+        part: {n.rsplit("/", 1)[0] for n in omniglot.class_names(part)}
+        for part in ("train", "val", "test")
+    }
+    assert (
+        len(characters["train"]) == 1028
+        and len(characters["val"]) == 172
+        and len(characters["test"]) == 423
+    )
     assert not characters["train"] & characters["val"]
     assert not characters["train"] & characters["test"]
     assert not characters["val"] & characters["test"]
@@ -52,14 +59,20 @@ def test_images_have_bright_strokes_on_a_black_background(omniglot):
 
 
 def test_background_split_tests_on_the_evaluation_alphabets(omniglot_root, omniglot_cache):
-    data = Omniglot(str(omniglot_root), split="background", download=False, cache_dir=str(omniglot_cache))
+    data = Omniglot(
+        str(omniglot_root), split="background", download=False, cache_dir=str(omniglot_cache)
+    )
     names = {part: data.class_names(part) for part in ("train", "val", "test")}
     assert (len(names["train"]), len(names["val"]), len(names["test"])) == (783, 181, 659)
     assert data.images("test").shape == (659, 20, 1, 28, 28)
-    background_alphabets = {p.name for p in (omniglot_root / "omniglot-py" / "images_background").iterdir()}
+    background_alphabets = {
+        p.name for p in (omniglot_root / "omniglot-py" / "images_background").iterdir()
+    }
     assert len(background_alphabets) == 30
     assert not {n.split("/")[0] for n in names["test"]} & background_alphabets
-    assert {n.split("/")[0] for n in names["val"]} == background_alphabets  # val spans every alphabet
+    assert {
+        n.split("/")[0] for n in names["val"]
+    } == background_alphabets  # val spans every alphabet
     assert not set(names["train"]) & set(names["val"])
     assert all(int(n.rsplit("character", 1)[1]) % 5 == 0 for n in names["val"])
     assert all("rot" not in n for n in names["train"])
@@ -93,7 +106,9 @@ def test_failed_download_raises_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(error.value)
 
 
-def test_second_construction_loads_the_cache_and_decodes_no_png(omniglot, omniglot_root, omniglot_cache, monkeypatch):
+def test_second_construction_loads_the_cache_and_decodes_no_png(
+    omniglot, omniglot_root, omniglot_cache, monkeypatch
+):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decode_omniglot called although the cache exists")
 
@@ -118,7 +133,9 @@ def test_decoding_inverts_resizes_and_caches_atomically(tmp_path, monkeypatch):
     write_tiny_omniglot(tmp_path / "data")
     calls = []
     decode = omniglot_module.decode_omniglot
-    monkeypatch.setattr(omniglot_module, "decode_omniglot", lambda *a: calls.append(a) or decode(*a))
+    monkeypatch.setattr(
+        omniglot_module, "decode_omniglot", lambda *a: calls.append(a) or decode(*a)
+    )
     cache = tmp_path / "cache"
     Omniglot(str(tmp_path / "data"), image_size=21, download=False, cache_dir=str(cache))
     payload = torch.load(next(cache.iterdir()), weights_only=True)
@@ -130,7 +147,9 @@ def test_decoding_inverts_resizes_and_caches_atomically(tmp_path, monkeypatch):
     # kernel spreads it to the neighbouring rows but no further.
     assert images[0, 7, 0, 7].min() >= 128 and images[0, 7, 0, 7].max() == images[0, 7].max()
     assert images[0, 7, 0, 9].max() == 0 and images[0, 7, 0, 5].max() == 0
-    assert [re.fullmatch(r"omniglot-21px-[0-9a-f]{10}\.pt", p.name) is not None for p in cache.iterdir()] == [True]
+    assert [
+        re.fullmatch(r"omniglot-21px-[0-9a-f]{10}\.pt", p.name) is not None for p in cache.iterdir()
+    ] == [True]
     assert not list(cache.glob("*.tmp"))
 
     Omniglot(str(tmp_path / "data"), image_size=21, download=False, cache_dir=str(cache))

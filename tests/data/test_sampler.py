@@ -30,8 +30,14 @@ def ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sampler(n_way=5, k_shot=2, n_query=3, n_classes=20, per_class=20, first_class=0):
-    return EpisodeSampler(id_images(n_classes, per_class, first_class), n_way, k_shot, n_query, part="val",
-                          dataset_name="omniglot")
+    return EpisodeSampler(
+        id_images(n_classes, per_class, first_class),
+        n_way,
+        k_shot,
+        n_query,
+        part="val",
+        dataset_name="omniglot",
+    )
 
 
 def assert_same(a: TaskBatch, b: TaskBatch) -> None:
@@ -82,7 +88,9 @@ def test_classes_name_the_class_behind_each_label():
 
 
 def test_classes_come_only_from_the_given_part():
-    tasks = sampler(n_way=5, n_classes=20, first_class=100).sample(32, torch.Generator().manual_seed(3))
+    tasks = sampler(n_way=5, n_classes=20, first_class=100).sample(
+        32, torch.Generator().manual_seed(3)
+    )
     classes = torch.cat([ids(tasks.support_x)[0], ids(tasks.query_x)[0]], dim=1)
     assert classes.min() >= 100 and classes.max() < 120
     assert len(classes.unique()) == 20  # 32 tasks of 5 reach every class
@@ -110,8 +118,15 @@ def test_training_episodes_repeat_for_one_seed_and_differ_for_another():
 
 
 def stack(batches: list[TaskBatch]) -> TaskBatch:
-    cat = lambda name: torch.cat([getattr(b, name) for b in batches])  # noqa: E731
-    return TaskBatch(cat("support_x"), cat("support_y"), cat("query_x"), cat("query_y"), batches[0].n_way, cat("classes"))
+    cat = lambda name: torch.cat([getattr(b, name) for b in batches])
+    return TaskBatch(
+        cat("support_x"),
+        cat("support_y"),
+        cat("query_x"),
+        cat("query_y"),
+        batches[0].n_way,
+        cat("classes"),
+    )
 
 
 def test_fixed_episodes_equal_stacked_single_episodes_on_any_sampler():
@@ -129,11 +144,16 @@ def test_sampling_on_the_gpu_stays_there_and_fixed_episodes_match_the_cpu():
     gpu = EpisodeSampler(images.cuda(), 5, 1, 15, part="val")
     tasks = gpu.sample(8, torch.Generator("cuda").manual_seed(0))
     assert tasks.support_x.is_cuda and tasks.query_y.is_cuda
-    assert_same(gpu.episodes(0, 0, 6).to("cpu"), EpisodeSampler(images, 5, 1, 15, part="val").episodes(0, 0, 6))
+    assert_same(
+        gpu.episodes(0, 0, 6).to("cpu"),
+        EpisodeSampler(images, 5, 1, 15, part="val").episodes(0, 0, 6),
+    )
 
 
 def test_too_many_ways_names_the_key_and_the_class_count():
-    with pytest.raises(MetarunError, match=r"episode.n_way=30 but omniglot/val has 20 classes; lower episode.n_way"):
+    with pytest.raises(
+        MetarunError, match=r"episode.n_way=30 but omniglot/val has 20 classes; lower episode.n_way"
+    ):
         sampler(n_way=30, n_classes=20)
 
 
@@ -141,7 +161,11 @@ def test_too_many_shots_plus_queries_names_both_keys_and_the_images_per_class():
     with pytest.raises(MetarunError) as error:
         sampler(k_shot=5, n_query=16, per_class=20)
     message = str(error.value)
-    assert "episode.k_shot=5" in message and "episode.n_query=16" in message and "20 images per class" in message
+    assert (
+        "episode.k_shot=5" in message
+        and "episode.n_query=16" in message
+        and "20 images per class" in message
+    )
     assert "\n" not in message
 
 
@@ -179,8 +203,11 @@ def test_ragged_classes_give_distinct_items_of_each_class_and_never_an_item_past
 
 
 def test_classes_with_too_few_images_are_named_in_a_warning_and_never_drawn():
-    with pytest.warns(UserWarning, match=r"train: 2 classes hold fewer than episode.k_shot \+ episode.n_query = 4 "
-                                         r"images and are left out: class0, class5"):
+    with pytest.warns(
+        UserWarning,
+        match=r"train: 2 classes hold fewer than episode.k_shot \+ episode.n_query = 4 "
+        r"images and are left out: class0, class5",
+    ):
         s = EpisodeSampler(ragged([3, 9, 4, 12, 5, 3]), n_way=3, k_shot=1, n_query=3, part="train")
     assert s.n_classes == 4
     classes = ids(s.sample(100, torch.Generator().manual_seed(0)).support_x)[0]
@@ -188,7 +215,9 @@ def test_classes_with_too_few_images_are_named_in_a_warning_and_never_drawn():
 
 
 def test_too_few_usable_classes_for_n_way_is_one_line():
-    with pytest.raises(MetarunError, match=r"episode.n_way=5 but only 4 of dataset/train's 6 classes hold") as error:
+    with pytest.raises(
+        MetarunError, match=r"episode.n_way=5 but only 4 of dataset/train's 6 classes hold"
+    ) as error:
         EpisodeSampler(ragged([3, 9, 4, 12, 5, 3]), n_way=5, k_shot=1, n_query=3, part="train")
     assert "\n" not in str(error.value)
 
@@ -207,9 +236,12 @@ def standard_augment() -> Augment:
 
 def test_augmentation_changes_support_images_but_not_which_images_labels_or_queries():
     images = torch.randint(0, 256, (20, 20, 3, 8, 8), dtype=torch.uint8)
-    plain = EpisodeSampler(images, 5, 2, 3, part="train").sample(4, torch.Generator().manual_seed(0))
+    plain = EpisodeSampler(images, 5, 2, 3, part="train").sample(
+        4, torch.Generator().manual_seed(0)
+    )
     augmented = EpisodeSampler(images, 5, 2, 3, part="train", augment=standard_augment()).sample(
-        4, torch.Generator().manual_seed(0))
+        4, torch.Generator().manual_seed(0)
+    )
     # Indices are drawn before the augmentation's parameters: the same episode, other pixels.
     for name in ("support_y", "query_y", "classes", "query_x"):
         assert torch.equal(getattr(plain, name), getattr(augmented, name)), name
@@ -234,7 +266,9 @@ def test_support_copies_add_m_augmented_copies_per_episode_independent_of_the_ba
     batch = s.episodes(seed=0, start=0, count=4)
     assert batch.support_x.shape == (4, 10 * 4, 3, 8, 8)
     assert torch.equal(batch.support_x[:, :10], plain.support_x)  # the originals first
-    assert torch.equal(batch.support_y, torch.cat([plain.support_y, plain.support_y.repeat_interleave(3, 1)], 1))
+    assert torch.equal(
+        batch.support_y, torch.cat([plain.support_y, plain.support_y.repeat_interleave(3, 1)], 1)
+    )
     assert torch.equal(batch.query_x, plain.query_x)
     copies = batch.support_x[:, 10:].unflatten(1, (10, 3))  # [T, N*K, M, C, H, W]
     assert not torch.equal(copies[:, :, 0], copies[:, :, 1])

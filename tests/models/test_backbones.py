@@ -22,7 +22,9 @@ BACKBONES = {
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_embeds_4d_and_5d_batches_in_out_features(name):
     model = BACKBONES[name]()
-    assert model.in_shape == (3, 16, 16) and model.out_features == torch.tensor(model.out_shape).prod()
+    assert (
+        model.in_shape == (3, 16, 16) and model.out_features == torch.tensor(model.out_shape).prod()
+    )
     assert model(torch.randn(6, 3, 16, 16)).shape == (6, model.out_features)
     assert model(torch.randn(2, 4, 3, 16, 16)).shape == (2, 4, model.out_features)
 
@@ -48,7 +50,9 @@ def test_every_backbone_in_running_mode_tracks_statistics_and_embeds_each_item_a
     model = BACKBONES[name](batch_norm="running")
     norms = [m for m in model.modules() if isinstance(m, TaskBatchNorm)]
     assert norms and all(norm.mode == "running" for norm in norms)
-    model(torch.randn(2, 5, 3, 16, 16) * 3 + 1)  # training: the statistics move at the end of the meta-batch
+    model(
+        torch.randn(2, 5, 3, 16, 16) * 3 + 1
+    )  # training: the statistics move at the end of the meta-batch
     commit_running_statistics(model)
     assert all((norm.running_mean != 0).any() and (norm.running_var != 1).any() for norm in norms)
     model.eval()
@@ -57,18 +61,29 @@ def test_every_backbone_in_running_mode_tracks_statistics_and_embeds_each_item_a
     others = torch.cat([x[:1], torch.randn(3, 3, 16, 16) * 5])
     torch.testing.assert_close(model(others)[0], model(x)[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=0, atol=1e-5)
-    assert all(torch.equal(norm.running_mean, b) for norm, b in zip(norms, before))  # eval leaves them
+    assert all(
+        torch.equal(norm.running_mean, b) for norm, b in zip(norms, before)
+    )  # eval leaves them
 
 
 @pytest.mark.parametrize("learner", ["protonet", "maml"])
 @pytest.mark.parametrize("backbone", ["conv4-32", "resnet12"])
-def test_natural_image_backbones_fit_an_84x84_batch_with_protonet_and_second_order_maml(backbone, learner):
+def test_natural_image_backbones_fit_an_84x84_batch_with_protonet_and_second_order_maml(
+    backbone, learner
+):
     # mini-ImageNet-shaped synthetic tasks; ResNet-12 narrowed (its full widths take seconds a step here).
     torch.manual_seed(0)
-    model = (Conv4(in_channels=3, hidden=32, image_size=84) if backbone == "conv4-32"
-             else ResNet12(in_channels=3, image_size=84, channels=[4, 4, 8, 8]))
+    model = (
+        Conv4(in_channels=3, hidden=32, image_size=84)
+        if backbone == "conv4-32"
+        else ResNet12(in_channels=3, image_size=84, channels=[4, 4, 8, 8])
+    )
     assert model.out_shape == ((32, 5, 5) if backbone == "conv4-32" else (8, 5, 5))
-    meta = ProtoNet(model, 5) if learner == "protonet" else MAML(model, 5, inner_lr=0.01, adaptation_steps=1)
+    meta = (
+        ProtoNet(model, 5)
+        if learner == "protonet"
+        else MAML(model, 5, inner_lr=0.01, adaptation_steps=1)
+    )
     tasks = random_tasks(T=2, queries=2, image_size=84, dtype=torch.float32, channels=3)
     optimizer = torch.optim.Adam(meta.parameters(), lr=1e-3)
     losses = []

@@ -34,10 +34,16 @@ def test_task_batch_norm_gives_zero_mean_unit_variance_per_task_and_channel(batc
     torch.manual_seed(0)
     shift = torch.arange(10.0, dtype=torch.float64).view(10, 1, 1, 1)
     x = torch.randn(2 * 5, 3, 4, 4, dtype=torch.float64) * 3 + shift  # [T*B, C, H, W], T=2
-    y = batch_norm(x, 2, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), eps=1e-12)
+    y = batch_norm(
+        x, 2, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), eps=1e-12
+    )
     y = y.unflatten(0, (2, 5))  # [T, B, C, H, W]
-    torch.testing.assert_close(y.mean(dim=(1, 3, 4)), torch.zeros(2, 3, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(y.var(dim=(1, 3, 4), correction=0), torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(
+        y.mean(dim=(1, 3, 4)), torch.zeros(2, 3, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        y.var(dim=(1, 3, 4), correction=0), torch.ones(2, 3, dtype=torch.float64)
+    )
     weight = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
     bias = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
     z = batch_norm(x, 2, weight, bias, eps=1e-12).unflatten(0, (2, 5))
@@ -48,7 +54,7 @@ def test_batch_norm_takes_the_plain_path_only_under_vmap():
     x = torch.randn(3, 2, 4)
     assert not is_vmapped(x)
     seen = torch.func.vmap(lambda t: torch.tensor(is_vmapped(t)))(x)
-    under_grad = torch.func.vmap(torch.func.grad(lambda t: (t.sum() * is_vmapped(t))))(x)
+    under_grad = torch.func.vmap(torch.func.grad(lambda t: t.sum() * is_vmapped(t)))(x)
     assert seen.all() and (under_grad == 1).all()
 
 
@@ -83,12 +89,16 @@ def test_conv4_pool_layers_none_is_the_unchanged_default():
     x = torch.randn(5, 1, 28, 28)
     torch.testing.assert_close(default(x), all_pool(x), rtol=0, atol=0)
     # The same parameter names as before pool_layers existed: old checkpoints still load.
-    names = [f"blocks.{i}.{p}" for i in range(4) for p in ("conv.weight", "norm.weight", "norm.bias")]
+    names = [
+        f"blocks.{i}.{p}" for i in range(4) for p in ("conv.weight", "norm.weight", "norm.bias")
+    ]
     assert list(default.state_dict()) == names
 
 
 def test_conv4_rejects_pool_layers_outside_zero_to_layers():
-    with pytest.raises(MetarunError, match=r"model.pool_layers=5 must be an integer from 0 to model.layers=4"):
+    with pytest.raises(
+        MetarunError, match=r"model.pool_layers=5 must be an integer from 0 to model.layers=4"
+    ):
         Conv4(hidden=4, pool_layers=5)
 
 
@@ -116,5 +126,8 @@ def test_conv4_stride_downsampling_is_mamls_omniglot_network():
 
 
 def test_conv4_rejects_an_unknown_downsample():
-    with pytest.raises(MetarunError, match=r"model.downsample='avg' is not one of pool, stride; set model.downsample=pool"):
+    with pytest.raises(
+        MetarunError,
+        match=r"model.downsample='avg' is not one of pool, stride; set model.downsample=pool",
+    ):
         Conv4(hidden=4, downsample="avg")

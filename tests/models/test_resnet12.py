@@ -12,18 +12,26 @@ from tests.conftest import one_line_error
 SMALL = [8, 8, 16, 16]
 
 
-@pytest.mark.parametrize("in_channels, image_size, out_shape", [
-    (1, 28, (640, 1, 1)),  # 28 -> 14 -> 7 -> 3 -> 1
-    (3, 32, (640, 2, 2)),  # 32 -> 16 -> 8 -> 4 -> 2
-    (3, 84, (640, 5, 5)),  # 84 -> 42 -> 21 -> 10 -> 5: MetaOptNet's 16000 features
-])
-def test_resnet12_feature_map_follows_image_size_at_the_real_widths(in_channels, image_size, out_shape):
+@pytest.mark.parametrize(
+    "in_channels, image_size, out_shape",
+    [
+        (1, 28, (640, 1, 1)),  # 28 -> 14 -> 7 -> 3 -> 1
+        (3, 32, (640, 2, 2)),  # 32 -> 16 -> 8 -> 4 -> 2
+        (3, 84, (640, 5, 5)),  # 84 -> 42 -> 21 -> 10 -> 5: MetaOptNet's 16000 features
+    ],
+)
+def test_resnet12_feature_map_follows_image_size_at_the_real_widths(
+    in_channels, image_size, out_shape
+):
     torch.manual_seed(0)
     model = ResNet12(in_channels=in_channels, image_size=image_size)
     assert model.out_shape == out_shape
     assert model.out_features == out_shape[0] * out_shape[1] * out_shape[2]
     with torch.no_grad():
-        assert model(torch.randn(1, in_channels, image_size, image_size)).shape == (1, model.out_features)
+        assert model(torch.randn(1, in_channels, image_size, image_size)).shape == (
+            1,
+            model.out_features,
+        )
 
 
 def test_resnet12_takes_channels_as_list_tuple_or_listconfig():
@@ -36,7 +44,9 @@ def test_resnet12_takes_channels_as_list_tuple_or_listconfig():
 
 def test_drop_block_is_off_in_evaluation():
     torch.manual_seed(0)
-    model = ResNet12(in_channels=1, image_size=32, channels=SMALL, drop_rate=0.5, dropblock_size=2).eval()
+    model = ResNet12(
+        in_channels=1, image_size=32, channels=SMALL, drop_rate=0.5, dropblock_size=2
+    ).eval()
     x = torch.randn(4, 1, 32, 32)
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
@@ -55,7 +65,9 @@ def test_drop_block_draws_reproducible_masks_from_the_global_rng_in_training():
     torch.testing.assert_close(without(x), without(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size, block_size, rate", [(10, 5, 0.1), (16, 3, 0.2), (8, 1, 0.3), (2, 5, 0.1)])
+@pytest.mark.parametrize(
+    "size, block_size, rate", [(10, 5, 0.1), (16, 3, 0.2), (8, 1, 0.3), (2, 5, 0.1)]
+)
 def test_drop_block_zeroes_about_the_rate_and_keeps_the_mean(size, block_size, rate):
     torch.manual_seed(0)
     y = drop_block(torch.ones(128, 16, size, size), rate, block_size)
@@ -80,7 +92,9 @@ def test_resnet12_gradients_are_finite_for_a_prototype_loss():
 
 def test_resnet12_under_vmap_and_functional_call_matches_the_task_loop():
     torch.manual_seed(0)
-    learner = Classifier(ResNet12(in_channels=1, image_size=16, channels=[4, 4, 8, 8]), n_way=2).double()
+    learner = Classifier(
+        ResNet12(in_channels=1, image_size=16, channels=[4, 4, 8, 8]), n_way=2
+    ).double()
     params = dict(learner.named_parameters())
     x = torch.randn(2, 4, 1, 16, 16, dtype=torch.float64)  # [T, N*K, C, H, W]
     y = torch.tensor([0, 0, 1, 1]).expand(2, 4)
@@ -96,23 +110,35 @@ def test_resnet12_under_vmap_and_functional_call_matches_the_task_loop():
 
 def test_drop_block_runs_under_vmap_with_different_randomness_per_task():
     torch.manual_seed(0)
-    model = ResNet12(in_channels=1, image_size=16, channels=[4, 4, 8, 8], drop_rate=0.3, dropblock_size=1)
+    model = ResNet12(
+        in_channels=1, image_size=16, channels=[4, 4, 8, 8], drop_rate=0.3, dropblock_size=1
+    )
     params = dict(model.named_parameters())
     x = torch.randn(1, 4, 1, 16, 16).expand(2, -1, -1, -1, -1)  # the same task twice
-    out = torch.func.vmap(lambda xt: functional_call(model, params, (xt,)), randomness="different")(x)
+    out = torch.func.vmap(lambda xt: functional_call(model, params, (xt,)), randomness="different")(
+        x
+    )
     assert torch.isfinite(out).all() and (out[0] - out[1]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("kwargs, fix", [
-    ({"channels": [8, 8, 16]}, "model.channels=[8, 8, 16] must be 4 positive integers"),
-    ({"channels": [8, 0, 16, 16]}, "model.channels=[8, 0, 16, 16] must be 4 positive integers"),
-    ({"drop_rate": 1.0}, "model.drop_rate=1.0 must be in [0, 1)"),
-    ({"drop_rate": -0.1}, "model.drop_rate=-0.1 must be in [0, 1)"),
-    ({"dropblock_size": 0}, "model.dropblock_size=0 must be an integer of at least 1"),
-    ({"image_size": 8}, ("model.image_size=8 is too small for ResNet-12's 4 max-pools; "
-                         "use images of at least 16 pixels")),
-    ({"batch_norm": "batch"}, "model.batch_norm='batch' is not one of task, running"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fix",
+    [
+        ({"channels": [8, 8, 16]}, "model.channels=[8, 8, 16] must be 4 positive integers"),
+        ({"channels": [8, 0, 16, 16]}, "model.channels=[8, 0, 16, 16] must be 4 positive integers"),
+        ({"drop_rate": 1.0}, "model.drop_rate=1.0 must be in [0, 1)"),
+        ({"drop_rate": -0.1}, "model.drop_rate=-0.1 must be in [0, 1)"),
+        ({"dropblock_size": 0}, "model.dropblock_size=0 must be an integer of at least 1"),
+        (
+            {"image_size": 8},
+            (
+                "model.image_size=8 is too small for ResNet-12's 4 max-pools; "
+                "use images of at least 16 pixels"
+            ),
+        ),
+        ({"batch_norm": "batch"}, "model.batch_norm='batch' is not one of task, running"),
+    ],
+)
 def test_resnet12_rejects_invalid_arguments_in_one_line(kwargs, fix):
     message = one_line_error(lambda: ResNet12(**{"channels": SMALL, **kwargs}))
     assert message.startswith(fix)

@@ -12,19 +12,26 @@ from tests.conftest import compose_config, one_line_error
 def layer_sizes(model: ResNet18, x: torch.Tensor) -> list[int]:
     """The side of layer1..layer4's feature maps for input `x`."""
     sizes = []
-    hooks = [getattr(model, f"layer{i}")[-1].register_forward_hook(lambda m, args, out: sizes.append(out.shape[-1]))
-             for i in range(1, 5)]
+    hooks = [
+        getattr(model, f"layer{i}")[-1].register_forward_hook(
+            lambda m, args, out: sizes.append(out.shape[-1])
+        )
+        for i in range(1, 5)
+    ]
     model(x)
     for hook in hooks:
         hook.remove()
     return sizes
 
 
-@pytest.mark.parametrize("in_channels, image_size, sizes", [
-    (1, 28, [28, 14, 7, 4]),  # 3x3 stride-1 stem
-    (3, 32, [32, 16, 8, 4]),
-    (3, 84, [42, 21, 11, 6]),  # 7x7 stride-2 stem, no max-pool
-])
+@pytest.mark.parametrize(
+    "in_channels, image_size, sizes",
+    [
+        (1, 28, [28, 14, 7, 4]),  # 3x3 stride-1 stem
+        (3, 32, [32, 16, 8, 4]),
+        (3, 84, [42, 21, 11, 6]),  # 7x7 stride-2 stem, no max-pool
+    ],
+)
 def test_resnet18_embeds_small_images_in_512_features_at_full_width(in_channels, image_size, sizes):
     torch.manual_seed(0)
     model = ResNet18(in_channels=in_channels, image_size=image_size)
@@ -42,9 +49,16 @@ def test_resnet18_keeps_torchvisions_max_pool_from_100x100():
 
 def test_resnet18_has_torchvisions_resnet18_trunk_parameters():
     ours = dict(ResNet18(in_channels=3, image_size=84).named_parameters())
-    theirs = {name: p for name, p in torchvision.models.resnet18(num_classes=1).named_parameters()
-              if not name.startswith("fc.")}  # BatchNorm2d's weight/bias counted as TaskBatchNorm's
-    assert sum(p.numel() for p in ours.values()) == sum(p.numel() for p in theirs.values()) == 11_176_512
+    theirs = {
+        name: p
+        for name, p in torchvision.models.resnet18(num_classes=1).named_parameters()
+        if not name.startswith("fc.")
+    }  # BatchNorm2d's weight/bias counted as TaskBatchNorm's
+    assert (
+        sum(p.numel() for p in ours.values())
+        == sum(p.numel() for p in theirs.values())
+        == 11_176_512
+    )
     assert {n: p.shape for n, p in ours.items()} == {n: p.shape for n, p in theirs.items()}
 
 
@@ -59,7 +73,9 @@ def test_resnet18_computes_torchvisions_resnet18_with_its_weights(batch_norm):
                 m.running_var.uniform_(0.5, 2)
                 m.weight.uniform_(0.5, 2)
     ours = ResNet18(image_size=112, batch_norm=batch_norm)
-    ours.load_state_dict({n: v for n, v in theirs.state_dict().items() if n in ours.state_dict()}, strict=True)
+    ours.load_state_dict(
+        {n: v for n, v in theirs.state_dict().items() if n in ours.state_dict()}, strict=True
+    )
     trunk = torch.nn.Sequential(*list(theirs.children())[:-1])  # without fc
     if batch_norm == "running":  # torchvision in train mode normalizes as task mode does one task
         ours.eval()
@@ -81,13 +97,16 @@ def test_resnet18_gives_finite_gradients_for_a_protonet_loss():
     assert all(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"in_channels": 0}, "model.in_channels=0"),
-    ({"image_size": "84"}, "model.image_size='84'"),
-    ({"width": True}, "model.width=True"),
-    ({"width": -8}, "model.width=-8"),
-    ({"batch_norm": "batch"}, "model.batch_norm='batch'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"in_channels": 0}, "model.in_channels=0"),
+        ({"image_size": "84"}, "model.image_size='84'"),
+        ({"width": True}, "model.width=True"),
+        ({"width": -8}, "model.width=-8"),
+        ({"batch_norm": "batch"}, "model.batch_norm='batch'"),
+    ],
+)
 def test_resnet18_rejects_bad_arguments_in_one_line(kwargs, key):
     assert one_line_error(lambda: ResNet18(**kwargs)).startswith(key)
 
