@@ -1,5 +1,5 @@
 """`python -m metarun ...`, which is also how torchrun starts it: `torchrun --nproc_per_node=G -m metarun ...`."""
 
-from metarun.cli import main
+from metarun.commands.train import main
 
 main()

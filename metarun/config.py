@@ -13,12 +13,12 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from importlib.resources import files
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_object
-from importlib.resources import files
-
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     InterpolationKeyError,
@@ -254,3 +254,85 @@ def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, A
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return offered
     return {name: value for name, value in offered.items() if name in parameters}
+
+
+# -- helpers over a composed config ----------------------------------------------------------
+# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs; and the
+# dataset's machine-local keys (where it reads from), which the dataset declares.
+RESUMABLE_CHANGES = ("train.steps", "eval.", "device.")
+# The eval.* keys that change the validation episodes (which tasks, their shape, the support copies)
+# and so the scores best_val compares; a resumed run that changes one re-validates best.pt. The
+# others change only the test (eval.episodes) or the speed (eval.batch_size: each task is scored on
+# its own); eval.episode is read through the n_way, k_shot and n_query it sets.
+VALIDATION_KEYS = ("seed", "n_way", "k_shot", "n_query", "support_augment")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our own one-line errors unwrapped from Hydra's."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MetarunError):
+            raise cause from None
+        raise MetarunError(str(e).splitlines()[0]) from e
+
+
+def episode_key(cfg: DictConfig, part: str) -> str:
+    """The config node that sets `part`'s episodes: eval.* once it differs from episode.*."""
+    differs = any(cfg.eval[key] != cfg.episode[key] for key in ("n_way", "k_shot", "n_query"))
+    return "eval" if part != "train" and differs else "episode"
+
+
+def episode_shape(cfg: DictConfig, part: str) -> tuple[int, int, int]:
+    """(n_way, k_shot, n_query) of `part`'s episodes."""
+    node = cfg[episode_key(cfg, part)]
+    return node.n_way, node.k_shot, node.n_query
+
+
+def config_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], also_allowed: tuple[str, ...] = ()
+) -> list[str]:
+    """Keys whose values differ between two configs, except those a resumed run may change."""
+    old, new = flatten(old), flatten(new)
+    allowed = RESUMABLE_CHANGES + also_allowed
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not key.startswith(allowed)
+    ]
+
+
+def validation_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The VALIDATION_KEYS whose values differ between two configs, as "eval.KEY: OLD -> NEW"."""
+    old_eval, new_eval = old.get("eval", {}), new.get("eval", {})
+    return [
+        f"eval.{key}: {old_eval.get(key)!r} -> {new_eval.get(key)!r}"
+        for key in VALIDATION_KEYS
+        if old_eval.get(key) != new_eval.get(key)
+    ]
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's hyperparameters as TensorBoard wants them: flat, scalar values only."""
+    flat = flatten(config_container(cfg))
+    return {
+        k: v
+        for k, v in flat.items()
+        if isinstance(v, (int, float, str, bool))
+        and not k.startswith(("dataset.root", "dataset.path"))
+    }

@@ -11,6 +11,7 @@ import torch
 from metarun.algorithms.base import MetaLearner
 from metarun.data.sampler import EpisodeSampler
 from metarun.distributed import Processes
+from metarun.score import ACCURACY, Score
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -29,10 +30,10 @@ def evaluate(
     seed: int,
     batch_size: int,
     autocast: AbstractContextManager | None = None,
-    score: str = "accuracy",
+    score: Score = ACCURACY,
     processes: Processes = Processes(),
 ) -> dict[str, Any]:
-    """Loss and score (accuracy, or "mse" for regression) over the fixed episodes
+    """Loss and score (metarun.score: accuracy, or the MSE of regression) over the fixed episodes
     0..episodes-1 of `sampler`'s split: the mean over episodes, its 95% CI, and each episode's
     score in episode order (`per_episode`).
 
@@ -54,7 +55,7 @@ def evaluate(
     mean, ci95 = confidence_interval(scores)
     return {
         "loss": losses.mean().item(),
-        score: mean,
+        score.name: mean,
         "ci95": ci95,
         "episodes": episodes,
         "per_episode": scores.tolist(),

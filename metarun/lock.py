@@ -23,12 +23,12 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from metarun.errors import MetarunError
+from metarun.run_dir import lock_file
 
-RUN_LOCK = (
-    ".metarun.lock"  # in the run directory: {"pid", "host", "started"} of the process training it
-)
+T = TypeVar("T")
 # The errors of a file system without flock: go on unlocked (with a warning) rather than not run.
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -99,7 +99,7 @@ class RunDirBusy(MetarunError):
 def check_run_dir_free(run_dir: Path) -> None:
     """RunDirBusy if a live process holds `run_dir`'s lock; writes nothing (a missing lock file,
     or one left by a killed run, means the directory is free)."""
-    path = Path(run_dir) / RUN_LOCK
+    path = lock_file(run_dir)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -121,7 +121,7 @@ def lock_run_dir(run_dir: Path, tries: int = 10) -> Lock:
 
     A process that only checks the directory (`check_run_dir_free`) holds the lock for a moment:
     a few tries 50 ms apart tell it from a process that trains there."""
-    lock = Lock(run_dir / RUN_LOCK)
+    lock = Lock(lock_file(run_dir))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(tries):
@@ -151,7 +151,7 @@ def lock_run_dir(run_dir: Path, tries: int = 10) -> Lock:
 def busy_message(run_dir: Path) -> str:
     """`<run_dir> is being trained by process <pid> on <host> (started <time>); ...`, from its lock file."""
     try:
-        holder = json.loads((Path(run_dir) / RUN_LOCK).read_text())
+        holder = json.loads((lock_file(run_dir)).read_text())
         who = f"process {holder['pid']} on {holder['host']} (started {holder['started'].replace('T', ' ')})"
         stop = f"stop it (kill {holder['pid']} on {holder['host']})"
     except (
@@ -166,3 +166,30 @@ def busy_message(run_dir: Path) -> str:
         f"{run_dir} is being trained by {who}; wait for it to end or {stop}, then start again to resume, "
         "or choose a new hydra.run.dir"
     )
+
+
+def claim_on_rank0(run_dir: Path, processes: Any, take: Callable[[Path], T]) -> Optional[T]:
+    """`take(run_dir)` (check_run_dir_free or lock_run_dir) on rank 0, which alone writes the
+    directory all ranks share; its RunDirBusy raised on every rank, so that none waits for a rank
+    that left. Returns what `take` returned on rank 0, None elsewhere."""
+    taken, busy = None, None
+    if processes.main:
+        try:
+            taken = take(run_dir)
+        except RunDirBusy as e:
+            busy = str(e)
+    busy = processes.agree(busy)
+    if busy is not None:
+        raise RunDirBusy(busy)
+    return taken
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path, processes: Any) -> Iterator[None]:
+    """One process trains run_dir at a time: rank 0 holds its lock for all ranks while training."""
+    lock = claim_on_rank0(run_dir, processes, lock_run_dir)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -9,34 +9,30 @@ Images are file paths, PIL images or tensors. Files and PIL images are decoded a
 decodes its own (`ClassDataset.decode`: channels, size, Omniglot's inversion); a tensor is an image
 as the dataset holds it after decoding, uint8 `[C, S, S]` or float in [0, 1] (a batch: `[M, C, S, S]`).
 Then, as the episode sampler does, pixels are scaled to [0, 1] and normalized with the mean and std
-the model trained with. The learner is the trainer's (metarun.saved_run), in evaluation mode, and
+the model trained with. The learner is built as the run built it (metarun.saved_run), in evaluation mode, and
 adapts with the run's evaluation settings: the gradient-based ones take `eval_adaptation_steps`
 inner steps, and a run tested with `eval.support_augment=M` adapts to each support image followed
 by M augmented copies, as its test episodes hold them. Predictions follow the run's batch-norm mode:
 with `task` the queries of one call are normalized together, as in the run's own test. Loading
 leaves the caller's random state as it was.
 
-`metarun-predict RUN_DIR --support DIR --query DIR_OR_FILE ... [--out predictions.csv]`: DIR holds one
-sub-folder of images per class; writes a CSV of file, predicted class and each class's probability,
-and prints a short table. Bad input is one line and exit code 2.
+`metarun-predict` (metarun.commands.predict) does the same for folders of images on the command line.
 """
 
 from __future__ import annotations
 
-import csv
-import sys
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+from typing import Callable, Hashable, Iterable, Optional, Union
 
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2.functional import normalize
 
-from metarun.data.folder import class_folders, visible
+from metarun.data.contract import TaskDataset
 from metarun.data.sampler import with_support_copies
 from metarun.device import autocast
-from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
+from metarun.errors import MetarunError
 from metarun.saved_run import SavedRun, open_run
 
 ImageLike = Union[str, Path, Image.Image, Tensor]
@@ -62,15 +58,15 @@ def read_run(
 ) -> TrainedModel:
     """`load`, with fixes that name the checkpoint as `option` does."""
     device = "auto" if device in (None, "auto") else torch.device(device).type
-    # Building the learner seeds torch's generators (Trainer); the caller's random state is theirs.
+    # Building the learner seeds torch's generators (Experiment); the caller's random state is theirs.
     gpu = (device != "cpu" and torch.cuda.is_available()) or torch.cuda.is_initialized()
     cuda = list(range(torch.cuda.device_count())) if gpu else []
     with torch.random.fork_rng(devices=cuda):
         run = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=(), option=option)
-    if run.trainer.score != "accuracy":
+    if isinstance(run.experiment.dataset, TaskDataset):
         raise MetarunError(
-            f"{run_dir} learned {run.trainer.dataset.name} regression; metarun.load adapts image "
-            "classifiers: give a run trained on images"
+            f"{run_dir} learned {run.experiment.dataset.name}'s drawn tasks (not images of classes); "
+            "metarun.load adapts image classifiers: give a run trained on images"
         )
     return TrainedModel(run)
 
@@ -79,13 +75,16 @@ class TrainedModel:
     """A trained learner that adapts to a support set of any labels (`adapt`)."""
 
     def __init__(self, run: SavedRun):
-        evaluator = run.trainer
-        self.learner = evaluator.learner.eval()
-        self.dataset = evaluator.dataset
-        self.device, self.amp = evaluator.device, evaluator.amp
+        experiment = run.experiment
+        self.learner = experiment.learner.eval()
+        self.dataset = experiment.dataset
+        self.device, self.amp = experiment.device, experiment.amp
         self.mean_std = run.mean_std  # as the run's test episodes are normalized
-        self.support_copies, self.seed = evaluator.cfg.eval.support_augment, evaluator.cfg.eval.seed
-        self.augment = evaluator.support_copies_augment() if self.support_copies else None
+        self.support_copies, self.seed = (
+            experiment.cfg.eval.support_augment,
+            experiment.cfg.eval.seed,
+        )
+        self.augment = experiment.support_copies_augment() if self.support_copies else None
 
     def adapt(
         self,
@@ -233,139 +232,3 @@ class AdaptedModel:
     def predict(self, images: Iterable[ImageLike] | Tensor) -> list[Hashable]:
         """The most probable class of each image, as given in the support labels."""
         return [self.classes[i] for i in self.predict_proba(images).argmax(dim=-1).tolist()]
-
-
-# -- metarun-predict -----------------------------------------------------------------------------
-def read_support(folder: Path) -> tuple[list[Path], list[str]]:
-    """Every image of `folder`'s class sub-folders, with the sub-folder's name as its label."""
-    if not folder.is_dir():
-        raise MetarunError(
-            f"--support {folder} is not a directory; give a folder holding one sub-folder of images per class"
-        )
-    classes = class_folders(folder)
-    if not classes:
-        raise MetarunError(
-            f"--support {folder} holds no class folders; put one sub-folder of images per class in it"
-        )
-    for name, files in classes:
-        if not files:
-            raise MetarunError(
-                f"support class {name} ({folder / name}) holds no images; "
-                "put at least one image in it or remove the folder"
-            )
-    return [f for _, files in classes for f in files], [
-        name for name, files in classes for _ in files
-    ]
-
-
-def find_queries(paths: Sequence[Path]) -> list[Path]:
-    """The files given, and every visible file below the folders given, sorted per folder."""
-    found = []
-    for path in paths:
-        if path.is_dir():
-            files = below(path)
-            if not files:
-                raise MetarunError(
-                    f"--query {path} holds no files; give image files or folders of them"
-                )
-            found += files
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise MetarunError(
-                f"--query {path} does not exist; give image files or folders of them"
-            )
-    return found
-
-
-def below(folder: Path) -> list[Path]:
-    files = []
-    for entry in visible(folder):
-        files += below(entry) if entry.is_dir() else [entry] if entry.is_file() else []
-    return files
-
-
-def write_predictions(path: Path, files: list[Path], classes: Sequence[Any], proba: Tensor) -> None:
-    """CSV: file, predicted class, then one column per class with its probability."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "predicted", *classes])
-        for file, chosen, row in zip(files, proba.argmax(dim=-1).tolist(), proba.tolist()):
-            writer.writerow([file, classes[chosen], *(f"{p:.6f}" for p in row)])
-
-
-def show(files: list[Path], classes: Sequence[Any], proba: Tensor, limit: int = 20) -> str:
-    """The first `limit` predictions as a table: file, predicted class, its probability."""
-    chosen = proba.argmax(dim=-1)  # [M]
-    best = proba.gather(1, chosen[:, None])[:, 0]  # [M]
-    names = [str(f) for f in files[:limit]]
-    width = max(len("file"), *(len(n) for n in names))
-    lines = [f"{'file':<{width}}  {'predicted':<20}  p"]
-    lines += [
-        f"{n:<{width}}  {str(classes[c]):<20}  {p:.3f}"
-        for n, c, p in zip(names, chosen.tolist(), best.tolist())
-    ]
-    if len(files) > limit:
-        lines.append(f"... and {len(files) - limit} more")
-    return "\n".join(lines)
-
-
-def parser() -> OneLineArgumentParser:
-    p = OneLineArgumentParser(
-        prog="metarun-predict",
-        description="Adapt a trained run to a support set of your own and classify query images.",
-    )
-    p.add_argument(
-        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory (outputs/<date>/<time>_...)"
-    )
-    p.add_argument(
-        "--support",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="one sub-folder of images per class",
-    )
-    p.add_argument(
-        "--query",
-        type=Path,
-        nargs="+",
-        required=True,
-        metavar="DIR_OR_FILE",
-        help="image files, or folders whose files (also in sub-folders) are classified",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("predictions.csv"),
-        help="the CSV to write (default: %(default)s)",
-    )
-    p.add_argument(
-        "--checkpoint",
-        choices=("best", "last"),
-        default=None,
-        help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)",
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    warnings_as_lines("metarun-predict")
-    args = parser().parse_args(argv)
-    try:
-        support, labels = read_support(args.support)
-        queries = find_queries(args.query)
-        model = read_run(args.run_dir, args.checkpoint, args.device, option="--checkpoint {}")
-        task = model.adapt(support, labels)
-        proba = task.predict_proba(queries)
-    except MetarunError as e:
-        print(f"metarun-predict: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    write_predictions(args.out, queries, task.classes, proba)
-    print(show(queries, task.classes, proba))
-    print(f"wrote {args.out}: {len(queries)} images, {len(task.classes)} classes")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""`metarun-report DIR [DIR...]`: one table of every run under the folders, and a comparison of two rows.
+"""The sweep report (`metarun-report DIR [DIR...]`): one table of every run under the folders, and a
+comparison of two rows.
 
 A run directory is a folder holding `.hydra/`, `failed.json`, `results.json` or `metrics.jsonl`: a
 single run, a Hydra multirun's SWEEP/0, SWEEP/1, ..., a SLURM sweep's jobs (hidden folders such as
@@ -33,12 +34,10 @@ compares trained models on these episodes, and the report says so.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -46,7 +45,9 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import yaml
 
+from metarun import run_dir as files
 from metarun.errors import MetarunError
+from metarun.score import MSE, Score, in_results, named
 from metarun.stats import Difference, mean_and_std, paired_difference, welch_difference
 
 STATUSES = ("finished", "running", "failed", "damaged")
@@ -63,7 +64,7 @@ class Run:
     path: Path
     overrides: dict[str, str]
     status: str  # one of STATUSES
-    score: Optional[str] = None  # "accuracy", "mse": the name after test_ in results.json
+    score: Optional[Score] = None  # what results.json holds under test_<name> (metarun.score)
     test: Optional[float] = None
     ci95: Optional[float] = None
     best_val: Optional[float] = None
@@ -114,16 +115,11 @@ def find_runs(dirs: list[Path]) -> list[Run]:
     return runs
 
 
-RUN_MARKERS = (
-    ".hydra",
-    "failed.json",
-    "results.json",
-    "metrics.jsonl",
-)  # what a run writes first or last
+VAL_KEYS = ("step", "split", "loss")  # a validation line's keys besides its score
 
 
 def run_dirs(top: Path) -> Iterator[Path]:
-    if any((top / name).exists() for name in RUN_MARKERS):
+    if files.is_run_dir(top):
         yield top
         return
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
@@ -136,43 +132,30 @@ def run_dirs(top: Path) -> Iterator[Path]:
 def read_run(path: Path) -> Run:
     """What `path` says about itself; a damaged or missing record is a problem line, never an exception."""
     problems: list[str] = []
-    failed = read_record(path / "failed.json", json.loads, dict, problems)
-    results = read_record(path / "results.json", json.loads, dict, problems)
-    episodes = read_record(path / "test_episodes.json", json.loads, dict, problems)
-    listed = read_record(path / ".hydra" / "overrides.yaml", yaml.safe_load, list, problems)
-    config = read_record(path / ".hydra" / "config.yaml", yaml.safe_load, dict, problems) or {}
+    failed = read_record(files.failed_file(path), json.loads, dict, problems)
+    results = read_record(files.results_file(path), json.loads, dict, problems)
+    episodes = read_record(files.test_episodes_file(path), json.loads, dict, problems)
+    listed = read_record(files.overrides_file(path), yaml.safe_load, list, problems)
+    config = read_record(files.config_file(path), yaml.safe_load, dict, problems) or {}
     if listed is None and isinstance(failed, dict) and isinstance(failed.get("overrides"), list):
         listed = failed["overrides"]
     recorded = listed is not None
-    if not recorded and not (path / ".hydra").exists():
+    if not recorded and not files.hydra_record(path).exists():
         problems.append("no .hydra/ record, so its overrides are unknown: it is a row of its own")
     elif not recorded and not any(p.startswith(".hydra/overrides.yaml") for p in problems):
         problems.append(
             "no .hydra/overrides.yaml, so its overrides are unknown: it is a row of its own"
         )
     results = results or {}
-    metrics = read_metrics(path / "metrics.jsonl")
-    score = (
-        next((k[5:] for k in results if k.startswith("test_") and k != "test_loss"), None)
-        or (episodes or {}).get("score")
-        or next(
-            (
-                k
-                for m in metrics
-                if m.get("split") == "val"
-                for k in m
-                if k not in ("step", "split", "loss")
-            ),
-            None,
-        )
-    )
-    score = score if isinstance(score, str) else None
-    test = number(results.get(f"test_{score}"))
+    metrics = read_metrics(files.metrics_file(path))
+    logged = (k for m in metrics if m.get("split") == "val" for k in m if k not in VAL_KEYS)
+    score = in_results(results) or named((episodes or {}).get("score")) or named(next(logged, None))
+    test = number(files.test_score(results, score)) if score else None
     if failed is not None:
         status = "failed"
-    elif (path / "results.json").exists():
+    elif files.results_file(path).exists():
         status = "finished" if test is not None else "damaged"
-        if status == "damaged" and not any(p.startswith("results.json") for p in problems):
+        if status == "damaged" and not any(p.startswith(files.RESULTS) for p in problems):
             problems.append("results.json holds no test score")
     else:
         status = "running"
@@ -192,14 +175,17 @@ def read_run(path: Path) -> Run:
         problems=problems,
     )
     run.curve = [
-        (m["step"], m[score])
+        (m["step"], m[score.name])
         for m in metrics
-        if m.get("split") == "val" and is_step(m.get("step")) and number(m.get(score)) is not None
+        if score
+        and m.get("split") == "val"
+        and is_step(m.get("step"))
+        and number(m.get(score.name)) is not None
     ]
     run.test, run.ci95 = test, number(results.get("ci95"))
-    run.best_val = number(results.get(f"best_val_{score}"))
+    run.best_val = number(files.best_val(results, score)) if score else None
     if run.best_val is None and run.curve:
-        run.best_val = (min if score == "mse" else max)(value for _, value in run.curve)
+        run.best_val = score.best([value for _, value in run.curve])
     steps = results.get("steps")
     run.steps = (
         steps
@@ -216,7 +202,7 @@ def read_run(path: Path) -> Run:
     run.seed = None if seed is None else str(seed)
     if failed is not None:
         error = str(failed.get("error") or "").strip().splitlines()
-        damaged = [p for p in problems if p.startswith("failed.json")]
+        damaged = [p for p in problems if p.startswith(files.FAILED)]
         run.error = error[0] if error else damaged[0] if damaged else "(failed.json gives no error)"
         problems[:] = [p for p in problems if p not in damaged]
     return run
@@ -228,7 +214,7 @@ def read_record(path: Path, parse: Callable[[str], Any], kind: type, problems: l
         return None
     name = (
         path.relative_to(path.parent.parent).as_posix()
-        if path.parent.name == ".hydra"
+        if path.parent.name == files.HYDRA
         else path.name
     )
     try:
@@ -244,9 +230,9 @@ def read_record(path: Path, parse: Callable[[str], Any], kind: type, problems: l
     )
     problems.append(
         f"{name} is cut off or not {what}"
-        + ("; its numbers are left out" if path.name == "results.json" else "")
+        + ("; its numbers are left out" if path.name == files.RESULTS else "")
     )
-    return {} if kind is dict and path.name == "failed.json" else None
+    return {} if kind is dict and path.name == files.FAILED else None
 
 
 def number(value: Any) -> Optional[float]:
@@ -346,12 +332,10 @@ def status_text(row: Row, s: dict[str, Any]) -> str:
     return f"{text}: {'; '.join(notes)}" if notes else text
 
 
-def fmt_score(score: Optional[str], value: Optional[float], spread: Optional[float] = None) -> str:
-    if value is None:
-        return "-"
-    if score == "accuracy":
-        return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
-    return f"{value:.4g}" + (f" ± {spread:.2g}" if spread is not None else "")
+def fmt_score(
+    score: Optional[Score], value: Optional[float], spread: Optional[float] = None
+) -> str:
+    return (score or MSE).table(value, spread)  # a row without a score has no value either
 
 
 def fmt_duration(seconds: Optional[float]) -> str:
@@ -364,8 +348,8 @@ def fmt_duration(seconds: Optional[float]) -> str:
 
 def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) -> str:
     """The markdown table: one line per row, the differing overrides first."""
-    scores = " / ".join(dict.fromkeys(s["score"] for s in summaries if s["score"])) or "score"
-    scores = scores.replace("accuracy", "accuracy (%)")
+    scores = " / ".join(dict.fromkeys(s["score"].label for s in summaries if s["score"]))
+    scores = scores or "score"
     seeds = any(len(row.runs) > 1 for row in rows)
     header = [
         "#",
@@ -462,7 +446,7 @@ def shared_episodes(a: Row, b: Row) -> dict[int, list[Run]] | str:
             return f"row {row.number} has no finished run"
         missing = next((run for run in finished[row.number] if run.episodes is None), None)
         if missing:
-            why = "damaged" if (missing.path / "test_episodes.json").exists() else "absent"
+            why = "damaged" if files.test_episodes_file(missing.path).exists() else "absent"
             return f"the test_episodes.json of {missing.path} is {why}"
     tested = [run.episodes for runs in finished.values() for run in runs]
     identities = [episodes.get("identity") for episodes in tested]
@@ -518,7 +502,7 @@ def natural_key(text: Any) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text))]
 
 
-def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> list[str]:
+def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[Score]) -> list[str]:
     """The report's comparison section: B − A with its 95% CI and t-test, or a note why there is none."""
     lines = [
         "## Comparison",
@@ -529,7 +513,7 @@ def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> l
     result = compare(a, b)
     if isinstance(result, str):
         return lines + [f"No test of B − A: {result}. Compare their ± in the table instead."]
-    d, name = result.difference, score or "score"
+    d, name = result.difference, score.name if score else "score"
     seeds_a, seeds_b = result.seeds
     shared = f"the {result.episodes} test episodes both rows share"
     if result.unit == "seed" and result.paired:
@@ -556,12 +540,12 @@ def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[str]) -> l
         how,
         "",
         (
-            f"B − A = {100 * d.mean:+.2f} ± {100 * d.ci95:.2f} points of accuracy"
-            if score == "accuracy"
+            f"B − A = {100 * d.mean:+.2f} ± {100 * d.ci95:.2f} {score.difference()}"
+            if score and score.percent
             else f"B − A = {d.mean:+.4g} ± {d.ci95:.2g} {name}"
         )
         + f" (95% CI, {df}); p = {d.p:.2g}"
-        + ("; lower mse is better." if score == "mse" else "."),
+        + (f"; {score.direction()}." if score and not score.higher_is_better else "."),
     ]
     if result.unit == "episode":
         single = " and ".join(
@@ -589,9 +573,13 @@ def write_csv(
                 [
                     row.number,
                     *(row.overrides.get(key, "") for key in columns),
-                    *("" if value is None else value for value in s.values()),
+                    *("" if value is None else csv_value(value) for value in s.values()),
                 ]
             )
+
+
+def csv_value(value: Any) -> Any:
+    return value.name if isinstance(value, Score) else value
 
 
 def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
@@ -605,7 +593,7 @@ def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
     for row in rows:
         for run in row.runs:
             if run.curve:
-                scale = 100 if run.score == "accuracy" else 1
+                scale = run.score.scale
                 ax.plot(
                     [step for step, _ in run.curve],
                     [scale * value for _, value in run.curve],
@@ -613,9 +601,9 @@ def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
                     color=f"C{(row.number - 1) % 10}",
                     label=label[run.path],
                 )
-    names = dict.fromkeys(run.score for row in rows for run in row.runs if run.curve)
+    names = dict.fromkeys(run.score.label for row in rows for run in row.runs if run.curve)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation " + " / ".join(names).replace("accuracy", "accuracy (%)"))
+    ax.set_ylabel("validation " + " / ".join(names))
     if ax.lines:
         ax.legend(fontsize="small")
     else:
@@ -623,47 +611,19 @@ def plot_curves(path: Path, rows: list[Row], label: dict[Path, str]) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="metarun-report",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tabulate every run under DIRs (single runs, multirun and SLURM sweeps); runs differing only "
-        "in seed share a row. Writes report.md, report.csv and curves.png into the first DIR.",
-        epilog="Two rows (with exactly two, without --compare) are compared on the test episodes they share.\n"
-        "With 2 or more finished seeds in each row the seed is the unit: each run's mean over the\n"
-        "episodes, paired by seed when both rows ran the same seeds (paired t-test), else Welch's\n"
-        "t-test. With one seed in a row the episodes are paired instead (each averaged over a row's\n"
-        "seeds): that compares trained models on these episodes and leaves out seed-to-seed\n"
-        "variance.\n"
-        "Exit code: 2 for a bad argument, 1 if any run failed or is damaged (the report is still\n"
-        "written), else 0.",
-    )
-    p.add_argument(
-        "dirs", nargs="+", type=Path, metavar="DIR", help="a run folder or a folder of runs"
-    )
-    p.add_argument(
-        "--compare",
-        nargs=2,
-        metavar=("A", "B"),
-        help="the rows to compare (B − A): a row number from the table, or an override only that "
-        "row has, e.g. --compare optimizer.lr=0.01 optimizer.lr=0.001",
-    )
-    return p
+# -- the report -----------------------------------------------------------------------------------
+def read_report(dirs: list[Path], compare: Optional[list[str]]) -> tuple[list[Run], list[Row], Any]:
+    """The runs under `dirs`, their rows and the pair of rows to compare (None: no comparison);
+    a bad argument is a MetarunError, before anything is written."""
+    runs = find_runs(dirs)
+    rows = group(runs)
+    return runs, rows, chosen_pair(rows, compare)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        runs = find_runs(args.dirs)
-        rows = group(runs)
-        pair = chosen_pair(rows, args.compare)
-    except MetarunError as e:
-        print(f"metarun-report: error: {e}", file=sys.stderr)
-        return 2
-    out = args.dirs[0]
-    for run in runs:
-        for problem in run.problems:
-            print(f"metarun-report: warning: {run.path}: {problem}", file=sys.stderr)
+def write_report(dirs: list[Path], runs: list[Run], rows: list[Row], pair: Any) -> tuple[str, int]:
+    """report.md, report.csv and curves.png in the first of `dirs`; returns the printed text and
+    the exit code: 1 if any run failed or is damaged, else 0."""
+    out = dirs[0]
     columns = differing([row.overrides for row in rows if row.recorded])
     summaries = [summarize(row) for row in rows]
     run_keys = differing([run.overrides for run in runs if run.recorded])
@@ -695,14 +655,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = "\n".join(body)
     (out / "report.md").write_text(
         f"# metarun report\n\n{len(runs)} runs under "
-        f"{', '.join(str(d) for d in args.dirs)}\n\n{text}\n\n![validation curves](curves.png)\n"
+        f"{', '.join(str(d) for d in dirs)}\n\n{text}\n\n![validation curves](curves.png)\n"
     )
     write_csv(out / "report.csv", rows, columns, summaries)
     plot_curves(out / "curves.png", rows, run_label)
-    print(text)
-    print(f"wrote {out / 'report.md'}, report.csv, curves.png", file=sys.stderr)
-    return 1 if failed or any(run.status == "damaged" for run in runs) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return text, 1 if failed or any(run.status == "damaged" for run in runs) else 0

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from metarun import run_dir as files
 from metarun.atomic import write_atomically, write_errors
 
 
@@ -22,8 +23,8 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, resume_step: int = 0):
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb_dir = run_dir / "tb"
+        self.metrics_path = files.metrics_file(run_dir)
+        self.tb_dir = files.tensorboard_dir(run_dir)
         self._truncate_after(resume_step)
         quiet_tensorboard_thread_errors()
         with write_errors(self.tb_dir):

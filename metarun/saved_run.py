@@ -15,8 +15,8 @@ learner's test-time settings (`algorithm.eval_adaptation_steps`, `model.batch_no
 runs (`device=...`, `device.*`). Everything else made the checkpoint and stays as the run had it.
 Overrides are Hydra's syntax, applied as Hydra applies them: a group option replaces the group's
 node (composed from conf/ by Hydra), a key is set in place, and a key the run does not have is an
-error. The learner is built by the trainer's own code, so an evaluation without
-overrides is the run's own test, number for number.
+error. The learner is built as the run built it (metarun.experiment), so an evaluation
+without overrides is the run's own test, number for number.
 
 Images reach the learner normalized as in training: another dataset's (Chen et al., 2019, "A Closer
 Look at Few-shot Classification": source and target under one normalization) with the training
@@ -40,17 +40,25 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metarun import run_dir as files
 from metarun.algorithms.base import MetaLearner
 from metarun.checkpoint import load_checkpoint
-from metarun.config import Config, Normalization, check_resolves, eval_episode
+from metarun.config import (
+    Config,
+    Normalization,
+    build,
+    check_resolves,
+    config_container,
+    eval_episode,
+)
 from metarun.data.sampler import EpisodeSampler, normalization
 from metarun.errors import MetarunError
+from metarun.experiment import Experiment
 from metarun.hydra_errors import describe
-from metarun.lock import RUN_LOCK, RunDirBusy, check_run_dir_free
-from metarun.sweep import FAILED
-from metarun.trainer import Trainer, build, config_container
+from metarun.lock import RunDirBusy, check_run_dir_free
 
-CHECKPOINTS = ("best", "last")
+CHECKPOINTS = files.CHECKPOINTS
+MeanStd = tuple[list[float], list[float]]
 CHANGEABLE_GROUPS = ("dataset", "device")
 CHANGEABLE_KEYS = (
     "eval.",
@@ -62,23 +70,13 @@ CHANGEABLE_KEYS = (
 CHANGEABLE = "eval.*, dataset=... and dataset.*, device=... and device.*, algorithm.eval_adaptation_steps, model.batch_norm"
 EPISODE_KEYS = ("n_way", "k_shot", "n_query")
 RUNNING_STATISTICS = ("running_mean", "running_var")
-RUN_FILES = (
-    "checkpoints",
-    "results.json",
-    "metrics.jsonl",
-    "test_episodes.json",
-)  # what tells a run directory
 
 
 class SavedRun(NamedTuple):
-    trainer: (
-        Trainer  # the learner with the checkpoint's weights, its dataset, the episodes of `parts`
-    )
+    experiment: Experiment  # the learner with the checkpoint's weights, the episodes of `parts`
     state: dict[str, Any]  # the checkpoint: "step", ...
     checkpoint: str  # "best" or "last"
-    mean_std: Optional[
-        tuple[list[float], list[float]]
-    ]  # how images reaching the learner are normalized
+    mean_std: Optional[MeanStd]  # how images reaching the learner are normalized
 
 
 def open_run(
@@ -102,14 +100,14 @@ def open_run(
     chosen = "best" if checkpoint is None else checkpoint
     path = checkpoint_path(run_dir, chosen, option)
     state = load_checkpoint(path, fix=checkpoint_fix(run_dir, chosen, "train it again", option))
-    # The trainer's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.
-    evaluator = Trainer(cfg, run_dir, parts=parts, resume=False)
-    restore(evaluator.learner, state, path)
-    mean_std = images_normalization(saved, cfg, state, evaluator.dataset)
-    for sampler in evaluator.samplers.values():
+    # A run's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.
+    experiment = Experiment(cfg, parts=parts)
+    restore(experiment.learner, state, path)
+    mean_std = images_normalization(saved, cfg, state, experiment.dataset)
+    for sampler in experiment.samplers.values():
         if isinstance(sampler, EpisodeSampler):
             sampler.mean_std = mean_std
-    return SavedRun(evaluator, state, chosen, mean_std)
+    return SavedRun(experiment, state, chosen, mean_std)
 
 
 def images_normalization(saved: DictConfig, cfg: DictConfig, state: dict[str, Any], dataset: Any):
@@ -138,7 +136,7 @@ def images_normalization(saved: DictConfig, cfg: DictConfig, state: dict[str, An
 def check_finished(run_dir: Path, option: str) -> None:
     """A finished run: no live process trains it and results.json, written after its test, reads.
     Otherwise one line saying so, with the checkpoint to name to test it as it is."""
-    have = [name for name in CHECKPOINTS if (run_dir / "checkpoints" / f"{name}.pt").is_file()]
+    have = [name for name in CHECKPOINTS if files.checkpoint_file(run_dir, name).is_file()]
     name = f"give {option.format(have[0])} to test the checkpoint it has now" if have else ""
     trainer = training_process(run_dir)
     if trainer is not None:
@@ -148,14 +146,14 @@ def check_finished(run_dir: Path, option: str) -> None:
         )
     if not have:
         return  # checkpoint_path says there is nothing to test, and how to train it
-    results = run_dir / "results.json"
+    results = files.results_file(run_dir)
     if not results.is_file():
         held = (
             "only checkpoints/last.pt"
             if have == ["last"]
             else "checkpoints/" + " and ".join(f"{c}.pt" for c in have)
         )
-        how = f"failed ({failure})" if (failure := failed_with(run_dir)) else "stopped"
+        how = f"failed ({failure})" if (failure := files.failed_with(run_dir)) else "stopped"
         raise MetarunError(
             f"{run_dir} has not finished: it {how} before its test (no results.json) with {held}; resume "
             f"it to the end (metarun ... hydra.run.dir={run_dir}, the overrides it started with) or {name}"
@@ -172,14 +170,6 @@ def check_finished(run_dir: Path, option: str) -> None:
         ) from None
 
 
-def failed_with(run_dir: Path) -> Optional[str]:
-    """The error line of failed.json, which a run that failed leaves (metarun.sweep.record_failure)."""
-    try:
-        return str(json.loads((run_dir / FAILED).read_text())["error"])[:200]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def training_process(run_dir: Path) -> Optional[str]:
     """'process PID on HOST' when a live process holds the run directory's lock (metarun.lock); else None."""
     try:
@@ -187,7 +177,7 @@ def training_process(run_dir: Path) -> Optional[str]:
         return None
     except RunDirBusy:
         try:
-            holder = json.loads((run_dir / RUN_LOCK).read_text())
+            holder = files.lock_holder(run_dir)
             return f"process {holder['pid']} on {holder['host']}"
         except (OSError, ValueError, KeyError, TypeError):  # it is writing its name in just now
             return "another process"
@@ -197,9 +187,9 @@ def read_config(run_dir: Path) -> DictConfig:
     """The config the run trained with, on the schema, every interpolation resolved now: so keys
     that follow another (model.in_channels: ${dataset.channels}) keep the values the checkpoint was
     trained with when evaluation changes what they followed."""
-    path = run_dir / ".hydra" / "config.yaml"
+    path = files.config_file(run_dir)
     if not path.is_file():
-        if any((run_dir / name).exists() for name in RUN_FILES):
+        if files.holds_training_files(run_dir):
             raise MetarunError(
                 f"{run_dir} holds a run's files but no .hydra/config.yaml (the config it trained with); "
                 "copy the run's .hydra/ folder back from a copy of the run, or train it again"
@@ -352,7 +342,7 @@ def checkpoint_path(run_dir: Path, checkpoint: str, option: str = "checkpoint={}
             f"{option.format(checkpoint)} is not one of {', '.join(CHECKPOINTS)}; "
             f"give {option.format('best')} (the best validation) or {option.format('last')}"
         )
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    path = files.checkpoint_file(run_dir, checkpoint)
     if not path.is_file():
         raise MetarunError(
             f"{run_dir} has no checkpoints/{checkpoint}.pt; "
@@ -366,7 +356,7 @@ def checkpoint_fix(
 ) -> str:
     """'train it first or give checkpoint=last': the other checkpoint, where the run has it."""
     other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
-    if (run_dir / "checkpoints" / f"{other}.pt").is_file():
+    if files.checkpoint_file(run_dir, other).is_file():
         return f"{train} or give {option.format(other)}"
     return f"{train} (metarun ... hydra.run.dir={run_dir})"
 

@@ -20,10 +20,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from metarun.atomic import write_atomically
+from metarun import run_dir as files
 from metarun.errors import MetarunError
-
-FAILED = "failed.json"  # {"error": "<one line>", "overrides": ["key=value", ...]}
+from metarun.score import in_results
 
 
 def objective(results: dict[str, Any]) -> float:
@@ -32,9 +31,8 @@ def objective(results: dict[str, Any]) -> float:
     Never the test score: hyperparameters chosen on the test episodes would make the test number
     one more validation number. The test result stays in results.json.
     """
-    return (
-        results["best_val_accuracy"] if "best_val_accuracy" in results else -results["best_val_mse"]
-    )
+    score = in_results(results)
+    return score.objective(files.best_val(results, score))
 
 
 def error_line(error: BaseException) -> str:
@@ -43,19 +41,6 @@ def error_line(error: BaseException) -> str:
         return str(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def record_failure(run_dir: Path, error: str, overrides: list[str]) -> None:
-    """failed.json in the run directory: the error line and the overrides that produced it."""
-    record = {"error": error, "overrides": overrides}
-    write_atomically(
-        run_dir / FAILED, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n")
-    )
-
-
-def clear_failure(run_dir: Path) -> None:
-    """A run that finishes removes the failed.json of an earlier attempt in its directory."""
-    (run_dir / FAILED).unlink(missing_ok=True)
 
 
 def trial_directories(cfg: DictConfig, trial: Any) -> None:
@@ -94,7 +79,8 @@ class FailedJobs(Callback):
         written = [
             path for path, stamp in job_records(sweep_dir).items() if self.before.get(path) != stamp
         ]
-        failed = sorted((path.parent for path in written if path.name == FAILED), key=job_order)
+        failed = [path.parent for path in written if path.name == files.FAILED]
+        failed.sort(key=job_order)
         if not failed:
             return
         jobs = len({path.parent for path in written})
@@ -109,7 +95,7 @@ def job_records(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
     if not sweep_dir.is_dir():
         return {}
     records = {}
-    for path in [*sweep_dir.rglob("results.json"), *sweep_dir.rglob(FAILED)]:
+    for path in [*sweep_dir.rglob(files.RESULTS), *sweep_dir.rglob(files.FAILED)]:
         stat = path.stat()
         records[path] = (stat.st_ino, stat.st_mtime_ns)
     return records
@@ -121,7 +107,7 @@ def job_order(job_dir: Path) -> tuple[int, str]:
 
 def describe_failure(job_dir: Path, command_line: list[str]) -> str:
     """`multirun/.../1 (episode.n_way=1000: <error>)`: the job's own overrides and its error line."""
-    record = json.loads((job_dir / FAILED).read_text())
+    record = json.loads(files.failed_file(job_dir).read_text())
     own = " ".join(own_overrides(record["overrides"], command_line))
     where = os.path.relpath(job_dir)
     if where.startswith(".."):

@@ -13,7 +13,10 @@ from tests.conftest import compose_config
 
 def metarun(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "metarun.commands.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
     )
 
 

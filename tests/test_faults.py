@@ -24,8 +24,8 @@ import torch
 from metarun.checkpoint import load_checkpoint
 from metarun.errors import MetarunError
 from metarun.trainer import Trainer
+from tests.commands.test_train import metarun_in_process
 from tests.conftest import compose_config, one_line_error
-from tests.test_cli import metarun_in_process
 
 TINY = (
     "algorithm=protonet",
@@ -51,7 +51,7 @@ def file_size_limit(limit: int):
 
 def metarun(*args: str, cwd: Path, limit: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "metarun.cli", *args],
+        [sys.executable, "-m", "metarun.commands.train", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -14,9 +14,10 @@ import time
 import pytest
 
 from metarun.checkpoint import load_checkpoint
-from metarun.lock import RUN_LOCK, RunDirBusy, check_run_dir_free, lock_run_dir
+from metarun.lock import RunDirBusy, check_run_dir_free, lock_run_dir
+from metarun.run_dir import LOCK as RUN_LOCK
+from tests.commands.test_train import metarun_in_process, snapshot
 from tests.conftest import REPO
-from tests.test_cli import metarun_in_process, snapshot
 
 # A ProtoNet run small enough that its steps take milliseconds.
 TINY = (
@@ -46,7 +47,7 @@ def start(run_dir, *args: str) -> subprocess.Popen:
     """`metarun ARGS` in its own process, its output in files beside the run directory."""
     out = (run_dir.parent / f"{run_dir.name}.out").open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "metarun.cli", *args],
+        [sys.executable, "-m", "metarun.commands.train", *args],
         stdout=out,
         stderr=subprocess.STDOUT,
         cwd=run_dir.parent,
@@ -77,7 +78,7 @@ def test_a_second_start_on_a_live_run_refuses_naming_it_and_writes_nothing(
         )  # alive, holding the directory, writing nothing while we look
         before = snapshot(run_dir)
         second = subprocess.run(
-            [sys.executable, "-m", "metarun.cli", *args],
+            [sys.executable, "-m", "metarun.commands.train", *args],
             capture_output=True,
             text=True,
             cwd=tmp_path,

@@ -54,7 +54,7 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
             sys.executable,
             "-c",
             "import metarun, sys; assert metarun.__file__.startswith(sys.argv[1]); "
-            "from metarun.cli import main; sys.argv[1:] = ['+experiment=protonet_omniglot_5w1s', 'optimizer=sgd', '--cfg', 'job']; main()",
+            "from metarun.commands.train import main; sys.argv[1:] = ['+experiment=protonet_omniglot_5w1s', 'optimizer=sgd', '--cfg', 'job']; main()",
             str(target),
         ],
         cwd=elsewhere,
@@ -69,6 +69,6 @@ def test_wheel_ships_configs_and_split_lists(tmp_path):
     )
     assert "n_way: 20" in result.stdout
     assert (
-        "metarun-data = metarun.data_check:main"
+        "metarun-data = metarun.commands.data:main"
         in next(target.glob("metarun-*.dist-info/entry_points.txt")).read_text()
     )

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import metarun
-from metarun.eval_run import main as eval_main
-from metarun.predict import main as predict_main
+from metarun.commands.eval import main as eval_main
+from metarun.commands.predict import main as predict_main
 from tests.conftest import DATA_ROOT, REPO, one_line_error
 from tests.trained_runs import trained_run
 

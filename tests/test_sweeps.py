@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from metarun import report
+from metarun.commands import report
 from metarun.sweep import objective
-from tests.test_cli import metarun_in_process
+from tests.commands.test_train import metarun_in_process
 
 # Test-sized runs: a few seconds of training each.
 TINY = (
@@ -46,7 +46,10 @@ def data(omniglot_root, omniglot_cache) -> tuple[str, ...]:
 
 def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "metarun.commands.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
     )
 
 
@@ -103,7 +106,7 @@ def test_a_requeued_submitit_job_resumes_in_its_own_job_directory(tmp_path, data
         [
             sys.executable,
             "-m",
-            "metarun.cli",
+            "metarun.commands.train",
             "-m",
             "hydra/launcher=local",
             "hydra.sweep.dir=sweeps/${now:%H-%M-%S-%f}",
@@ -318,7 +321,7 @@ def test_run_returns_the_best_validation_accuracy(tmp_path, data):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from metarun.cli import run
+    from metarun.commands.train import run
 
     with initialize_config_module("metarun.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*data, *TINY], return_hydra_config=True)
@@ -344,7 +347,7 @@ import pkgutil, runpy, sys
 hidden = sys.argv.pop(1)
 walk = pkgutil.walk_packages
 pkgutil.walk_packages = lambda *a, **k: (m for m in walk(*a, **k) if not m.name.startswith(hidden))
-runpy.run_module("metarun.cli", run_name="__main__")
+runpy.run_module("metarun.commands.train", run_name="__main__")
 """
 
 

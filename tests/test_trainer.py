@@ -192,7 +192,7 @@ def test_resume_with_other_validation_episodes_revalidates_the_best_checkpoint(
 
 
 def test_only_eval_keys_that_move_the_validation_episodes_call_for_revalidation():
-    from metarun.trainer import validation_changes
+    from metarun.config import validation_changes
 
     old = {
         "eval": {

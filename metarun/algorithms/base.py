@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
+from metarun.score import MSE, of_targets
 
 
 def check_at_least(key: str, value: float, minimum: float, fix: str | None = None) -> None:
@@ -46,14 +47,9 @@ def task_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def task_score(outputs: Tensor, targets: Tensor) -> Tensor:
     """Accuracy for class labels, mean squared error for real-valued targets, per task: `[...]`."""
-    if targets.is_floating_point():
+    if of_targets(targets) is MSE:
         return (outputs.detach() - targets).square().flatten(-2).mean(dim=-1)
     return accuracy(outputs, targets)
-
-
-def score_name(targets: Tensor) -> str:
-    """ "accuracy" (higher is better) or "mse" (lower is better): what `task_score` measures."""
-    return "mse" if targets.is_floating_point() else "accuracy"
 
 
 def learner_metrics(
@@ -62,10 +58,10 @@ def learner_metrics(
     """A gradient-based learner's training metrics from its per-task outputs: "loss" and the score
     ("accuracy" or "mse"), and with diagnostics the support set's score before and after adapting
     ("support_acc_before"/"_after", or "support_mse_..." for regression)."""
-    name = score_name(tasks.query_y)
-    metrics = {"loss": losses.mean().detach(), name: scores.mean()}
+    score = of_targets(tasks.query_y)
+    metrics = {"loss": losses.mean().detach(), score.name: scores.mean()}
     if support:
-        short = "acc" if name == "accuracy" else name
+        short = score.short
         metrics[f"support_{short}_before"], metrics[f"support_{short}_after"] = (
             score.mean() for score in support
         )

@@ -1,7 +1,9 @@
-"""Class datasets, the episode sampler and the TaskBatch they produce."""
+"""Datasets and the episodes drawn from them; import each from its module, which this package does
+not gather (building one reads files and fills caches, and a run imports only the one it names):
 
-from metarun.data.omniglot import Omniglot
-from metarun.data.sampler import EpisodeSampler
-from metarun.data.tasks import TaskBatch
-
-__all__ = ["EpisodeSampler", "Omniglot", "TaskBatch"]
+    contract     ClassDataset, TaskDataset, ClassImages, TaskSource: what a dataset declares
+    omniglot, miniimagenet, cifar, folder    class datasets; sinusoid: a task dataset
+    sampler      EpisodeSampler: N-way K-shot episodes of a class dataset, on the device
+    tasks        TaskBatch: a meta-batch of episodes
+    augment, cache, images, download         augmentation, the decoded-image cache, decoding
+"""

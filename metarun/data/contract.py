@@ -19,24 +19,29 @@ image file's pixels as the parts hold them (for a user's own images, `metarun.lo
 `channels` and resized like the dataset's own files; a dataset that decodes otherwise (Omniglot
 inverts its strokes) overrides it.
 
-A dataset of tasks drawn on the fly rather than images of classes (metarun.data.sinusoid) declares
-`name`, `machine_local`, `input_shape`, `task = "regression"` and `layout()`, and provides
-`sampler(part, n_way, k_shot, n_query, config_key, device)` in place of `part`; the trainer uses
-it where it would build an EpisodeSampler.
+A *task dataset* draws its tasks rather than holding images of classes (metarun.data.sinusoid's
+regression): a subclass of `TaskDataset` declares `name`, `machine_local`, `input_shape`, the
+`score` its tasks are measured by (metarun.score) and `layout()`, and provides
+`tasks(part, n_way, k_shot, n_query, config_key, device)`, a `TaskSource`, where a class dataset's
+episodes come from an EpisodeSampler; `figures(learner, test_tasks, run_dir)` may draw what the
+learner does. The experiment (metarun.experiment) asks which of the two a dataset is with isinstance.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from metarun.data.images import decode_image
+from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
+from metarun.score import Score
 
 PARTS = ("train", "val", "test")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B in grey, as PIL's convert("L")
@@ -145,6 +150,52 @@ class ClassDataset(ABC):
             raise MetarunError(
                 f"{self.name} has no part {part!r}; use one of {', '.join(self.parts)}"
             )
+
+
+class TaskSource(Protocol):
+    """The tasks of one part of a task dataset, as an EpisodeSampler gives a class dataset's."""
+
+    def sample(self, meta_batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """Training tasks drawn from `generator`, on the device."""
+
+    def episodes(self, seed: int, start: int, count: int) -> TaskBatch:
+        """The fixed evaluation tasks start..start+count-1: task i depends on (seed, part, i) only."""
+
+
+class TaskDataset(ABC):
+    """Base of every task dataset; see the module docstring for what a subclass declares."""
+
+    name: ClassVar[str]
+    score: ClassVar[Score]
+    input_shape: tuple[int, ...]  # one item's, e.g. (1,) for a number
+    machine_local: ClassVar[tuple[str, ...]] = ()
+    standard_augment: ClassVar[dict[str, Any]] = {}  # nothing to augment
+    parts: ClassVar[tuple[str, ...]] = PARTS
+    mean = std = None  # no normalization
+
+    @abstractmethod
+    def tasks(
+        self,
+        part: str,
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        config_key: str,
+        device: torch.device,
+    ) -> TaskSource:
+        """`part`'s tasks of that shape; a shape they cannot take is one MetarunError naming
+        `config_key` (episode or eval)."""
+
+    @abstractmethod
+    def layout(self) -> dict[str, str]:
+        """What the tasks are, for `metarun-data`: {"layout": ...}."""
+
+    def n_classes(self, part: str) -> int:
+        return 0
+
+    def figures(self, learner: Any, test_tasks: TaskSource, run_dir: Path) -> None:
+        """Figures of the trained learner on the test tasks, written into run_dir; none by default."""
+        return None
 
 
 def check_channels(name: str, channels: int, allowed: tuple[int, ...] = (1, 3)) -> None:

@@ -16,10 +16,12 @@ import math
 
 import torch
 
-from metarun.data.contract import PARTS
+from metarun.data.contract import PARTS, TaskDataset
 from metarun.data.sampler import episode_seed
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
+from metarun.run_dir import figure_file
+from metarun.score import MSE
 
 
 class SinusoidTasks:
@@ -91,18 +93,11 @@ class SinusoidTasks:
         )
 
 
-class Sinusoid:
-    """Sinusoid regression tasks (a task dataset: `task = "regression"`, no classes or images).
-
-    It declares what the trainer needs of a dataset (name, machine_local, the input shape of one
-    item, no normalization) and builds each part's task source with `sampler(...)`.
-    """
+class Sinusoid(TaskDataset):
+    """Sinusoid regression tasks: a task dataset scored by MSE, no classes or images."""
 
     name = "sinusoid"
-    task = "regression"
-    machine_local: tuple[str, ...] = ()
-    parts = PARTS
-    standard_augment: dict = {}
+    score = MSE
 
     def __init__(
         self,
@@ -118,9 +113,8 @@ class Sinusoid:
                 )
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.input_shape = (1,)
-        self.mean, self.std = None, None
 
-    def sampler(
+    def tasks(
         self,
         part: str,
         n_way: int,
@@ -131,12 +125,9 @@ class Sinusoid:
     ) -> SinusoidTasks:
         return SinusoidTasks(self, n_way, k_shot, n_query, part, config_key, device)
 
-    def n_classes(self, part: str) -> int:
-        return 0
-
     def figures(self, learner, test_tasks: SinusoidTasks, run_dir) -> None:
         """adaptation.png beside results.json (see plot_adaptation)."""
-        plot_adaptation(learner, test_tasks, run_dir / "adaptation.png")
+        plot_adaptation(learner, test_tasks, figure_file(run_dir, "adaptation"))
 
     def layout(self) -> dict[str, str]:
         return {

@@ -6,7 +6,8 @@ other shared layers from `metarun.models.layers`; one backbone a file.
 
 from metarun.models.conv4 import Conv4
 from metarun.models.layers import Backbone, Classifier, TaskBatchNorm
+from metarun.models.mlp import MLP
 from metarun.models.resnet12 import ResNet12
 from metarun.models.resnet18 import ResNet18
 
-__all__ = ["Backbone", "Classifier", "Conv4", "ResNet12", "ResNet18", "TaskBatchNorm"]
+__all__ = ["MLP", "Backbone", "Classifier", "Conv4", "ResNet12", "ResNet18", "TaskBatchNorm"]

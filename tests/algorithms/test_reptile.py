@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.reptile import Reptile, mini_batch_indices, reptile_surrogate
+from metarun.config import build
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
-from metarun.trainer import Trainer, build
+from metarun.trainer import Trainer
 from tests.algorithms.synthetic import (
     assert_vmap_matches_loop,
     max_abs_diff,

@@ -100,7 +100,7 @@ def test_a_damaged_cache_is_one_warning_line_on_the_command_line(tmp_path):
     check = [
         sys.executable,
         "-m",
-        "metarun.data_check",
+        "metarun.commands.data",
         "folder",
         f"path={tmp_path / 'images'}",
         "image_size=8",

@@ -11,7 +11,7 @@ from tests.conftest import one_line_error
 
 
 def tasks(part="train", n_way=1, k_shot=10, n_query=5):
-    return Sinusoid().sampler(part, n_way, k_shot, n_query, "episode", torch.device("cpu"))
+    return Sinusoid().tasks(part, n_way, k_shot, n_query, "episode", torch.device("cpu"))
 
 
 def test_points_lie_on_a_sine_of_the_papers_ranges():

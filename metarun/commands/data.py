@@ -14,10 +14,10 @@ import sys
 from hydra import compose, initialize_config_module
 
 from metarun import config  # noqa: F401  (registers the schema that conf/config.yaml names)
-from metarun.config import check_resolves, check_target_arguments
+from metarun.config import build, check_resolves, check_target_arguments
+from metarun.data.contract import TaskDataset
 from metarun.errors import MetarunError, warnings_as_lines
 from metarun.hydra_errors import one_line_composition_errors
-from metarun.trainer import build
 
 USAGE = """usage: metarun-data NAME [key=value ...]
 
@@ -42,7 +42,9 @@ def report(dataset) -> str:
     """The lines `metarun-data` prints for a built dataset."""
     lines = [f"dataset  {dataset.name} ({type(dataset).__module__}.{type(dataset).__name__})"]
     lines += [f"{key:<8} {value}" for key, value in dataset.layout().items()]
-    if not hasattr(dataset, "part"):  # tasks drawn on the fly (sinusoid): nothing stored to count
+    if isinstance(
+        dataset, TaskDataset
+    ):  # tasks drawn on the fly (sinusoid): nothing stored to count
         return "\n".join(
             lines + [f"items    {'x'.join(map(str, dataset.input_shape))} numbers, drawn per task"]
         )

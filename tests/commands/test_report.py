@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from metarun.report import Row, Run, comparison, main
+from metarun.commands.report import main
+from metarun.experiment import Experiment
+from metarun.report import Row, Run, comparison
+from metarun.run_dir import test_identity
+from metarun.score import ACCURACY
 from metarun.stats import paired_difference, welch_difference
-from metarun.trainer import Trainer
 from tests.conftest import SMALL_RUN, compose_config
 from tests.fixtures.folder import write_folder
 
@@ -446,7 +449,7 @@ def simulated_comparisons(
                 run.seed = str(seed)
                 runs.append(run)
             rows.append(Row(r + 1, {"optimizer.lr": "0.001"}, runs))
-        text = "\n".join(comparison(*rows, label, "accuracy"))
+        text = "\n".join(comparison(*rows, label, ACCURACY))
         p_values.append(float(re.search(r"\bp = ([-+0-9.e]+|nan)", text).group(1).rstrip(".")))
     return p_values
 
@@ -499,7 +502,8 @@ def folder_identity(path: Path, cache: Path, run_dir: Path) -> dict:
         *SMALL_RUN,
         "episode.n_query=2",
     )
-    return json.loads(json.dumps(Trainer(cfg, run_dir).test_identity()))
+    identity = test_identity(cfg, Experiment(cfg, parts=()).dataset)
+    return json.loads(json.dumps(identity))
 
 
 def test_folder_runs_pair_by_their_test_images_not_by_where_they_lie(capsys, tmp_path):
@@ -540,7 +544,7 @@ def test_folder_runs_pair_by_their_test_images_not_by_where_they_lie(capsys, tmp
 
 def test_a_dataset_of_drawn_tasks_is_identified_by_its_config(tmp_path):
     cfg = compose_config("+experiment=maml_sinusoid", "device=cpu")
-    identity = Trainer(cfg, tmp_path).test_identity()
+    identity = test_identity(cfg, Experiment(cfg, parts=()).dataset)
     assert identity["dataset"]["amplitude"] == [0.1, 5.0] and "test_images" not in identity
     assert (identity["n_way"], identity["k_shot"], identity["episodes"]) == (
         1,

@@ -9,11 +9,12 @@ import shutil
 import pytest
 import torch
 
+from metarun.commands.eval import main
+from metarun.config import build
 from metarun.data.sampler import EpisodeSampler
-from metarun.eval_run import main
 from metarun.evaluation import evaluate as meta_test
 from metarun.saved_run import open_run
-from metarun.trainer import Trainer, build
+from metarun.trainer import Trainer
 from tests.conftest import compose_config
 from tests.test_zoo import tiny
 from tests.trained_runs import trained_run

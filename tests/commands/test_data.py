@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metarun.data_check import main
+from metarun.commands.data import main
 
 
 def data_check(capsys, *args: str) -> tuple[int, str, str]:

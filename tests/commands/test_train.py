@@ -14,7 +14,10 @@ from tests.conftest import COLOUR_DATASETS
 
 def metarun(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "metarun.cli", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "metarun.commands.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
     )
 
 
@@ -116,7 +119,7 @@ def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path, omniglot_root
 
 def metarun_in_process(monkeypatch, *args: str) -> int:
     """`metarun ARGS` in this process (so that the session's fixtures, CIFAR's md5s, apply)."""
-    from metarun.cli import main
+    from metarun.commands.train import main
 
     monkeypatch.setattr(sys, "argv", ["metarun", *args])
     try:

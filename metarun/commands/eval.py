@@ -2,8 +2,8 @@
 
 Reads the run's config and `checkpoints/best.pt` (`checkpoint=last`: last.pt), applies the
 overrides evaluation may change (metarun.saved_run: eval.*, dataset=/dataset.*, device=/device.*,
-algorithm.eval_adaptation_steps, model.batch_norm), meta-tests with the trainer's own building and
-evaluation code, and writes `RUN_DIR/eval/<name>/results.json` and `test_episodes.json` in the
+algorithm.eval_adaptation_steps, model.batch_norm), meta-tests it as the run built and tested it
+(metarun.experiment), and writes `RUN_DIR/eval/<name>/results.json` and `test_episodes.json` in the
 trainer's formats. Nothing else in RUN_DIR changes. Without overrides the numbers are the run's
 own test, episode by episode. A run that has not finished (still training, stopped before its
 test) is tested only with its checkpoint named, `checkpoint=best` or `checkpoint=last`.
@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from metarun import run_dir as files
+from metarun.config import config_container
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
 from metarun.saved_run import CHANGEABLE, open_run
-from metarun.trainer import config_container, describe_score, test_results
+from metarun.score import in_results
 
 OPTIONS = ("checkpoint", "name")  # metarun-eval's own key=value arguments, not config keys
 
@@ -41,20 +43,20 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     checkpoint = options.get("checkpoint")  # None: best.pt of a finished run
     name = options.get("name") or default_name(overrides, checkpoint or "best")
     check_name(name)
-    evaluator, state, checkpoint, _ = open_run(run_dir, overrides, checkpoint)
+    experiment, state, checkpoint, _ = open_run(run_dir, overrides, checkpoint)
     started = time.perf_counter()
-    cfg, score = evaluator.cfg, evaluator.score
-    test = evaluator.evaluate("test", cfg.eval.episodes)
+    cfg, score = experiment.cfg, experiment.score
+    test = experiment.evaluate("test", cfg.eval.episodes)
     results = {
-        **test_results(test, score, cfg),
+        **files.test_results(test, score, cfg),
         "checkpoint": checkpoint,
         "step": state.get("step"),
         "overrides": overrides,
         "wall_time_s": time.perf_counter() - started,
         "config": config_container(cfg),
     }
-    out = run_dir / "eval" / name
-    evaluator.write_test(out, results, test)
+    out = files.eval_dir(run_dir, name)
+    files.write_test(out, results, test, score, files.test_identity(cfg, experiment.dataset))
     return out, results
 
 
@@ -100,11 +102,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except MetarunError as e:
         print(f"metarun-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    score = "accuracy" if "test_accuracy" in results else "mse"
+    score = in_results(results)
+    test = {score.name: files.test_score(results, score), "ci95": results["ci95"]}
     print(
-        f"test {describe_score(score, {score: results[f'test_{score}'], 'ci95': results['ci95']})} "
-        f"({results['episodes']} episodes, batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
-        f"wrote {out}/results.json"
+        f"test {score.describe(test)} ({results['episodes']} episodes, "
+        f"batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
+        f"wrote {files.results_file(out)}"
     )
 
 

@@ -1,0 +1,140 @@
+"""The parts of one run, built and checked from its config once: device, AMP, dataset, score, the
+episodes of each part, and the learner.
+
+Training (`metarun.trainer.Trainer`) adds what only training needs: an optimizer, a scheduler, a
+gradient scaler, the task generator and resume. Testing a trained run again (`metarun-eval`),
+`metarun.load` and `metarun-data` build an `Experiment` alone. Building one reads the dataset and
+makes the learner with freshly initialized weights; it writes nothing.
+
+The order of the draws from torch's generator is part of a run's numbers: the dataset and the
+samplers first, then `torch.manual_seed(cfg.seed)` and the model, as every run has made them.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig
+
+from metarun.algorithms.base import MetaLearner
+from metarun.config import accepted_arguments, build, episode_key, episode_shape, validate
+from metarun.data.augment import Augment
+from metarun.data.contract import PARTS, TaskDataset, TaskSource
+from metarun.data.sampler import EpisodeSampler
+from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
+from metarun.distributed import Processes
+from metarun.errors import MetarunError
+from metarun.evaluation import evaluate
+from metarun.score import ACCURACY, Score
+
+Sampler = Union[EpisodeSampler, TaskSource]
+
+
+class Experiment:
+    """`Experiment(cfg)`: the parts of the run `cfg` describes, with episodes of `parts` only (a
+    trained run tested again needs "test" alone, so a dataset too small for the training
+    episodes can still be tested on; `metarun.load` needs none)."""
+
+    def __init__(self, cfg: DictConfig, parts: Sequence[str] = PARTS):
+        validate(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device.type.value)
+        self.amp = cfg.device.amp.value
+        check_amp(self.device, self.amp)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.dataset = dataset = build(cfg.dataset)
+        self.score: Score = dataset.score if isinstance(dataset, TaskDataset) else ACCURACY
+        check_algorithm_learns(cfg.algorithm, dataset, self.score)
+        augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
+        self.augment: Optional[Augment] = augment
+        self.samplers: dict[str, Sampler] = {part: self.episode_sampler(part) for part in parts}
+        torch.manual_seed(cfg.seed)
+        model = build(cfg.model)
+        check_model_input(model, dataset)
+        offered = {
+            "model": model,
+            "n_way": cfg.episode.n_way,
+            "n_train_classes": dataset.n_classes("train"),
+        }
+        arguments = accepted_arguments(cfg.algorithm, offered)
+        self.learner: MetaLearner = build(cfg.algorithm, **arguments).to(self.device)
+        self.learner.check_n_way(cfg.eval.n_way)
+
+    def episode_sampler(self, part: str) -> Sampler:
+        """`part`'s episodes on the device, normalized as the dataset declares; training episodes
+        augmented by the augment group, evaluation ones given eval.support_augment copies. A task
+        dataset (sinusoid) draws its own (`TaskDataset.tasks`)."""
+        dataset, cfg = self.dataset, self.cfg
+        shape, key = episode_shape(cfg, part), episode_key(cfg, part)
+        if isinstance(dataset, TaskDataset):
+            return dataset.tasks(part, *shape, key, self.device)
+        copies = 0 if part == "train" else cfg.eval.support_augment
+        augment = self.support_copies_augment() if copies else self.augment
+        return EpisodeSampler(
+            dataset.part(part).to(self.device),
+            *shape,
+            part,
+            dataset.name,
+            config_key=key,
+            mean=dataset.mean,
+            std=dataset.std,
+            augment=augment if part == "train" or copies else None,
+            support_copies=copies,
+        )
+
+    def support_copies_augment(self) -> Augment:
+        """What draws eval.support_augment's copies: the augment group's augmentation, or with
+        augment=none the dataset's standard one."""
+        return self.augment or Augment().resolve(self.dataset.standard_augment)
+
+    def autocast(self) -> AbstractContextManager:
+        return autocast(self.device, self.amp)
+
+    def evaluate(
+        self, part: str, episodes: int, processes: Processes = Processes()
+    ) -> dict[str, Any]:
+        """The learner's loss and score over `part`'s fixed episodes 0..episodes-1 (eval.seed)."""
+        cfg = self.cfg.eval
+        sampler = self.samplers[part]
+        return evaluate(
+            self.learner,
+            sampler,
+            episodes,
+            cfg.seed,
+            cfg.batch_size,
+            self.autocast(),
+            score=self.score,
+            processes=processes,
+        )
+
+
+def check_model_input(model: torch.nn.Module, dataset: Any) -> None:
+    """A backbone that declares its input (in_shape) must take the dataset's items."""
+    have, wanted = getattr(model, "in_shape", None), tuple(dataset.input_shape)
+    if have is None or tuple(have) == wanted:
+        return
+    if len(have) != len(wanted):
+        fits = "model=mlp" if len(wanted) == 1 else "model=conv4, resnet12 or resnet18"
+        raise MetarunError(
+            f"{type(model).__name__} takes inputs of shape {tuple(have)} but {dataset.name}'s items "
+            f"have shape {wanted}; use a backbone for them: {fits}"
+        )
+    for key, source, index in (("in_channels", "channels", 0), ("image_size", "image_size", -1)):
+        if have[index] != wanted[index]:
+            raise MetarunError(
+                f"model.{key}={have[index]} but {dataset.name}'s images have {source}={wanted[index]}; "
+                f"set model.{key}=${{dataset.{source}}} (the default) or dataset.{source}={have[index]}"
+            )
+
+
+def check_algorithm_learns(node: DictConfig, dataset: Any, score: Score) -> None:
+    """A regression dataset needs a learner that learns regression (a one-line error otherwise)."""
+    if score is not ACCURACY and not get_object(node._target_).regression:
+        raise MetarunError(
+            f"{node._target_.rsplit('.', 1)[-1]} classifies and cannot learn {dataset.name}'s "
+            "regression tasks; use algorithm=maml, fomaml, metasgd, anil or reptile"
+        )
