@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The PyTorch build we test with; `make TORCH=torch install` takes whatever pip picks instead.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-# Real Omniglot for `make run` and the tests: $METARUN_DATA, else the checkout's neighbour ../shared/data.
-export METARUN_DATA ?= $(abspath ../shared/data)
+# Where `make run` and the tests find Omniglot (METARUN_DATA/omniglot; a run downloads it there if absent).
+export METARUN_DATA ?= $(HOME)/.cache/metarun/data
 
-.PHONY: install run test test-all lint bench clean
+.PHONY: install run test test-all lint docs bench clean
 
 $(BIN)/metarun: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: install
 	test -x $(BIN)/ruff || $(BIN)/pip install -q 'ruff>=0.6'
 	$(BIN)/ruff format --check metarun tests scripts
 	$(BIN)/ruff check metarun tests scripts
+
+# The documentation site (mkdocs.yml, docs/) into site/; a broken link, anchor or API reference fails it.
+docs: install
+	test -x $(BIN)/mkdocs || $(BIN)/pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Installs the peers it compares with first (higher, learn2learn, easyfsl); a peer that does not
 # install is left out of the tables, named. Then one process against two (torchrun, gloo).
