@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from metarun.errors import MetarunError
-from metarun.run_dir import lock_file
+from metarun.run_dir import lock_file, lock_holder
 
 T = TypeVar("T")
 # The errors of a file system without flock: go on unlocked (with a warning) rather than not run.
@@ -151,7 +151,7 @@ def lock_run_dir(run_dir: Path, tries: int = 10) -> Lock:
 def busy_message(run_dir: Path) -> str:
     """`<run_dir> is being trained by process <pid> on <host> (started <time>); ...`, from its lock file."""
     try:
-        holder = json.loads((lock_file(run_dir)).read_text())
+        holder = lock_holder(run_dir)
         who = f"process {holder['pid']} on {holder['host']} (started {holder['started'].replace('T', ' ')})"
         stop = f"stop it (kill {holder['pid']} on {holder['host']})"
     except (

@@ -97,7 +97,6 @@ def failure_policy(run_dir: Path, processes: Processes) -> Iterator[Outcome]:
             # No score, not NaN: the Optuna sweeper crashes when it tells Optuna 2 a NaN, and
             # records a value that is not a number as a failed trial, and goes on.
             say(f"error: {line}")
-            outcome.score = None
             return
         if not isinstance(e, MetarunError):
             raise
