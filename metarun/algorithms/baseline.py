@@ -9,117 +9,19 @@ classifies the queries.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, accuracy, check_at_least, check_positive
+from metarun.algorithms.base import EpisodeClassifier, accuracy, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
-
-# Seeds the fine-tuning's head initialization and mini-batch order: every evaluation of an episode
-# fine-tunes from the same start in the same order, whatever else is in the batch.
-FINETUNE_SEED = 0
+from metarun.heads.finetune import FinetuneHead, check_finetune, classifier_logits
 
 
 def global_labels(labels: Tensor, classes: Tensor) -> Tensor:
     """Episode labels to training-class indices, `[T, M], [T, N] -> [T, M]`: label j of task t is classes[t, j]."""
     return classes.gather(1, labels)
-
-
-def cosine_logits(x: Tensor, weight: Tensor, scale: float) -> Tensor:
-    """s * cos(x_m, w_n): `[..., M, D], [..., N, D] -> [..., M, N]`."""
-    return scale * F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
-
-
-def classifier_logits(
-    x: Tensor, weight: Tensor, bias: Tensor | None, cosine: bool, scale: float
-) -> Tensor:
-    """Baseline++'s cosine classifier if `cosine`, else Baseline's linear one: `[..., M, D] -> [..., M, N]`
-    with `weight [..., N, D]` and `bias [..., N]` (unused by the cosine classifier)."""
-    if cosine:
-        return cosine_logits(x, weight, scale)
-    return x @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
-
-
-def init_head(n_way: int, features: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """nn.Linear's default initialization, U(-1/sqrt(D), 1/sqrt(D)) for weight `[N, D]` and bias `[N]`,
-    drawn in float64 on the CPU so it is the same on every device and dtype."""
-    bound = 1 / math.sqrt(features)
-    weight = torch.empty(n_way, features, dtype=torch.float64).uniform_(
-        -bound, bound, generator=generator
-    )
-    bias = torch.empty(n_way, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
-    return weight, bias
-
-
-def minibatch_schedule(
-    n_support: int, epochs: int, batch_size: int, generator: torch.Generator
-) -> list[Tensor]:
-    """Support indices for each SGD step: `epochs` shuffled passes, each cut into batches of
-    `batch_size` (the last one smaller when it does not divide `n_support`), as in the paper's code."""
-    steps = []
-    for _ in range(epochs):
-        order = torch.randperm(n_support, generator=generator)
-        steps.extend(order.split(batch_size))
-    return steps
-
-
-def finetune_heads(
-    support_emb: Tensor,  # [T, N*K, D], detached
-    support_y: Tensor,  # [T, N*K]
-    n_way: int,
-    *,
-    cosine: bool,
-    scale: float,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    seed: int = FINETUNE_SEED,
-) -> tuple[Tensor, Tensor | None]:
-    """Fit a new N-way head to each task's support embeddings; returns weight `[T, N, D]` and bias `[T, N]`
-    (None for the cosine head), detached.
-
-    All T heads are one batched parameter trained by one torch.optim.SGD. The loss is the sum over tasks
-    of each task's mean cross-entropy on its mini-batch, so each head receives exactly the gradient it
-    would receive alone; SGD's update (momentum, dampening, weight decay) is elementwise. Every task
-    starts from the same initialization and sees its support items in the same order, both drawn from a
-    local generator seeded by `seed`: no global RNG, the same result whichever tasks share the batch.
-    """
-    n_tasks, n_support, features = support_emb.shape
-    generator = torch.Generator().manual_seed(seed)
-    weight0, bias0 = init_head(n_way, features, generator)
-    schedule = minibatch_schedule(n_support, epochs, batch_size, generator)
-    # One copy to the device for all steps' indices.
-    steps = torch.cat(schedule).to(support_emb.device).split([len(idx) for idx in schedule])
-    like = dict(dtype=support_emb.dtype, device=support_emb.device)
-    weight = weight0.to(**like).expand(n_tasks, -1, -1).clone().requires_grad_()  # [T, N, D]
-    bias = (
-        None if cosine else bias0.to(**like).expand(n_tasks, -1).clone().requires_grad_()
-    )  # [T, N]
-    params = [weight] if cosine else [weight, bias]
-    optimizer = torch.optim.SGD(
-        params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
-    )
-    # The head is tiny: it trains in full precision even under autocast, and with gradients even when
-    # the caller evaluates under torch.no_grad().
-    with torch.enable_grad(), torch.autocast(support_emb.device.type, enabled=False):
-        for idx in steps:
-            logits = classifier_logits(
-                support_emb[:, idx], weight, bias, cosine, scale
-            )  # [T, b, N]
-            losses = F.cross_entropy(
-                logits.transpose(1, 2), support_y[:, idx], reduction="none"
-            )  # [T, b]
-            optimizer.zero_grad(set_to_none=True)
-            losses.mean(dim=1).sum().backward()
-            optimizer.step()
-    return weight.detach(), None if bias is None else bias.detach()
 
 
 class Baseline(EpisodeClassifier):
@@ -156,6 +58,9 @@ class Baseline(EpisodeClassifier):
     (WeightNorm, their issue #4); this follows the paper's formula, a pure cosine times s.
     """
 
+    embeds = True
+    default_head = "finetune"
+
     def __init__(
         self,
         model: nn.Module,
@@ -177,46 +82,31 @@ class Baseline(EpisodeClassifier):
                 f"the trainer passes it, pass it yourself when building Baseline directly"
             )
         check_positive("scale", scale)
-        check_positive("finetune_scale", finetune_scale)
-        check_at_least(
-            "finetune_epochs",
+        check_finetune(
+            finetune_scale,
             finetune_epochs,
-            1,
-            "set algorithm.finetune_epochs=1 or more (paper: 100)",
-        )
-        check_positive("finetune_lr", finetune_lr)
-        check_at_least(
-            "finetune_batch_size",
+            finetune_lr,
             finetune_batch_size,
-            1,
-            "set algorithm.finetune_batch_size=1 or more (paper: 4)",
+            finetune_momentum,
+            finetune_dampening,
+            finetune_weight_decay,
+            prefix="algorithm.finetune_",
         )
-        if not 0 <= finetune_momentum < 1:
-            raise MetarunError(
-                f"algorithm.finetune_momentum={finetune_momentum} must be in [0, 1); "
-                f"set algorithm.finetune_momentum=0.9 (paper) or 0 for none"
-            )
-        if not 0 <= finetune_dampening <= 1:
-            raise MetarunError(
-                f"algorithm.finetune_dampening={finetune_dampening} must be in [0, 1]; "
-                f"set algorithm.finetune_dampening=0.9 (paper) or 0 for none"
-            )
-        if finetune_weight_decay < 0:
-            raise MetarunError(
-                f"algorithm.finetune_weight_decay={finetune_weight_decay} must be >= 0; "
-                f"set algorithm.finetune_weight_decay=0.001 (paper) or 0 for none"
-            )
         super().__init__(model, n_way)
         self.n_train_classes = n_train_classes
         self.cosine = cosine
         self.scale = scale
-        self.finetune_scale = finetune_scale
-        self.finetune_epochs = finetune_epochs
-        self.finetune_lr = finetune_lr
-        self.finetune_batch_size = finetune_batch_size
-        self.finetune_momentum = finetune_momentum
-        self.finetune_dampening = finetune_dampening
-        self.finetune_weight_decay = finetune_weight_decay
+        # The test-time head (metarun.heads.finetune), with the algorithm's fine-tuning settings.
+        self.finetune = FinetuneHead(
+            cosine,
+            finetune_scale,
+            finetune_epochs,
+            finetune_lr,
+            finetune_batch_size,
+            finetune_momentum,
+            finetune_dampening,
+            finetune_weight_decay,
+        )
         # The classifier over all training classes; the cosine one has no bias. Zero bias as in the
         # authors' code.
         self.head = nn.Linear(model.out_features, n_train_classes, bias=not cosine)
@@ -247,29 +137,23 @@ class Baseline(EpisodeClassifier):
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "accuracy": accuracy(logits, y)}
 
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        """The frozen backbone's embeddings, support and queries in one call; no graph, no
+        gradient reaches the backbone."""
+        n_support = support_x.shape[1]
+        with torch.no_grad():
+            emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
+        return emb[:, :n_support], emb[:, n_support:]
+
+    def embed(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model(x[None])[0]
+
     def episode_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
     ) -> Tensor:
         """Query logits `[T, N*Q, N]` of heads fine-tuned on the support sets, backbone frozen."""
-        n_support = support_x.shape[1]
-        with torch.no_grad():  # the backbone is frozen: no graph, no gradient reaches it
-            emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
-        emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
-        support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
-        weight, bias = finetune_heads(
-            support_emb,
-            support_y,
-            n_way,
-            cosine=self.cosine,
-            scale=self.finetune_scale,
-            epochs=self.finetune_epochs,
-            lr=self.finetune_lr,
-            batch_size=self.finetune_batch_size,
-            momentum=self.finetune_momentum,
-            dampening=self.finetune_dampening,
-            weight_decay=self.finetune_weight_decay,
-        )
-        with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
-            return classifier_logits(
-                query_emb, weight, bias, self.cosine, self.finetune_scale
-            )  # [T, N*Q, N]
+        support_emb, query_emb = self.embed_episode(support_x, support_y, query_x, n_way)
+        return self.finetune(support_emb, support_y, query_emb, n_way)

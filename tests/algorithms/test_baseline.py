@@ -6,17 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algorithms.baseline import (
+from metarun.algorithms.baseline import Baseline, global_labels
+from metarun.data.tasks import TaskBatch
+from metarun.errors import MetarunError
+from metarun.heads.finetune import (
     FINETUNE_SEED,
-    Baseline,
     cosine_logits,
     finetune_heads,
-    global_labels,
     init_head,
     minibatch_schedule,
 )
-from metarun.data.tasks import TaskBatch
-from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.trainer import Trainer
 from tests.algorithms.synthetic import random_tasks
