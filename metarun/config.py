@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.resources import files
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -88,6 +88,13 @@ class EvalConfig:
     # Another dataset's images (metarun-eval RUN dataset=...) are normalized with the mean and std of
     # the dataset the run trained on (train; Chen et al., 2019's cross-domain protocol), or their own (target).
     normalization: Normalization = Normalization.train
+    # Test with another head on the same episodes (conf/head/NAME.yaml; metarun.heads), its keys
+    # replaced by head_options; null: the learner's own classifier.
+    head: Optional[str] = None
+    head_options: Dict[str, Any] = field(default_factory=dict)
+    # Training images whose mean embedding a run keeps for the heads that need it (SimpleShot),
+    # drawn with eval.seed; null: all of them.
+    base_images: Optional[int] = 10000
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Config:
     optimizer: Any = None
     scheduler: Optional[Any] = None
     augment: Optional[Any] = None
+    head: Optional[Any] = None  # the head an embedding learner trains through (conf/head/)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -143,13 +151,14 @@ POSITIVE = (
     "eval.k_shot",
     "eval.n_query",
     "optimizer.lr",
+    "eval.base_images",
 )
 NON_NEGATIVE = ("eval.support_augment",)
-TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler", "augment")
+TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler", "augment", "head")
 # Arguments the trainer passes itself rather than the config; an algorithm receives
 # n_train_classes (the training split's class count) only if its constructor names it.
 PASSED_BY_TRAINER = {
-    "algorithm": {"model", "n_way", "n_train_classes"},
+    "algorithm": {"model", "n_way", "n_train_classes", "head"},
     "optimizer": {"params"},
     "scheduler": {"optimizer"},
 }

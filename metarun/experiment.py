@@ -16,18 +16,23 @@ from contextlib import AbstractContextManager
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
 from metarun.config import accepted_arguments, build, episode_key, episode_shape, validate
 from metarun.data.augment import Augment
 from metarun.data.contract import PARTS, TaskDataset, TaskSource
-from metarun.data.sampler import EpisodeSampler
+from metarun.data.sampler import EpisodeSampler, normalization
 from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
 from metarun.distributed import Processes
 from metarun.errors import MetarunError
 from metarun.evaluation import evaluate
+from metarun.heads.base import Head
+from metarun.heads.base_statistics import base_statistics
+from metarun.heads.named import named_head
+from metarun.heads.testing import HeadTest
 from metarun.score import ACCURACY, Score
 
 Sampler = Union[EpisodeSampler, TaskSource]
@@ -59,10 +64,22 @@ class Experiment:
             "model": model,
             "n_way": cfg.episode.n_way,
             "n_train_classes": dataset.n_classes("train"),
+            "head": build(cfg.head) if cfg.head else None,
         }
         arguments = accepted_arguments(cfg.algorithm, offered)
+        if cfg.head and "head" not in arguments:
+            raise MetarunError(
+                f"head={cfg.head._target_.rsplit('.', 1)[-1]}: {algorithm_name(cfg)} does not train "
+                "through a head (algorithm=protonet does); test it with one instead: eval.head=NAME"
+            )
         self.learner: MetaLearner = build(cfg.algorithm, **arguments).to(self.device)
         self.learner.check_n_way(cfg.eval.n_way)
+        # What the test episodes are scored with: the learner, or its embeddings and eval.head.
+        self.test_head: Optional[Head] = None
+        self.tester: Union[MetaLearner, HeadTest] = self.learner
+        if cfg.eval.head:
+            self.test_head = named_head(cfg.eval.head, cfg.eval.head_options).to(self.device)
+            self.tester = HeadTest(self.learner, self.test_head, algorithm_name(cfg))
 
     def episode_sampler(self, part: str) -> Sampler:
         """`part`'s episodes on the device, normalized as the dataset declares; training episodes
@@ -101,7 +118,7 @@ class Experiment:
         cfg = self.cfg.eval
         sampler = self.samplers[part]
         return evaluate(
-            self.learner,
+            self.tester if part == "test" else self.learner,
             sampler,
             episodes,
             cfg.seed,
@@ -110,6 +127,57 @@ class Experiment:
             score=self.score,
             processes=processes,
         )
+
+    # -- the head the test is scored with ----------------------------------------------------------
+    def head_entries(self) -> dict[str, Any]:
+        """What results.json says about the test's classifier: its head's name, and whether each
+        query's prediction used the other queries (a transductive head, or batch norm over the
+        episode: model.batch_norm=task)."""
+        head = self.test_head or getattr(self.learner, "head", None)
+        transductive = bool(getattr(head, "transductive", False))
+        batch_norm = OmegaConf.select(self.cfg, "model.batch_norm", default="none")
+        return {
+            "head": self.test_head.name if self.test_head else self.learner.default_head,
+            "transductive": transductive or batch_norm == "task",
+        }
+
+    def heads_needing_base_statistics(self) -> list[Head]:
+        heads = (self.test_head, getattr(self.learner, "head", None))
+        return [h for h in heads if isinstance(h, Head) and h.base_statistics]
+
+    def base_statistics(self) -> Optional[dict[str, torch.Tensor]]:
+        """The training images' mean embedding with the learner's weights now (eval.base_images of
+        them), for a class dataset's embedding learner; None otherwise."""
+        if not self.learner.embeds or isinstance(self.dataset, TaskDataset):
+            return None
+        return base_statistics(
+            self.learner,
+            self.dataset.part("train"),
+            normalization(self.dataset.mean, self.dataset.std),
+            self.cfg.eval.base_images,
+            self.cfg.eval.seed,
+            self.autocast(),
+        )
+
+    def give_base_statistics(self, statistics: Optional[dict[str, torch.Tensor]], where: str):
+        """Hand the heads that need them the statistics a checkpoint keeps; one line if it keeps
+        none (a run trained before metarun stored them)."""
+        for head in self.heads_needing_base_statistics():
+            if statistics is None:
+                raise MetarunError(
+                    f"head={head.name} needs the training classes' mean embedding, which {where} "
+                    "does not keep (it was trained before metarun stored it, or its learner has no "
+                    "embedding); train the run again, or test it with a head that needs none"
+                )
+            head.set_base_statistics({k: v.to(self.device) for k, v in statistics.items()})
+
+
+def algorithm_name(cfg: DictConfig) -> str:
+    """`algorithm=protonet` as the command line would choose it (its target's class otherwise)."""
+    choice = None
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("algorithm")
+    return f"algorithm={choice}" if choice else cfg.algorithm._target_.rsplit(".", 1)[-1]
 
 
 def check_model_input(model: torch.nn.Module, dataset: Any) -> None:

@@ -42,12 +42,14 @@ def load(
     run_dir: str | Path,
     checkpoint: Optional[str] = None,
     device: Optional[str | torch.device] = None,
+    head: Optional[str] = None,
 ) -> TrainedModel:
     """The learner a run trained, from `checkpoints/<checkpoint>.pt` (None: best.pt of a finished
     run; "best" or "last" also read a run that has not finished), on `device` ("cpu", "cuda"; None:
-    the GPU when PyTorch sees one, else the CPU). Needs the run's dataset (its decoding), not its
-    episodes."""
-    return read_run(run_dir, checkpoint, device, option='checkpoint="{}"')
+    the GPU when PyTorch sees one, else the CPU); with `head` (a conf/head/ name, as `eval.head`)
+    its embeddings classified by that head instead of its own classifier. Needs the run's dataset
+    (its decoding), not its episodes."""
+    return read_run(run_dir, checkpoint, device, option='checkpoint="{}"', head=head)
 
 
 def read_run(
@@ -55,6 +57,7 @@ def read_run(
     checkpoint: Optional[str],
     device: Optional[str | torch.device],
     option: str,
+    head: Optional[str] = None,
 ) -> TrainedModel:
     """`load`, with fixes that name the checkpoint as `option` does."""
     device = "auto" if device in (None, "auto") else torch.device(device).type
@@ -62,7 +65,8 @@ def read_run(
     gpu = (device != "cpu" and torch.cuda.is_available()) or torch.cuda.is_initialized()
     cuda = list(range(torch.cuda.device_count())) if gpu else []
     with torch.random.fork_rng(devices=cuda):
-        run = open_run(run_dir, [f"device.type={device}"], checkpoint, parts=(), option=option)
+        overrides = [f"device.type={device}", *([f"eval.head={head}"] if head else [])]
+        run = open_run(run_dir, overrides, checkpoint, parts=(), option=option)
     if isinstance(run.experiment.dataset, TaskDataset):
         raise MetarunError(
             f"{run_dir} learned {run.experiment.dataset.name}'s drawn tasks (not images of classes); "
@@ -77,6 +81,7 @@ class TrainedModel:
     def __init__(self, run: SavedRun):
         experiment = run.experiment
         self.learner = experiment.learner.eval()
+        self.predictor = experiment.tester.eval()  # the learner, or its embeddings and a head
         self.dataset = experiment.dataset
         self.device, self.amp = experiment.device, experiment.amp
         self.mean_std = run.mean_std  # as the run's test episodes are normalized
@@ -127,7 +132,7 @@ class TrainedModel:
         support_x = self.normalized(support_pixels)  # [N*K*(1+M), C, S, S]
         # Gradient-based learners take the inner-loop gradients they need themselves.
         with autocast(self.device, self.amp):
-            predict = learner.adapt(support_x, support_y)
+            predict = self.predictor.adapt(support_x, support_y)
         return AdaptedModel(self, predict, classes)
 
     def with_copies(

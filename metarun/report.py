@@ -76,6 +76,8 @@ class Run:
     episodes: Optional[dict[str, Any]] = None  # test_episodes.json, when it holds a list of scores
     seed: Optional[str] = None  # its `seed` override, else its composed config's
     recorded: bool = True  # its overrides are known (.hydra/overrides.yaml, or failed.json's)
+    head: Optional[str] = None  # the head its test was scored with (results.json), if it says
+    transductive: Optional[bool] = None  # whether that test used the queries jointly
     problems: list[str] = field(
         default_factory=list
     )  # one line each: a record cut off, absent or malformed
@@ -119,14 +121,23 @@ VAL_KEYS = ("step", "split", "loss")  # a validation line's keys besides its sco
 
 
 def run_dirs(top: Path) -> Iterator[Path]:
+    """The runs at or below `top`, each followed by the tests metarun-eval made of it (RUN/eval/*)."""
     if files.is_run_dir(top):
         yield top
+        tests = files.tests_folder(top)
+        if tests.is_dir():
+            yield from (p for p in subfolders(tests) if files.is_run_dir(p))
         return
-    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
-    for child in sorted(
-        (p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural
-    ):
+    for child in subfolders(top):
         yield from run_dirs(child)
+
+
+def subfolders(top: Path) -> list[Path]:
+    """`top`'s folders in natural order (2 before 10), hidden ones left out."""
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    return sorted(
+        (p for p in top.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural
+    )
 
 
 def read_run(path: Path) -> Run:
@@ -139,8 +150,11 @@ def read_run(path: Path) -> Run:
     config = read_record(files.config_file(path), yaml.safe_load, dict, problems) or {}
     if listed is None and isinstance(failed, dict) and isinstance(failed.get("overrides"), list):
         listed = failed["overrides"]
+    tested_again = is_eval_dir(path, results)
+    if tested_again:  # RUN/eval/<name>: metarun-eval's overrides of the run it tested
+        listed = [f"run={path.parent.parent.name}", *results["overrides"]]
     recorded = listed is not None
-    if not recorded and not files.hydra_record(path).exists():
+    if not recorded and not files.hydra_record(path).exists() and not tested_again:
         problems.append("no .hydra/ record, so its overrides are unknown: it is a row of its own")
     elif not recorded and not any(p.startswith(".hydra/overrides.yaml") for p in problems):
         problems.append(
@@ -183,6 +197,8 @@ def read_run(path: Path) -> Run:
         and number(m.get(score.name)) is not None
     ]
     run.test, run.ci95 = test, number(results.get("ci95"))
+    if isinstance(results.get("head"), str):
+        run.head, run.transductive = results["head"], bool(results.get("transductive"))
     run.best_val = number(files.best_val(results, score)) if score else None
     if run.best_val is None and run.curve:
         run.best_val = score.best([value for _, value in run.curve])
@@ -206,6 +222,15 @@ def read_run(path: Path) -> Run:
         run.error = error[0] if error else damaged[0] if damaged else "(failed.json gives no error)"
         problems[:] = [p for p in problems if p not in damaged]
     return run
+
+
+def is_eval_dir(path: Path, results: Any) -> bool:
+    """A folder metarun-eval wrote (RUN/eval/<name>/, results.json with the overrides it applied)."""
+    return (
+        isinstance(results, dict)
+        and isinstance(results.get("overrides"), list)
+        and files.tested_run(path) is not None
+    )
 
 
 def read_record(path: Path, parse: Callable[[str], Any], kind: type, problems: list[str]) -> Any:
@@ -303,6 +328,7 @@ def summarize(row: Row) -> dict[str, Any]:
     times = [run.wall_time_s for run in row.runs if run.wall_time_s is not None]
     return {
         "score": next((run.score for run in row.runs if run.score), None),
+        "head": head_text(row),
         "test_mean": mean,
         "test_std": std if len(tested) > 1 else None,
         "test_ci95": tested[0].ci95 if len(tested) == 1 else None,
@@ -318,6 +344,16 @@ def summarize(row: Row) -> dict[str, Any]:
         )
         or None,
     }
+
+
+def head_text(row: Row) -> Optional[str]:
+    """`logreg` or `ptmap, transductive`: the head a row's tests were scored with."""
+    heads = {(run.head, run.transductive) for run in row.runs if run.head is not None}
+    if not heads:
+        return None
+    return " / ".join(
+        f"{head}, transductive" if transductive else head for head, transductive in sorted(heads)
+    )
 
 
 def status_text(row: Row, s: dict[str, Any]) -> str:
@@ -351,9 +387,11 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
     scores = " / ".join(dict.fromkeys(s["score"].label for s in summaries if s["score"]))
     scores = scores or "score"
     seeds = any(len(row.runs) > 1 for row in rows)
+    heads = any(s["head"] for s in summaries)
     header = [
         "#",
         *columns,
+        *(["head"] * heads),
         f"test {scores}",
         f"best val {scores}",
         *(["seeds"] * seeds),
@@ -374,6 +412,7 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
             [
                 str(row.number),
                 *(row.overrides.get(key, "-") if row.recorded else "?" for key in columns),
+                *([s["head"] or "-"] * heads),
                 fmt_score(
                     s["score"],
                     s["test_mean"],
@@ -513,6 +552,7 @@ def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[Score]) ->
     result = compare(a, b)
     if isinstance(result, str):
         return lines + [f"No test of B − A: {result}. Compare their ± in the table instead."]
+    lines += transductive_note(a, b)
     d, name = result.difference, score.name if score else "score"
     seeds_a, seeds_b = result.seeds
     shared = f"the {result.episodes} test episodes both rows share"
@@ -558,6 +598,21 @@ def comparison(a: Row, b: Row, label: dict[int, str], score: Optional[Score]) ->
             "Run 2 or more seeds per row (e.g. seed=0,1,2) for that.",
         ]
     return lines
+
+
+def transductive_note(a: Row, b: Row) -> list[str]:
+    """A line when one row's test used the queries jointly and the other's did not."""
+    modes = [
+        {run.transductive for run in row.runs if run.transductive is not None} for row in (a, b)
+    ]
+    if any(len(mode) != 1 for mode in modes) or modes[0] == modes[1]:
+        return []
+    side = "A" if True in modes[0] else "B"
+    return [
+        f"{side} is transductive (its head or its batch norm used each episode's queries "
+        f"together) and the other row inductive: the difference includes that advantage.",
+        "",
+    ]
 
 
 # -- outputs --------------------------------------------------------------------------------------

@@ -83,9 +83,23 @@ def lock_file(run_dir: Path) -> Path:
     return Path(run_dir) / LOCK
 
 
+EVAL = "eval"
+
+
+def tests_folder(run_dir: Path) -> Path:
+    """Where metarun-eval's tests of a run go, one folder each."""
+    return Path(run_dir) / EVAL
+
+
 def eval_dir(run_dir: Path, name: str) -> Path:
     """Where `metarun-eval ... name=<name>` writes its results."""
-    return Path(run_dir) / "eval" / name
+    return tests_folder(run_dir) / name
+
+
+def tested_run(folder: Path) -> Optional[Path]:
+    """The run directory whose eval/<name>/ `folder` is (metarun-eval wrote it), else None."""
+    run = folder.parent.parent
+    return run if folder.parent.name == EVAL and is_run_dir(run) else None
 
 
 def figure_file(run_dir: Path, name: str) -> Path:
@@ -127,16 +141,31 @@ def write_config(run_dir: Path, cfg: DictConfig) -> None:
             )
 
 
-def test_results(test: dict[str, Any], score: Score, cfg: DictConfig) -> dict[str, Any]:
-    """A test's entries in results.json: the score, its CI, the episodes, the loss, and the batch
-    norm that produced them (transductive "task", inductive "running", or "none" for an MLP)."""
+def test_results(
+    test: dict[str, Any], score: Score, cfg: DictConfig, head: dict[str, Any]
+) -> dict[str, Any]:
+    """A test's entries in results.json: the score, its CI, the episodes, the loss, the batch
+    norm that produced them (transductive "task", inductive "running", or "none" for an MLP), and
+    `head` (metarun.experiment.Experiment.head_entries: the head's name, whether it is
+    transductive)."""
     return {
         f"test_{score.name}": test[score.name],
         "ci95": test["ci95"],
         "episodes": test["episodes"],
         "test_loss": test["loss"],
         "batch_norm": OmegaConf.select(cfg, "model.batch_norm", default="none"),
+        **head,
     }
+
+
+def test_conditions(results: dict[str, Any]) -> str:
+    """`600 episodes, batch_norm=task, head=centroid, transductive`: how a test was scored, for
+    its final line (results.json from before heads: no head)."""
+    parts = [f"{results['episodes']} episodes", f"batch_norm={results['batch_norm']}"]
+    if "head" in results:
+        parts.append(f"head={results['head']}")
+        parts.append("transductive" if results["transductive"] else "inductive")
+    return ", ".join(parts)
 
 
 def best_val_entry(score: Score, best_val: float) -> dict[str, float]:
@@ -187,7 +216,7 @@ def test_score(results: dict[str, Any], score: Score) -> Any:
 
 
 # -- which episodes a test met ----------------------------------------------------------------
-def test_identity(cfg: DictConfig, dataset: Any) -> dict[str, Any]:
+def protocol_identity(cfg: DictConfig, dataset: Any) -> dict[str, Any]:
     """What fixes the test episodes: the dataset and its split, the episodes' shape, count and seed,
     and a class dataset's test images by content. The machine-local keys (where the data lies)
     are left out and the content stands in for them: a moved copy of the same images still

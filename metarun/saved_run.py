@@ -103,6 +103,7 @@ def open_run(
     # A run's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.
     experiment = Experiment(cfg, parts=parts)
     restore(experiment.learner, state, path)
+    experiment.give_base_statistics(state.get("base_statistics"), str(path))
     mean_std = images_normalization(saved, cfg, state, experiment.dataset)
     for sampler in experiment.samplers.values():
         if isinstance(sampler, EpisodeSampler):

@@ -268,12 +268,14 @@ class Trainer:
     def test(self) -> dict[str, Any]:
         best = files.checkpoint_file(self.run_dir, "best")
         self.processes.barrier()  # rank 0 has written best.pt
-        if best.exists():
-            self.learner.load_state_dict(load_checkpoint(best, self.device)["learner"])
+        state = load_checkpoint(best, self.device) if best.exists() else None
+        if state is not None:
+            self.learner.load_state_dict(state["learner"])
+        self.keep_base_statistics(state, best)
         test = self.evaluate("test", self.cfg.eval.episodes)
         score = self.score
         results = {
-            **files.test_results(test, score, self.cfg),
+            **files.test_results(test, score, self.cfg, self.experiment.head_entries()),
             **files.best_val_entry(score, self.best_val),
             "steps": self.step,
             "wall_time_s": self.elapsed(),
@@ -282,17 +284,26 @@ class Trainer:
         }
         if not self.processes.main:
             return results
-        identity = files.test_identity(self.cfg, self.dataset)
+        identity = files.protocol_identity(self.cfg, self.dataset)
         files.write_test(self.run_dir, results, test, score, identity)
         self.record("test", {"loss": test["loss"], score.name: test[score.name]})
         if self.log is not None:
             scores = files.score_entries(score, test[score.name], self.best_val)
             self.log.hparams(hparams(self.cfg), {f"hparam/{k}": v for k, v in scores.items()})
-        batch_norm = results["batch_norm"]
-        print(f"test {score.describe(test)} ({test['episodes']} episodes, batch_norm={batch_norm})")
+        print(f"test {score.describe(test)} ({files.test_conditions(results)})")
         if isinstance(self.dataset, TaskDataset):  # e.g. sinusoid's adaptation.png
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
+
+    def keep_base_statistics(self, state: Optional[dict[str, Any]], best: Path) -> None:
+        """The training images' mean embedding with the tested weights, kept in best.pt (so that
+        any head can test the run later, metarun.heads.base_statistics) and given to the heads
+        that need it now."""
+        statistics = (state or {}).get("base_statistics") or self.experiment.base_statistics()
+        if state is not None and statistics is not None and "base_statistics" not in state:
+            if self.processes.main:
+                save_checkpoint({**state, "base_statistics": statistics}, best)
+        self.experiment.give_base_statistics(statistics, "this run")
 
     def record(self, split: str, values: dict[str, float]) -> None:
         if self.log is not None:

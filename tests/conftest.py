@@ -51,6 +51,7 @@ SMALL_RUN = (
     "train.log_every=5",
     "eval.episodes=50",
     "eval.batch_size=25",
+    "eval.base_images=500",
 )
 COLOUR_DATASETS = ("miniimagenet", "cifarfs", "fc100", "folder")
 FIXTURE_IMAGE_SIZE = (

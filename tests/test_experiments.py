@@ -26,16 +26,15 @@ EXPERIMENTS = sorted(
 
 
 def experiment_dataset(name: str) -> str | None:
-    """The dataset an experiment's defaults list switches to (`override /dataset: NAME`), or None."""
+    """The dataset an experiment's defaults list switches to (`override /dataset: NAME`), directly or
+    through the experiment it builds on (a plain entry naming another), or None."""
     defaults = yaml.safe_load((EXPERIMENT_DIR / f"{name}.yaml").read_text()).get("defaults") or []
-    return next(
-        (
-            entry["override /dataset"]
-            for entry in defaults
-            if isinstance(entry, dict) and "override /dataset" in entry
-        ),
-        None,
-    )
+    for entry in defaults:
+        if isinstance(entry, dict) and "override /dataset" in entry:
+            return entry["override /dataset"]
+        if isinstance(entry, str) and entry != "_self_":
+            return experiment_dataset(entry)
+    return None
 
 
 # (experiment, dataset) for every experiment on a dataset that has a test fixture.
@@ -98,7 +97,7 @@ def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(
             assert OmegaConf.select(cfg, key) == yaml.safe_load(value), key
     assert cfg.dataset._target_ == own.dataset._target_
     # ... and keeps what makes it the paper's run.
-    for group in ("algorithm", "optimizer", "scheduler", "augment"):
+    for group in ("algorithm", "head", "optimizer", "scheduler", "augment"):
         assert cfg[group] == own[group], group
     for key in ("_target_", "batch_norm", "hidden", "drop_rate", "dropblock_size"):
         assert cfg.model.get(key) == own.model.get(key), f"model.{key}"

@@ -14,6 +14,7 @@ SHORT = (
     "train.log_every=20",
     "eval.episodes=60",
     "eval.batch_size=30",
+    "eval.base_images=500",
 )
 RUNS = {
     # 20-way training episodes learn fastest (tests/test_trainer.py); tested 5-way.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -95,6 +96,11 @@ class MetaLearner(nn.Module):
     fixed_for_n_way: str | None = None
     # Whether it also learns regression tasks (real-valued targets, see task_loss).
     regression: bool = False
+    # The classifier its predictions come from, as results.json names it (`head`); a learner whose
+    # predictions come from embedding the support and the query images also implements
+    # `embed_episode`, so that any head (metarun.heads) can test it (`eval.head=NAME`).
+    default_head: str = "own"
+    embeds: bool = False
 
     def __init__(self, model: nn.Module, n_way: int):
         super().__init__()
@@ -122,6 +128,53 @@ class MetaLearner(nn.Module):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
+
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        """The embeddings a head classifies, `[T, N*K, D]` and `[T, N*Q, D]`, as this learner's own
+        classifier sees them (batch-norm statistics as in its evaluation)."""
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The backbone's embedding of a batch of images as one task, `[B, C, H, W] -> [B, D]`
+        (what base-class statistics are computed from, metarun.heads.base_statistics)."""
+        raise NotImplementedError
+
+
+class JointEmbedding:
+    """For the learners whose backbone `model` embeds an episode's support and queries in one call
+    (`[T, B, C, H, W] -> [T, B, D]`: batch-norm statistics over the episode in `task` mode)."""
+
+    embeds = True
+
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        n_support = support_x.shape[1]
+        emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
+        return emb[:, :n_support], emb[:, n_support:]
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.model(x[None])[0]
+
+
+class ClassifierBody:
+    """For the learners over `Classifier(model, n_way)` (MAML, Meta-SGD, ANIL, Reptile): a head
+    on the meta-learned body, without an inner loop (Raghu et al., 2020's "NIL" test), support and
+    queries embedded in separate calls as these learners see them (each set's own batch-norm
+    statistics)."""
+
+    embeds = True
+
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        body = self.model.backbone
+        return body(support_x), body(query_x)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.model.backbone(x[None])[0]
 
 
 class EpisodeClassifier(MetaLearner):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, accuracy, check_positive
+from metarun.algorithms.base import EpisodeClassifier, JointEmbedding, accuracy, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 from metarun.heads.finetune import FinetuneHead, check_finetune, classifier_logits
@@ -24,7 +24,7 @@ def global_labels(labels: Tensor, classes: Tensor) -> Tensor:
     return classes.gather(1, labels)
 
 
-class Baseline(EpisodeClassifier):
+class Baseline(JointEmbedding, EpisodeClassifier):
     """Baseline (`cosine=False`) and Baseline++ (`cosine=True`) over a backbone `model` (`[B, C, H, W] -> [B, D]`).
 
     Training: the trainer gives episodes; support and query images of all T tasks are flattened into one
@@ -58,7 +58,6 @@ class Baseline(EpisodeClassifier):
     (WeightNorm, their issue #4); this follows the paper's formula, a pure cosine times s.
     """
 
-    embeds = True
     default_head = "finetune"
 
     def __init__(
@@ -142,14 +141,12 @@ class Baseline(EpisodeClassifier):
     ) -> tuple[Tensor, Tensor]:
         """The frozen backbone's embeddings, support and queries in one call; no graph, no
         gradient reaches the backbone."""
-        n_support = support_x.shape[1]
         with torch.no_grad():
-            emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
-        return emb[:, :n_support], emb[:, n_support:]
+            return super().embed_episode(support_x, support_y, query_x, n_way)
 
     def embed(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.model(x[None])[0]
+            return super().embed(x)
 
     def episode_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
+    ClassifierBody,
     MetaLearner,
     check_at_least,
     check_positive,
@@ -46,7 +47,7 @@ def check_inner_loss(inner_loss: str) -> None:
         )
 
 
-class MAML(MetaLearner):
+class MAML(ClassifierBody, MetaLearner):
     """MAML over `Classifier(model, n_way)`; all its parameters adapt in the inner loop.
 
     inner_lr (alpha), adaptation_steps: the inner loop in meta-training;

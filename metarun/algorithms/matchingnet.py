@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, check_positive
+from metarun.algorithms.base import EpisodeClassifier, JointEmbedding, check_positive
 from metarun.data.tasks import TaskBatch
 from metarun.errors import MetarunError
 
@@ -116,7 +116,7 @@ def full_precision(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-class MatchingNet(EpisodeClassifier):
+class MatchingNet(JointEmbedding, EpisodeClassifier):
     """Matching Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task (Conv4 does).
 
     fce: full-context embeddings (bidirectional LSTM over the support set, attention LSTM over each
@@ -132,6 +132,8 @@ class MatchingNet(EpisodeClassifier):
     Support and query are embedded in one backbone call, so batch-norm statistics are the
     episode's, as in ProtoNet. `n_way` is taken from each task batch: any number of ways works.
     """
+
+    default_head = "attention"
 
     def __init__(
         self,
@@ -176,16 +178,22 @@ class MatchingNet(EpisodeClassifier):
         self.cosine_scale = cosine_scale
         self.log_scale = nn.Parameter(torch.tensor(math.log(cosine_scale))) if learn_scale else None
 
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        """g(x_i, S) and f(x_hat, S): the backbone's embeddings, support and queries in one call
+        (the episode's batch-norm statistics), through the full-context LSTMs with `fce`."""
+        support_emb, query_emb = super().embed_episode(support_x, support_y, query_x, n_way)
+        if self.full_context is not None:
+            support_emb = self.full_context.embed_support(support_emb)  # g(x_i, S)
+            query_emb = self.full_context.embed_query(query_emb, support_emb)  # f(x_hat, S)
+        return support_emb, query_emb
+
     def episode_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
     ) -> Tensor:
         """log P(y_hat | x_hat, S) `[T, N*Q, N]`, whose softmax is the paper's P."""
-        n_support = support_x.shape[1]
-        emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
-        support_emb, query_emb = emb[:, :n_support], emb[:, n_support:]
-        if self.full_context is not None:
-            support_emb = self.full_context.embed_support(support_emb)  # g(x_i, S)
-            query_emb = self.full_context.embed_query(query_emb, support_emb)  # f(x_hat, S)
+        support_emb, query_emb = self.embed_episode(support_x, support_y, query_x, n_way)
         scale = self.cosine_scale if self.log_scale is None else self.log_scale.exp()
         attention_logits = scale * cosine_similarity(query_emb, support_emb)  # [T, N*Q, N*K]
         return class_log_probs(attention_logits, support_y, n_way)

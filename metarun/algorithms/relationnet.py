@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import EpisodeClassifier, check_at_least
+from metarun.algorithms.base import EpisodeClassifier, JointEmbedding, check_at_least
 from metarun.errors import MetarunError
 from metarun.models.layers import TaskBatchNorm
 
@@ -110,7 +110,7 @@ class RelationModule(nn.Module):
         return F.max_pool2d(h, 2) if pool else h
 
 
-class RelationNet(EpisodeClassifier):
+class RelationNet(JointEmbedding, EpisodeClassifier):
     """Relation Networks; `model` must embed `[T, B, C, H, W] -> [T, B, D]` per task and name its
     feature map's shape in `out_shape` (Conv4 does; `model.pool_layers=2` is the paper's embedding).
 
@@ -120,6 +120,8 @@ class RelationNet(EpisodeClassifier):
     are the episode's (the paper's code embeds them in two calls). `n_way` is taken from each task
     batch: the relation module scores one (query, class) pair at a time, for any number of classes.
     """
+
+    default_head = "relation"
 
     def __init__(
         self, model: nn.Module, n_way: int, relation_channels: int = 64, relation_hidden: int = 8
@@ -147,11 +149,11 @@ class RelationNet(EpisodeClassifier):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
     ) -> Tensor:
         """Relation scores `[T, N*Q, N]` of every query with every class of its task."""
-        n_support = support_x.shape[1]
-        emb = self.model(torch.cat([support_x, query_x], dim=1))  # [T, N*K + N*Q, D]
-        maps = emb.unflatten(-1, self.out_shape)  # [T, N*K + N*Q, C, h, w]
-        class_maps = class_feature_maps(maps[:, :n_support], support_y, n_way)  # [T, N, C, h, w]
-        return self.relation(class_maps, maps[:, n_support:])  # [T, N*Q, N]
+        support_emb, query_emb = self.embed_episode(support_x, support_y, query_x, n_way)
+        class_maps = class_feature_maps(
+            support_emb.unflatten(-1, self.out_shape), support_y, n_way
+        )  # [T, N, C, h, w]
+        return self.relation(class_maps, query_emb.unflatten(-1, self.out_shape))  # [T, N*Q, N]
 
     def query_losses(self, logits: Tensor, query_y: Tensor, reduction: str = "none") -> Tensor:
         """The relation scores' squared error against one-hot targets (`relation_loss`)."""

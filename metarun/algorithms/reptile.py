@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import (
+    ClassifierBody,
     MetaLearner,
     check_at_least,
     check_positive,
@@ -70,7 +71,7 @@ def mini_batch_indices(
     return order[:, : steps * batch_size].unflatten(1, (steps, batch_size))  # [T, steps, B]
 
 
-class Reptile(MetaLearner):
+class Reptile(ClassifierBody, MetaLearner):
     """Reptile over `Classifier(model, n_way)`; every parameter adapts in the inner loop.
 
     inner_optimizer ("adam" or "sgd"), inner_lr, adam_beta1, adam_beta2: the inner optimizer (the

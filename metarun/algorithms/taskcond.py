@@ -47,7 +47,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import EpisodeClassifier, check_at_least, check_positive
+from metarun.algorithms.base import (
+    EpisodeClassifier,
+    JointEmbedding,
+    check_at_least,
+    check_positive,
+)
 from metarun.algorithms.protonet import prototypes, squared_euclidean
 from metarun.algorithms.task_batching import check_task_batching, map_tasks
 from metarun.data.tasks import TaskBatch
@@ -122,7 +127,7 @@ class ResidualMLP(nn.Module):
         return x
 
 
-class TaskCond(EpisodeClassifier):
+class TaskCond(JointEmbedding, EpisodeClassifier):
     """TADAM's task-conditioned backbone (FiLM from a task embedding network) with a scaled metric.
 
     film_l2: weight of the L2 penalty on the post-multipliers gamma0, beta0 (TADAM: 0.01);
@@ -133,6 +138,8 @@ class TaskCond(EpisodeClassifier):
         "loop" one task after another, "vmap" with `torch.func.vmap`, "auto" loop on the CPU and vmap
         on CUDA (as MAML's choice; the CPU's Conv4 loops over tasks in any case).
     """
+
+    default_head = "centroid"
 
     def __init__(
         self,
@@ -210,6 +217,18 @@ class TaskCond(EpisodeClassifier):
         return map_tasks(
             lambda p, xt: functional_call(self.model, p, (xt,)), self.task_batching, film, x
         )
+
+    def embed_episode(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int
+    ) -> tuple[Tensor, Tensor]:
+        """The task-conditioned embeddings, support and queries in one call (`embed`, for the
+        base-class statistics, is the unconditioned backbone's: they have no task to condition on)."""
+        film = self.film_params(support_x, support_y, n_way)
+        n_support = support_x.shape[1]
+        emb = self.conditioned_embedding(
+            film, torch.cat([support_x, query_x], dim=1)
+        )  # [T, N*K + N*Q, D]
+        return emb[:, :n_support], emb[:, n_support:]
 
     def episode_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int

@@ -48,7 +48,7 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     cfg, score = experiment.cfg, experiment.score
     test = experiment.evaluate("test", cfg.eval.episodes)
     results = {
-        **files.test_results(test, score, cfg),
+        **files.test_results(test, score, cfg, experiment.head_entries()),
         "checkpoint": checkpoint,
         "step": state.get("step"),
         "overrides": overrides,
@@ -56,7 +56,7 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
         "config": config_container(cfg),
     }
     out = files.eval_dir(run_dir, name)
-    files.write_test(out, results, test, score, files.test_identity(cfg, experiment.dataset))
+    files.write_test(out, results, test, score, files.protocol_identity(cfg, experiment.dataset))
     return out, results
 
 
@@ -82,7 +82,7 @@ def parser() -> OneLineArgumentParser:
         prog="metarun-eval",
         description="Meta-test a trained run again; writes RUN_DIR/eval/<name>/results.json and test_episodes.json.",
         epilog=f"Overrides evaluation may make: {CHANGEABLE}. Also checkpoint=best|last and name=<folder>.\n"
-        "Examples: metarun-eval RUN eval.n_way=20 | eval.episode=20w1s | dataset.split=background | "
+        "Examples: metarun-eval RUN eval.n_way=20 | eval.episode=20w1s | eval.head=logreg | dataset.split=background | "
         "dataset=folder dataset.path=DIR | algorithm.eval_adaptation_steps=10 | checkpoint=last",
     )
     p.add_argument(
@@ -105,8 +105,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     score = in_results(results)
     test = {score.name: files.test_score(results, score), "ci95": results["ci95"]}
     print(
-        f"test {score.describe(test)} ({results['episodes']} episodes, "
-        f"batch_norm={results['batch_norm']}, {results['checkpoint']}.pt); "
+        f"test {score.describe(test)} ({files.test_conditions(results)}, "
+        f"{results['checkpoint']}.pt); "
         f"wrote {files.results_file(out)}"
     )
 

@@ -129,6 +129,11 @@ def parser() -> OneLineArgumentParser:
         help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--head",
+        metavar="NAME",
+        help="classify with this head (conf/head/, as eval.head) instead of the run's own classifier",
+    )
     return p
 
 
@@ -138,7 +143,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         support, labels = read_support(args.support)
         queries = find_queries(args.query)
-        model = read_run(args.run_dir, args.checkpoint, args.device, option="--checkpoint {}")
+        model = read_run(
+            args.run_dir, args.checkpoint, args.device, option="--checkpoint {}", head=args.head
+        )
         task = model.adapt(support, labels)
         proba = task.predict_proba(queries)
     except MetarunError as e:

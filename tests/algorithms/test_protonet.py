@@ -70,12 +70,17 @@ def test_metaoptnet_head_divides_distances_by_the_embedding_size_and_learns_a_sc
         learn_scale=True,
         normalize_distance=True,
     )
-    assert "distance_scale" not in dict(
-        plain.named_parameters()
-    )  # the paper's model: nothing to learn
+    assert not dict(plain.head.named_parameters())  # the paper's model: nothing to learn
     logits = scaled.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
     torch.testing.assert_close(
         logits, 3.0 / 2 * plain.episode_logits(tasks.support_x, tasks.support_y, tasks.query_x, 2)
     )
     scaled(tasks)[0].backward()
-    assert scaled.distance_scale.grad is not None and scaled.distance_scale.grad != 0
+    assert scaled.head.distance_scale.grad is not None and scaled.head.distance_scale.grad != 0
+
+
+def test_a_checkpoint_from_before_heads_loads_its_learned_scale_into_the_head():
+    learner = ProtoNet(nn.Flatten(start_dim=-3), n_way=2, learn_scale=True)
+    old = {"distance_scale": torch.tensor(4.5)}  # the key a learned scale had before heads
+    learner.load_state_dict(old)
+    assert learner.head.distance_scale.item() == 4.5

@@ -21,7 +21,7 @@ from scipy import stats
 from metarun.commands.report import main
 from metarun.experiment import Experiment
 from metarun.report import Row, Run, comparison
-from metarun.run_dir import test_identity
+from metarun.run_dir import protocol_identity
 from metarun.score import ACCURACY
 from metarun.stats import paired_difference, welch_difference
 from tests.conftest import SMALL_RUN, compose_config
@@ -502,7 +502,7 @@ def folder_identity(path: Path, cache: Path, run_dir: Path) -> dict:
         *SMALL_RUN,
         "episode.n_query=2",
     )
-    identity = test_identity(cfg, Experiment(cfg, parts=()).dataset)
+    identity = protocol_identity(cfg, Experiment(cfg, parts=()).dataset)
     return json.loads(json.dumps(identity))
 
 
@@ -544,7 +544,7 @@ def test_folder_runs_pair_by_their_test_images_not_by_where_they_lie(capsys, tmp
 
 def test_a_dataset_of_drawn_tasks_is_identified_by_its_config(tmp_path):
     cfg = compose_config("+experiment=maml_sinusoid", "device=cpu")
-    identity = test_identity(cfg, Experiment(cfg, parts=()).dataset)
+    identity = protocol_identity(cfg, Experiment(cfg, parts=()).dataset)
     assert identity["dataset"]["amplitude"] == [0.1, 5.0] and "test_images" not in identity
     assert (identity["n_way"], identity["k_shot"], identity["episodes"]) == (
         1,
