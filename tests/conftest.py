@@ -139,9 +139,16 @@ def one_line_error(call) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` are skipped where torch sees no CUDA device (scripts/gpu_check.sh runs them)."""
+    """Tests marked `cuda` are skipped where torch sees no CUDA device (scripts/gpu_check.sh runs
+    them). metarun's own functions named test_* (run_dir.test_results, ...) imported into a test
+    module are not tests: pytest would collect them and fail on their arguments."""
     import torch
 
+    items[:] = [
+        item
+        for item in items
+        if not getattr(getattr(item, "function", None), "__module__", "").startswith("metarun.")
+    ]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
