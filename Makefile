@@ -45,6 +45,7 @@ bench: install
 	PYTHON=$(BIN)/python bash scripts/install_peers.sh || echo "make bench: a peer did not install; its rows are left out"
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_processes.py
+	$(BIN)/python scripts/bench_heads.py --threads 1
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
