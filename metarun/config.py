@@ -94,7 +94,7 @@ class EvalConfig:
     head_options: Dict[str, Any] = field(default_factory=dict)
     # Training images whose mean embedding a run keeps for the heads that need it (SimpleShot),
     # drawn with eval.seed; null: all of them.
-    base_images: Optional[int] = 10000
+    base_images: Optional[int] = 2000
 
 
 @dataclass
