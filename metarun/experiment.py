@@ -77,6 +77,11 @@ class Experiment:
         # What the test episodes are scored with: the learner, or its embeddings and eval.head.
         self.test_head: Optional[Head] = None
         self.tester: Union[MetaLearner, HeadTest] = self.learner
+        if cfg.eval.head and self.score is not ACCURACY:
+            raise MetarunError(
+                f"eval.head={cfg.eval.head} classifies, and {dataset.name}'s tasks are regression; "
+                "drop eval.head"
+            )
         if cfg.eval.head:
             self.test_head = named_head(cfg.eval.head, cfg.eval.head_options).to(self.device)
             self.tester = HeadTest(self.learner, self.test_head, algorithm_name(cfg))

@@ -177,3 +177,10 @@ def test_a_loaded_run_classifies_with_another_head(protonet_run):
         accuracy[name] = (proba.argmax(1) == truth).float().mean().item()
     assert min(accuracy.values()) > 0.3, accuracy  # chance: 0.2 (25 queries of one task)
     assert type(logreg.predictor).__name__ == "HeadTest"
+
+
+def test_eval_head_on_regression_tasks_is_one_line():
+    from tests.conftest import compose_config
+
+    cfg = compose_config("+experiment=maml_sinusoid", "eval.head=centroid", "device=cpu")
+    assert "tasks are regression" in one_line_error(lambda: Experiment(cfg, parts=()))
