@@ -630,3 +630,14 @@ def test_damaged_episode_and_hydra_records_are_one_line_each_never_a_traceback(c
         a[2] == "68.3 ± 2.4"
         and b[-1] == "2 finished: test_episodes.json is cut off or not a JSON object"
     )
+
+
+def test_a_transductive_row_compared_with_an_inductive_one_is_said_so():
+    from metarun.report import Row, Run, head_text, transductive_note
+
+    inductive = Row(1, {}, [Run(Path("a"), {}, "finished", head="logreg", transductive=False)])
+    transductive = Row(2, {}, [Run(Path("b"), {}, "finished", head="tim", transductive=True)])
+    assert head_text(transductive) == "tim, transductive" and head_text(inductive) == "logreg"
+    note = transductive_note(inductive, transductive)
+    assert note and note[0].startswith("B is transductive")
+    assert transductive_note(inductive, inductive) == []
