@@ -33,7 +33,6 @@ class HeadTest(nn.Module):
 
     def logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
         support, query = self.learner.embed_episode(support_x, support_y, query_x, n_way)
-        self.head.check_episode(support, query)
         return self.head(support, support_y, query, n_way)  # [T, N*Q, N]
 
     def evaluate(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
