@@ -60,14 +60,27 @@ class DeviceConfig:
     amp: Amp = Amp.none
 
 
+class TestCheckpoint(str, Enum):
+    best = "best"
+    last = "last"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 3000
+    # Length in epochs over the training images instead of steps, for learners that train on single
+    # images (algorithm=pretrain); then val_every and the scheduler count epochs too.
+    epochs: Optional[int] = None
+    # Images per step of those learners (episodic learners: episode.meta_batch_size tasks).
+    batch_size: int = 64
     val_every: int = 500
     val_episodes: int = 200
     log_every: int = 25
     # Clip the meta-gradient's global norm to this (torch.nn.utils.clip_grad_norm_); None: no clipping.
     grad_clip: Optional[float] = None
+    # The checkpoint the final test scores: best (best validation) or last (RFS and Meta-Baseline
+    # test their last epoch).
+    test_checkpoint: TestCheckpoint = TestCheckpoint.best
 
 
 @dataclass
@@ -141,6 +154,8 @@ POSITIVE = (
     "episode.n_query",
     "episode.meta_batch_size",
     "train.steps",
+    "train.epochs",
+    "train.batch_size",
     "train.val_every",
     "train.val_episodes",
     "train.log_every",
@@ -162,6 +177,8 @@ PASSED_BY_TRAINER = {
     "optimizer": {"params"},
     "scheduler": {"optimizer"},
 }
+# Keys of a group that metarun reads itself and does not pass to the group's target.
+OWN_KEYS = {"model": ("init",)}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -222,7 +239,7 @@ def check_target_arguments(group: str, node: DictConfig) -> None:
     names = [n for n in signature.parameters if n not in PASSED_BY_TRAINER.get(group, ())]
     hints = _type_hints(target)
     for key, value in node.items():
-        if key.startswith("_"):
+        if key.startswith("_") or key in OWN_KEYS.get(group, ()):
             continue
         if key not in signature.parameters:
             if accepts_kwargs:
@@ -268,7 +285,7 @@ def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, A
 # -- helpers over a composed config ----------------------------------------------------------
 # Keys a resumed run may change: how long it trains, how it is evaluated, where it runs; and the
 # dataset's machine-local keys (where it reads from), which the dataset declares.
-RESUMABLE_CHANGES = ("train.steps", "eval.", "device.")
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "eval.", "device.")
 # The eval.* keys that change the validation episodes (which tasks, their shape, the support copies)
 # and so the scores best_val compares; a resumed run that changes one re-validates best.pt. The
 # others change only the test (eval.episodes) or the speed (eval.batch_size: each task is scored on
@@ -285,6 +302,13 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(cause, MetarunError):
             raise cause from None
         raise MetarunError(str(e).splitlines()[0]) from e
+
+
+def model_node(cfg: DictConfig) -> DictConfig:
+    """The model group as its target takes it: resolved, without the keys metarun reads itself
+    (model.init)."""
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    return OmegaConf.create({k: v for k, v in node.items() if k not in OWN_KEYS["model"]})
 
 
 def episode_key(cfg: DictConfig, part: str) -> str:

@@ -21,8 +21,16 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
-from metarun.config import accepted_arguments, build, episode_key, episode_shape, validate
+from metarun.config import (
+    accepted_arguments,
+    build,
+    episode_key,
+    episode_shape,
+    model_node,
+    validate,
+)
 from metarun.data.augment import Augment
+from metarun.data.batches import ImageBatches
 from metarun.data.contract import PARTS, TaskDataset, TaskSource
 from metarun.data.sampler import EpisodeSampler, normalization
 from metarun.device import autocast, check_amp, keep_freed_memory, resolve_device
@@ -35,7 +43,7 @@ from metarun.heads.named import named_head
 from metarun.heads.testing import HeadTest
 from metarun.score import ACCURACY, Score
 
-Sampler = Union[EpisodeSampler, TaskSource]
+Sampler = Union[EpisodeSampler, TaskSource, ImageBatches]
 
 
 class Experiment:
@@ -54,12 +62,19 @@ class Experiment:
         self.dataset = dataset = build(cfg.dataset)
         self.score: Score = dataset.score if isinstance(dataset, TaskDataset) else ACCURACY
         check_algorithm_learns(cfg.algorithm, dataset, self.score)
+        self.trains_on = check_length_unit(cfg)
         augment = build(cfg.augment).resolve(dataset.standard_augment) if cfg.augment else None
         self.augment: Optional[Augment] = augment
         self.samplers: dict[str, Sampler] = {part: self.episode_sampler(part) for part in parts}
         torch.manual_seed(cfg.seed)
-        model = build(cfg.model)
+        model = build(model_node(cfg))
         check_model_input(model, dataset)
+        # A pretrained backbone takes its images normalized as in its pretraining (timm's).
+        own = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+        self.mean, self.std = getattr(model, "input_normalization", own)
+        for sampler in self.samplers.values():
+            if hasattr(sampler, "mean_std"):
+                sampler.mean_std = normalization(self.mean, self.std)
         offered = {
             "model": model,
             "n_way": cfg.episode.n_way,
@@ -89,11 +104,21 @@ class Experiment:
     def episode_sampler(self, part: str) -> Sampler:
         """`part`'s episodes on the device, normalized as the dataset declares; training episodes
         augmented by the augment group, evaluation ones given eval.support_augment copies. A task
-        dataset (sinusoid) draws its own (`TaskDataset.tasks`)."""
+        dataset (sinusoid) draws its own (`TaskDataset.tasks`). A learner that trains on single
+        images gets the training part as shuffled batches of them (metarun.data.batches)."""
         dataset, cfg = self.dataset, self.cfg
         shape, key = episode_shape(cfg, part), episode_key(cfg, part)
         if isinstance(dataset, TaskDataset):
             return dataset.tasks(part, *shape, key, self.device)
+        if part == "train" and self.trains_on == "images":
+            return ImageBatches(
+                dataset.part(part).to(self.device),
+                cfg.train.batch_size,
+                cfg.seed,
+                dataset.mean,
+                dataset.std,
+                self.augment,
+            )
         copies = 0 if part == "train" else cfg.eval.support_augment
         augment = self.support_copies_augment() if copies else self.augment
         return EpisodeSampler(
@@ -158,7 +183,7 @@ class Experiment:
         return base_statistics(
             self.learner,
             self.dataset.part("train"),
-            normalization(self.dataset.mean, self.dataset.std),
+            normalization(self.mean, self.std),
             self.cfg.eval.base_images,
             self.cfg.eval.seed,
             self.autocast(),
@@ -183,6 +208,24 @@ def algorithm_name(cfg: DictConfig) -> str:
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get("algorithm")
     return f"algorithm={choice}" if choice else cfg.algorithm._target_.rsplit(".", 1)[-1]
+
+
+def check_length_unit(cfg: DictConfig) -> str:
+    """What the learner trains on ("episodes" or "images"); train.epochs counts passes over the
+    training images, which only a learner that trains on single images makes."""
+    trains_on = get_object(cfg.algorithm._target_).trains_on
+    epochs = cfg.train.epochs
+    if epochs is not None and trains_on != "images":
+        raise MetarunError(
+            f"train.epochs={epochs}, but {algorithm_name(cfg)} trains on episodes, which have no "
+            "epochs; set its length in train.steps, or train with algorithm=pretrain"
+        )
+    if epochs is not None and cfg.train.val_every > epochs:
+        raise MetarunError(
+            f"train.val_every={cfg.train.val_every} counts epochs when train.epochs is set, and "
+            f"the run has {epochs}; set train.val_every=1 (validate after every epoch) or up to {epochs}"
+        )
+    return trains_on
 
 
 def check_model_input(model: torch.nn.Module, dataset: Any) -> None:

@@ -78,6 +78,7 @@ class Run:
     recorded: bool = True  # its overrides are known (.hydra/overrides.yaml, or failed.json's)
     head: Optional[str] = None  # the head its test was scored with (results.json), if it says
     transductive: Optional[bool] = None  # whether that test used the queries jointly
+    init: Optional[str] = None  # the chain of runs its backbone started from (model.init)
     problems: list[str] = field(
         default_factory=list
     )  # one line each: a record cut off, absent or malformed
@@ -199,6 +200,7 @@ def read_run(path: Path) -> Run:
     run.test, run.ci95 = test, number(results.get("ci95"))
     if isinstance(results.get("head"), str):
         run.head, run.transductive = results["head"], bool(results.get("transductive"))
+    run.init = init_chain(results)
     run.best_val = number(files.best_val(results, score)) if score else None
     if run.best_val is None and run.curve:
         run.best_val = score.best([value for _, value in run.curve])
@@ -318,6 +320,26 @@ def differing(overrides: list[dict[str, str]]) -> list[str]:
     return [key for key in keys if len({pairs.get(key) for pairs in overrides}) > 1]
 
 
+def init_chain(results: dict[str, Any], depth: int = 10) -> Optional[str]:
+    """`RUN_B <- RUN_A`: the runs whose backbones a run started from (results.json's `init`, and
+    theirs), each by the last two parts of its path; None for a run that started from scratch."""
+    names = []
+    while isinstance(results.get("init"), dict) and len(names) < depth:
+        source = results["init"]
+        where = source.get("run") or source.get("checkpoint")
+        if not isinstance(where, str):
+            break
+        names.append("/".join(Path(where).parts[-2:]))
+        if not source.get("run"):
+            break
+        source_results = files.results_file(Path(source["run"]))
+        results = (
+            read_record(source_results, json.loads, dict, []) if source_results.exists() else {}
+        )
+        results = results or {}
+    return " <- ".join(names) or None
+
+
 def summarize(row: Row) -> dict[str, Any]:
     """A row's numbers, as report.csv holds them (None where there is no value)."""
     tested = [run for run in row.runs if run.test is not None]
@@ -329,6 +351,7 @@ def summarize(row: Row) -> dict[str, Any]:
     return {
         "score": next((run.score for run in row.runs if run.score), None),
         "head": head_text(row),
+        "init": " / ".join(dict.fromkeys(run.init for run in row.runs if run.init)) or None,
         "test_mean": mean,
         "test_std": std if len(tested) > 1 else None,
         "test_ci95": tested[0].ci95 if len(tested) == 1 else None,
@@ -388,10 +411,12 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
     scores = scores or "score"
     seeds = any(len(row.runs) > 1 for row in rows)
     heads = any(s["head"] for s in summaries)
+    inits = any(s["init"] for s in summaries)
     header = [
         "#",
         *columns,
         *(["head"] * heads),
+        *(["init"] * inits),
         f"test {scores}",
         f"best val {scores}",
         *(["seeds"] * seeds),
@@ -413,6 +438,7 @@ def table(rows: list[Row], columns: list[str], summaries: list[dict[str, Any]]) 
                 str(row.number),
                 *(row.overrides.get(key, "-") if row.recorded else "?" for key in columns),
                 *([s["head"] or "-"] * heads),
+                *([s["init"] or "-"] * inits),
                 fmt_score(
                     s["score"],
                     s["test_mean"],

@@ -26,10 +26,10 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.utils import clip_grad_norm_
 
 from metarun import run_dir as files
@@ -44,6 +44,7 @@ from metarun.config import (
     validate,
     validation_changes,
 )
+from metarun.data.batches import ImageBatch, ImageBatches
 from metarun.data.cache import default_cache_dir
 from metarun.data.contract import TaskDataset
 from metarun.data.sampler import episode_seed, statistics
@@ -65,6 +66,7 @@ from metarun.models.layers import commit_running_statistics
 from metarun.preemption import StopRequests
 from metarun.progress import Progress
 from metarun.run_log import RunLog
+from metarun.source_run import init_backbone, open_source, source_learner
 
 
 class Trainer:
@@ -82,7 +84,17 @@ class Trainer:
             experiment.score,
         )
         self.samplers, self.learner = experiment.samplers, experiment.learner
-        processes.broadcast(self.learner)  # every rank starts from rank 0's weights
+        train_batches = self.samplers["train"]
+        if isinstance(train_batches, ImageBatches):  # each rank takes its slice of every batch
+            train_batches.rank, train_batches.world_size = processes.rank, processes.world_size
+        # Steps per epoch of the training images (None: episodes); with train.epochs the length,
+        # the validation interval and the scheduler count epochs.
+        self.epoch_steps = getattr(train_batches, "steps_per_epoch", None)
+        per_epoch = self.epoch_steps if cfg.train.epochs is not None else None
+        self.unit = per_epoch or 1  # steps per unit of train.val_every and of the scheduler
+        self.steps = cfg.train.epochs * per_epoch if per_epoch else cfg.train.steps
+        self.init: Optional[dict[str, Any]] = None  # where model.init's backbone came from
+        self.attach_teacher()
         if processes.rank:
             torch.manual_seed(processes.seed(cfg.seed))  # ranks draw their own noise from here on
         self.optimizer = build(cfg.optimizer)(self.learner.parameters())
@@ -102,10 +114,22 @@ class Trainer:
         self.eval_changes: list[str] = []  # eval.* changes since last.pt that move validation
         # fit() and test() alone log nothing; run() gives them the run's log and progress bar.
         self.log: Optional[RunLog] = None
-        self.progress = Progress(cfg.train.steps, 0, cfg.train.log_every, enabled=False)
+        self.progress = Progress(self.steps, 0, cfg.train.log_every, enabled=False)
         last = files.checkpoint_file(run_dir, "last")
         if last.exists():
             self.load_state(load_checkpoint(last, self.device))
+        elif OmegaConf.select(cfg, "model.init"):
+            source = open_source(cfg.model.init, "model.init", self.device)
+            init_backbone(self.learner, source)
+            self.init = source.entry()
+        processes.broadcast(self.learner)  # every rank starts from rank 0's weights
+
+    def attach_teacher(self) -> None:
+        """The teacher that algorithm.teacher names (self-distillation), loaded and frozen."""
+        teacher = getattr(self.learner, "teacher", None)
+        if teacher:
+            source = open_source(teacher, "algorithm.teacher", self.device)
+            self.learner.attach_teacher(source_learner(source, self.device))
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -122,7 +146,7 @@ class Trainer:
             if main:
                 files.write_config(self.run_dir, self.cfg)
             train = self.cfg.train
-            self.progress = Progress(train.steps, self.step, train.log_every, enabled=main)
+            self.progress = Progress(self.steps, self.step, train.log_every, enabled=main)
             try:
                 if self.eval_changes:
                     self.revalidate_best()
@@ -145,13 +169,17 @@ class Trainer:
         train = self.cfg.train
         self.learner.train()
         tic, tic_step = time.perf_counter(), self.step
+        rate, per_step = self.throughput()
         with StopRequests() as stop:
-            while self.step < train.steps:
-                tasks = self.samplers["train"].sample(self.tasks_per_step, self.generator)
-                logging = (self.step + 1) % train.log_every == 0 or self.step + 1 == train.steps
+            while self.step < self.steps:
+                tasks = self.training_batch()
+                logging = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.steps
                 metrics = self.train_step(tasks, diagnostics=logging)
                 self.step += 1
-                checkpointed = self.step % train.val_every == 0 or self.step == train.steps
+                if self.scheduler is not None and self.step % self.unit == 0:
+                    self.scheduler.step()
+                validating = self.step % (train.val_every * self.unit) == 0
+                checkpointed = validating or self.step == self.steps
                 if logging or checkpointed or self.check_every_step:
                     self.stop_if_diverged()  # before the step's numbers are logged or saved
                 shown = None
@@ -160,15 +188,17 @@ class Trainer:
                     metrics = self.processes.mean_over_tasks(metrics, self.tasks_per_step)
                     values = {name: value.item() for name, value in metrics.items()}
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
-                    tasks_done = (self.step - tic_step) * self.cfg.episode.meta_batch_size
-                    values["tasks_per_s"] = tasks_done / (time.perf_counter() - tic)  # all ranks
+                    if self.epoch_steps:
+                        values["epoch"] = self.step / self.epoch_steps
+                    done = (self.step - tic_step) * per_step
+                    values[f"{rate}_per_s"] = done / (time.perf_counter() - tic)  # all ranks
                     tic, tic_step = time.perf_counter(), self.step
                     self.record("train", values)
                     score = self.score
                     shown = {
                         "loss": values["loss"],
                         score.short: values[score.name],
-                        "tasks/s": values["tasks_per_s"],
+                        f"{rate}/s": values[f"{rate}_per_s"],
                     }
                 self.progress.update(self.step, shown)
                 if checkpointed:
@@ -182,7 +212,22 @@ class Trainer:
                     )
                     stop.hand_over(self.step)
 
-    def train_step(self, tasks: TaskBatch, diagnostics: bool = False) -> dict[str, torch.Tensor]:
+    def training_batch(self) -> Union[TaskBatch, ImageBatch]:
+        """This step's training tasks, or its batch of images (a function of the step alone)."""
+        sampler = self.samplers["train"]
+        if isinstance(sampler, ImageBatches):
+            return sampler.batch(self.step, self.generator)
+        return sampler.sample(self.tasks_per_step, self.generator)
+
+    def throughput(self) -> tuple[str, int]:
+        """What a step trains on, as the log's rate names it, and how many per step (all ranks)."""
+        if isinstance(self.samplers["train"], ImageBatches):
+            return "images", self.cfg.train.batch_size
+        return "tasks", self.cfg.episode.meta_batch_size
+
+    def train_step(
+        self, tasks: Union[TaskBatch, ImageBatch], diagnostics: bool = False
+    ) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         # Gradient-based learners scale their inner-loop losses by this too (fp16 only).
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -206,8 +251,6 @@ class Trainer:
         self.nonfinite.observe(self.step + 1, metrics["loss"], grad_norm)  # on the device: no sync
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.scheduler is not None:
-            self.scheduler.step()
         self.processes.broadcast(self.learner, buffers_only=True)  # running stats follow rank 0's
         return metrics
 
@@ -224,7 +267,7 @@ class Trainer:
                     "learner": self.learner.state_dict(),
                     "step": self.step,
                     "val": val,
-                    "normalization": statistics(self.dataset),
+                    "normalization": self.normalization(),
                 }
                 save_checkpoint(best, files.checkpoint_file(self.run_dir, "best"))
         self.record("val", {"loss": val["loss"], self.score.name: score})
@@ -266,12 +309,14 @@ class Trainer:
         return self.experiment.evaluate(part, episodes, self.processes)
 
     def test(self) -> dict[str, Any]:
-        best = files.checkpoint_file(self.run_dir, "best")
-        self.processes.barrier()  # rank 0 has written best.pt
-        state = load_checkpoint(best, self.device) if best.exists() else None
+        """Test the checkpoint train.test_checkpoint names (best.pt by default) on the fixed test
+        episodes and write results.json and test_episodes.json."""
+        tested = files.checkpoint_file(self.run_dir, self.cfg.train.test_checkpoint.value)
+        self.processes.barrier()  # rank 0 has written the checkpoints
+        state = load_checkpoint(tested, self.device) if tested.exists() else None
         if state is not None:
             self.learner.load_state_dict(state["learner"])
-        self.keep_base_statistics(state, best)
+        self.keep_base_statistics(state, tested)
         test = self.evaluate("test", self.cfg.eval.episodes)
         score = self.score
         results = {
@@ -280,6 +325,7 @@ class Trainer:
             "steps": self.step,
             "wall_time_s": self.elapsed(),
             "processes": self.processes.world_size,
+            **({"init": self.init} if self.init else {}),
             "config": config_container(self.cfg),
         }
         if not self.processes.main:
@@ -295,15 +341,19 @@ class Trainer:
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
 
-    def keep_base_statistics(self, state: Optional[dict[str, Any]], best: Path) -> None:
-        """The training images' mean embedding with the tested weights, kept in best.pt (so that
+    def keep_base_statistics(self, state: Optional[dict[str, Any]], tested: Path) -> None:
+        """The training images' mean embedding with the tested weights, kept in their checkpoint (so that
         any head can test the run later, metarun.heads.base_statistics) and given to the heads
         that need it now."""
         statistics = (state or {}).get("base_statistics") or self.experiment.base_statistics()
         if state is not None and statistics is not None and "base_statistics" not in state:
             if self.processes.main:
-                save_checkpoint({**state, "base_statistics": statistics}, best)
+                save_checkpoint({**state, "base_statistics": statistics}, tested)
         self.experiment.give_base_statistics(statistics, "this run")
+
+    def normalization(self) -> Optional[dict[str, list[float]]]:
+        """The mean and std the learner's images are normalized with, as checkpoints record them."""
+        return statistics(self.experiment)
 
     def record(self, split: str, values: dict[str, float]) -> None:
         if self.log is not None:
@@ -386,7 +436,8 @@ class Trainer:
             **({"rng_per_rank": ranks} if self.processes.several else {}),
             "world_size": self.processes.world_size,
             "device": self.device.type,  # the generators' states above are of this device type
-            "normalization": statistics(self.dataset),  # what it learned on (metarun.saved_run)
+            "normalization": self.normalization(),  # what it learned on (metarun.saved_run)
+            "init": self.init,
             "config": config_container(self.cfg),
         }
 
@@ -417,6 +468,7 @@ class Trainer:
             # Runs before the score had a name of its own kept best_val_accuracy.
             self.best_val = state["best_val"] if "best_val" in state else state["best_val_accuracy"]
             self.wall_time_s = state.get("wall_time_s", 0.0)
+            self.init = state.get("init")
             several = self.processes.several
             rng = state["rng_per_rank"][self.processes.rank] if several else state["rng"]
             self.resume_generator(state.get("device", self.device.type), rng["train_sampler"], path)

@@ -101,11 +101,19 @@ class MetaLearner(nn.Module):
     # `embed_episode`, so that any head (metarun.heads) can test it (`eval.head=NAME`).
     default_head: str = "own"
     embeds: bool = False
+    # Where its backbone (the embedding network model.init replaces) is, as a submodule path.
+    backbone_prefix: str = "model"
+    # What the trainer draws for it: "episodes" (TaskBatch) or "images" (metarun.data.batches).
+    trains_on: str = "episodes"
 
     def __init__(self, model: nn.Module, n_way: int):
         super().__init__()
         self.model = model
         self.n_way = n_way
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.get_submodule(self.backbone_prefix)
 
     def check_n_way(self, n_way: int) -> None:
         """Raise MetarunError if this learner cannot classify `n_way`-way tasks."""
@@ -166,6 +174,7 @@ class ClassifierBody:
     statistics)."""
 
     embeds = True
+    backbone_prefix = "model.backbone"
 
     def embed_episode(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int

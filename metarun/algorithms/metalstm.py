@@ -180,6 +180,8 @@ class MetaLSTM(MetaLearner):
     `forward`'s loss_scale (an fp16 GradScaler's) scales the learner's support loss.
     """
 
+    backbone_prefix = "model.backbone"
+
     fixed_for_n_way = "head"
 
     def __init__(
