@@ -147,6 +147,24 @@ def eval_episode(name: Optional[str], key: str, default: int) -> int:
 
 OmegaConf.register_new_resolver("eval_episode", eval_episode, replace=True)
 
+
+def schedule_length(epochs: Optional[int], steps: int) -> int:
+    """The run's length in the units the scheduler is stepped in: epochs when train.epochs is set,
+    else steps."""
+    return steps if epochs is None else epochs
+
+
+OmegaConf.register_new_resolver("schedule_length", schedule_length, replace=True)
+
+
+def required(key: str, what: str) -> Any:
+    """`${required:model.init,the classifier stage's run directory}`: a value an experiment cannot
+    run without and only the user can give (`???` cannot replace a group's default)."""
+    raise MetarunError(f"{key} must be given: {what}; pass {key}=<it> on the command line")
+
+
+OmegaConf.register_new_resolver("required", required, replace=True)
+
 # Keys that must be positive; the algorithm checks its own (inner_lr, adaptation_steps, ...).
 POSITIVE = (
     "episode.n_way",

@@ -1,6 +1,6 @@
 """A trained run adapted to your own few-shot task: `metarun.load` in Python, `metarun-predict` on the CLI.
 
-    model = metarun.load(RUN_DIR)                   # a finished run's best.pt; checkpoint="last", device="cpu"
+    model = metarun.load(RUN_DIR)                   # a finished run's tested checkpoint; checkpoint="last", device="cpu"
     task = model.adapt(support_images, support_labels)  # labels: any hashable names
     task.predict(query_images)                      # -> those names
     task.predict_proba(query_images)                # -> [M, N] probabilities, columns in task.classes
@@ -44,8 +44,8 @@ def load(
     device: Optional[str | torch.device] = None,
     head: Optional[str] = None,
 ) -> TrainedModel:
-    """The learner a run trained, from `checkpoints/<checkpoint>.pt` (None: best.pt of a finished
-    run; "best" or "last" also read a run that has not finished), on `device` ("cpu", "cuda"; None:
+    """The learner a run trained, from `checkpoints/<checkpoint>.pt` (None: the one a finished run
+    tested, best.pt unless train.test_checkpoint=last; "best" or "last" also read a run that has not finished), on `device` ("cpu", "cuda"; None:
     the GPU when PyTorch sees one, else the CPU); with `head` (a conf/head/ name, as `eval.head`)
     its embeddings classified by that head instead of its own classifier. Needs the run's dataset
     (its decoding), not its episodes."""

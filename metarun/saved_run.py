@@ -87,7 +87,8 @@ def open_run(
     option: str = "checkpoint={}",
 ) -> SavedRun:
     """The run's learner with the checkpoint's weights, under its config changed by `overrides`.
-    `checkpoint` None: best.pt of a finished run; named ("best", "last"): that checkpoint, finished
+    `checkpoint` None: the checkpoint a finished run tested (train.test_checkpoint, best.pt by
+    default); named ("best", "last"): that checkpoint, finished
     or not. Every problem is one MetarunError line, whose fixes name the checkpoint as `option`
     does (metarun-eval's `checkpoint={}`); those of the command, the run directory, the config and
     the checkpoint file are found before the dataset is read."""
@@ -97,7 +98,9 @@ def open_run(
     check_images_fit_model(cfg)
     if checkpoint is None:
         check_finished(run_dir, option)
-    chosen = "best" if checkpoint is None else checkpoint
+    # A finished run's tested checkpoint (train.test_checkpoint: best.pt unless it tests last.pt).
+    tested = OmegaConf.select(saved, "train.test_checkpoint", default="best")
+    chosen = getattr(tested, "value", tested) if checkpoint is None else checkpoint
     path = checkpoint_path(run_dir, chosen, option)
     state = load_checkpoint(path, fix=checkpoint_fix(run_dir, chosen, "train it again", option))
     # A run's own building and checks (dataset, learner, episodes of `parts` only); it writes nothing.

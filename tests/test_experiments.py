@@ -15,7 +15,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from metarun.config import validate
+from metarun.config import flatten, validate
 from metarun.trainer import Trainer
 from tests.conftest import COLOUR_DATASETS, compose_config
 
@@ -29,9 +29,10 @@ def experiment_dataset(name: str) -> str | None:
     """The dataset an experiment's defaults list switches to (`override /dataset: NAME`), directly or
     through the experiment it builds on (a plain entry naming another), or None."""
     defaults = yaml.safe_load((EXPERIMENT_DIR / f"{name}.yaml").read_text()).get("defaults") or []
-    for entry in defaults:
+    for entry in defaults:  # its own override comes before its parent's dataset
         if isinstance(entry, dict) and "override /dataset" in entry:
             return entry["override /dataset"]
+    for entry in defaults:
         if isinstance(entry, str) and entry != "_self_":
             return experiment_dataset(entry)
     return None
@@ -49,9 +50,25 @@ def test_the_natural_image_experiments_are_found():
     assert {dataset for _, dataset in NATURAL_IMAGES} == {"miniimagenet", "cifarfs", "fc100"}
 
 
+def given(name: str) -> list[str]:
+    """Overrides for the values an experiment needs from its user (`${required:KEY,...}`: the run
+    it starts from or distils), set to null: a run from scratch."""
+    raw = flatten(OmegaConf.to_container(compose_config(f"+experiment={name}"), resolve=False))
+    return [f"{k}=null" for k, v in raw.items() if str(v).startswith("${required:")]
+
+
+def test_experiments_that_start_from_another_run_say_so_until_it_is_given(capsys):
+    from metarun.errors import MetarunError
+
+    assert given("metabaseline_miniimagenet") == ["model.init=null"]
+    assert given("rfs_miniimagenet_distill") == ["algorithm.teacher=null"]
+    with pytest.raises(MetarunError, match="model.init must be given: the run directory of the "):
+        validate(compose_config("+experiment=metabaseline_miniimagenet"))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name):
-    validate(compose_config(f"+experiment={name}"))
+    validate(compose_config(f"+experiment={name}", *given(name)))
 
 
 def fixture_sized(own) -> list[str]:
@@ -88,8 +105,8 @@ def one_thread():
 def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(
     make_config, colour_datasets, one_thread, tmp_path, name, dataset
 ):
-    own = compose_config(f"+experiment={name}")
-    cfg = make_config(f"+experiment={name}", *fixture_sized(own), dataset=dataset)
+    own = compose_config(f"+experiment={name}", *given(name))
+    cfg = make_config(f"+experiment={name}", *given(name), *fixture_sized(own), dataset=dataset)
     # The experiment's `override /dataset` keeps the fixture's folder, cache and image size.
     for override in colour_datasets[dataset]:
         key, value = override.split("=", 1)
@@ -103,10 +120,7 @@ def test_every_natural_image_experiment_takes_a_training_step_on_its_fixture(
         assert cfg.model.get(key) == own.model.get(key), f"model.{key}"
 
     trainer = Trainer(cfg, tmp_path)
-    tasks = trainer.samplers["train"].sample(
-        cfg.episode.meta_batch_size, torch.Generator().manual_seed(0)
-    )
-    loss = trainer.train_step(tasks)["loss"]
+    loss = trainer.train_step(trainer.training_batch())["loss"]
     assert torch.isfinite(loss), loss
 
 

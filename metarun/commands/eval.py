@@ -1,6 +1,7 @@
 """`metarun-eval RUN_DIR [key=value ...]`: meta-test a trained run again, under other test settings.
 
-Reads the run's config and `checkpoints/best.pt` (`checkpoint=last`: last.pt), applies the
+Reads the run's config and the checkpoint it tested (`checkpoints/best.pt`, or last.pt for a run
+with train.test_checkpoint=last; `checkpoint=best|last` chooses), applies the
 overrides evaluation may change (metarun.saved_run: eval.*, dataset=/dataset.*, device=/device.*,
 algorithm.eval_adaptation_steps, model.batch_norm), meta-tests it as the run built and tested it
 (metarun.experiment), and writes `RUN_DIR/eval/<name>/results.json` and `test_episodes.json` in the
@@ -40,7 +41,7 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
         key: value for key, _, value in (a.partition("=") for a in arguments) if key in OPTIONS
     }
     overrides = [a for a in arguments if a.partition("=")[0] not in OPTIONS]
-    checkpoint = options.get("checkpoint")  # None: best.pt of a finished run
+    checkpoint = options.get("checkpoint")  # None: the checkpoint a finished run tested
     name = options.get("name") or default_name(overrides, checkpoint or "best")
     check_name(name)
     experiment, state, checkpoint, _ = open_run(run_dir, overrides, checkpoint)

@@ -126,7 +126,7 @@ def parser() -> OneLineArgumentParser:
         "--checkpoint",
         choices=("best", "last"),
         default=None,
-        help="the checkpoint to read, also of a run that has not finished (default: a finished run's best)",
+        help="the checkpoint to read, also of a run that has not finished (default: the one a finished run tested, best unless train.test_checkpoint=last)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(

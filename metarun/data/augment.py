@@ -34,8 +34,11 @@ OFF = {
     "rotate": 0.0,
     "translate": 0.0,
     "scale": 0.0,
+    "resized_crop": 0.0,
 }
-GEOMETRIC = ("shift", "flip", "angle", "translate", "scale")
+GEOMETRIC = ("shift", "flip", "angle", "translate", "scale", "crop_size")
+# RandomResizedCrop's aspect ratios (torchvision's default): the crop's width / height in [3/4, 4/3].
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class Augment:
@@ -47,6 +50,10 @@ class Augment:
     rotate        angle in [-rotate, rotate] degrees about the centre
     translate     shift in [-translate, translate] times the side, in x and y
     scale         zoom factor in [1 - scale, 1 + scale]
+    resized_crop  a crop of area a * H * W, a in [resized_crop, 1], aspect ratio in [3/4, 4/3] (log-
+                  uniform), at a uniform position, resized to the image (RandomResizedCrop with
+                  scale=(resized_crop, 1); a side longer than the image is cut to it, where
+                  torchvision draws again up to 10 times)
     support/query which sets of a training episode the sampler augments
     """
 
@@ -60,6 +67,7 @@ class Augment:
         rotate: Optional[float] = None,
         translate: Optional[float] = None,
         scale: Optional[float] = None,
+        resized_crop: Optional[float] = None,
     ):
         settings = dict(
             crop_padding=crop_padding,
@@ -68,6 +76,7 @@ class Augment:
             rotate=rotate,
             translate=translate,
             scale=scale,
+            resized_crop=resized_crop,
         )
         for key, value in dict(support=support, query=query, **settings).items():
             if value is not None:
@@ -75,6 +84,7 @@ class Augment:
         self.support, self.query = support, query
         self.crop_padding, self.flip, self.color_jitter = crop_padding, flip, color_jitter
         self.rotate, self.translate, self.scale = rotate, translate, scale
+        self.resized_crop = resized_crop
 
     def settings(self) -> dict:
         return {key: getattr(self, key) for key in OFF}
@@ -123,6 +133,13 @@ class Augment:
             )  # [n, (x, y)] fraction of side
         if self.scale:
             params["scale"] = uniform(1 - self.scale, 1 + self.scale)  # [n]
+        if self.resized_crop:
+            area = uniform(self.resized_crop, 1.0)
+            low, high = (math.log(r) for r in CROP_RATIO)
+            ratio = uniform(low, high).exp()
+            size = torch.stack([(area * ratio).sqrt(), (area / ratio).sqrt()], -1).clamp(max=1)
+            params["crop_size"] = size  # [n, (w, h)] fraction of the side
+            params["crop_centre"] = uniform(-1, 1, 2) * (1 - size)  # [n, (x, y)] normalized
         if self.color_jitter:
             j = self.color_jitter
             for factor in ("brightness", "contrast", "saturation"):
@@ -136,7 +153,7 @@ class Augment:
         if any(key in params for key in GEOMETRIC):
             # Crop shifts and flips alone land on pixel centres, where nearest is bit-exact; bilinear
             # there is off by up to ~3e-5 from rounding in the grid.
-            exact = not any(key in params for key in ("angle", "translate", "scale"))
+            exact = not any(key in params for key in ("angle", "translate", "scale", "crop_size"))
             grid = nnf.affine_grid(_theta(params, images), list(images.shape), align_corners=False)
             images = nnf.grid_sample(
                 images,
@@ -164,7 +181,8 @@ class Augment:
 
 def _theta(params: dict[str, Tensor], images: Tensor) -> Tensor:
     """`[n, 2, 3]` map from output to input coordinates (normalized, as affine_grid takes them) of
-    the geometric ops: input -> rotate and scale about the centre -> translate -> crop shift -> flip."""
+    the geometric ops: input -> resized crop -> rotate and scale about the centre -> translate ->
+    crop shift -> flip."""
     n, _, H, W = images.shape
     like = dict(device=images.device, dtype=images.dtype)
     inverse = torch.eye(2, **like).repeat(n, 1, 1)  # [n, 2, 2], pixels, undoes rotate and scale
@@ -186,7 +204,12 @@ def _theta(params: dict[str, Tensor], images: Tensor) -> Tensor:
     half = torch.tensor(
         [W / 2, H / 2], **like
     )  # normalized -> pixels, so rotations stay rigid when H != W
-    return torch.cat([inverse * half / half[:, None], (offset / half)[..., None]], dim=2)
+    inverse, offset = inverse * half / half[:, None], offset / half  # normalized coordinates
+    if "crop_size" in params:  # the crop, resized to the image, is what the other ops transform
+        size = params["crop_size"].to(images.dtype)
+        inverse = size[..., None] * inverse
+        offset = size * offset + params["crop_centre"].to(images.dtype)
+    return torch.cat([inverse, offset[..., None]], dim=2)
 
 
 def _blend(image: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
@@ -214,6 +237,7 @@ def _check(key: str, value) -> None:
         "rotate": (180, True, "10"),
         "translate": (1, True, "0.1"),
         "scale": (1, False, "0.1"),
+        "resized_crop": (1, True, "0.08"),
     }
     high, closed, example = limits[key]
     if (

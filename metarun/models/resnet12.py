@@ -3,7 +3,8 @@
 4 blocks of [3 x (3x3 conv, batch norm, LeakyReLU 0.1; none after the third norm) + (1x1 conv, batch
 norm) shortcut, add, LeakyReLU 0.1, 2x2 max-pool], 64-160-320-640 channels by default.
 The flattened feature map is the embedding, as MetaOptNet's: 640x5x5 = 16000 features for 84x84
-mini-ImageNet (84 -> 42 -> 21 -> 10 -> 5), 640x2x2 for 32x32 CIFAR, 640x1x1 for 28x28 Omniglot.
+mini-ImageNet (84 -> 42 -> 21 -> 10 -> 5), 640x2x2 for 32x32 CIFAR, 640x1x1 for 28x28 Omniglot;
+`pool="avg"` takes the map's channel means instead (640 features), as RFS and Meta-Baseline do.
 DropBlock (Ghiasi et al., 2018) after the last two blocks' pools when `drop_rate > 0`, in training only,
 as MetaOptNet (which also drops plain units in the first two blocks and ramps the rate up over
 training; neither is done here). Its masks come from torch's global RNG, which the trainer seeds and
@@ -89,9 +90,16 @@ class ResNet12(Backbone):
         drop_rate: float = 0.0,
         dropblock_size: int = 5,
         batch_norm: str = "task",
+        pool: str = "flatten",
     ):
         super().__init__()
         check_batch_norm(batch_norm)
+        if pool not in ("flatten", "avg"):
+            raise MetarunError(
+                f"model.pool={pool!r} is not flatten or avg; set model.pool=flatten (the 640x5x5 "
+                "map, MetaOptNet's) or avg (its channel means, RFS's and Meta-Baseline's)"
+            )
+        self.pool = pool
         channels = list(
             DEFAULT_CHANNELS if channels is None else channels
         )  # also an OmegaConf ListConfig
@@ -144,4 +152,4 @@ class ResNet12(Backbone):
     def features(self, h: Tensor, n_tasks: int) -> Tensor:
         for block in self.blocks:
             h = block(h, n_tasks)
-        return h
+        return h.mean(dim=(2, 3)) if self.pool == "avg" else h

@@ -186,7 +186,13 @@ def test_resolve_fills_unset_settings_from_the_standard_and_keeps_explicit_ones(
 def test_resolve_turns_off_what_neither_the_config_nor_the_standard_sets():
     resolved = Augment().resolve({})
     assert resolved.settings() == dict(
-        crop_padding=0, flip=False, color_jitter=0.0, rotate=0.0, translate=0.0, scale=0.0
+        crop_padding=0,
+        flip=False,
+        color_jitter=0.0,
+        rotate=0.0,
+        translate=0.0,
+        scale=0.0,
+        resized_crop=0.0,
     )
     assert not resolved.active
 
@@ -220,3 +226,25 @@ def test_invalid_settings_are_one_line_errors_naming_the_config_key(key, value):
 def test_invalid_standard_values_are_rejected_when_resolved():
     with pytest.raises(MetarunError, match="augment.scale=1.5"):
         Augment().resolve({"scale": 1.5})
+
+
+def test_resized_crop_equals_torchvision_resized_crop_inside_the_box():
+    x, aug = images(n=1, channels=3, size=12), augment(resized_crop=0.08)
+    # A 6 x 4 box at left 2, top 3 of a 12 x 12 image, in the normalized units Augment draws.
+    size = torch.tensor([[6 / 12, 4 / 12]])
+    centre = torch.tensor([[2 * 2 / 12 - 1 + 6 / 12, 2 * 3 / 12 - 1 + 4 / 12]])
+    out = aug.apply(x, {"crop_size": size, "crop_centre": centre})
+    expected = F.resized_crop(x, 3, 2, 4, 6, [12, 12], antialias=False)
+    # torchvision crops, then resizes: at the box's edge it repeats the edge where this reads on.
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], atol=1e-5, rtol=0)
+
+
+def test_resized_crops_keep_their_area_and_ratio_ranges_and_stay_inside():
+    params = augment(resized_crop=0.25).draw(4000, seeded(0))
+    w, h = params["crop_size"].unbind(-1)
+    assert bool(((w * h >= 0.25 - 1e-6) | (w == 1) | (h == 1)).all())
+    ratio = w / h
+    inside = (ratio >= 3 / 4 - 1e-6) & (ratio <= 4 / 3 + 1e-6)
+    assert bool((inside | (w == 1) | (h == 1)).all())
+    assert bool((params["crop_centre"].abs() <= 1 - params["crop_size"] + 1e-6).all())
+    assert 0.5 < float((w * h).mean()) < 0.7  # uniform area in [0.25, 1], cut at the side
