@@ -1,14 +1,16 @@
 import inspect
+import math
 import subprocess
 import sys
 from importlib.resources import files
 
 import pytest
+import torch
 from hydra.utils import get_object
 
 from metarun.config import PASSED_BY_TRAINER, validate
 from metarun.errors import MetarunError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, one_line_error
 
 
 def metarun(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -58,7 +60,10 @@ def test_invalid_values_are_one_line_errors(override, message):
         ("dataset=omniglott", "choose one of: cifarfs, fc100, folder, miniimagenet, omniglot"),
         ("episode.n_way=five", "episode.n_way: Value 'five'"),
         ("device.amp=fp32", "expected one of [none, bf16, fp16]"),
-        ("augment=strong", "Could not find 'augment/strong'; choose one of: none, standard"),
+        (
+            "augment=strong",
+            "Could not find 'augment/strong'; choose one of: metabaseline, none, rfs, standard",
+        ),
     ],
 )
 def test_cli_composition_errors_are_one_line_with_exit_2(override, message, tmp_path):
@@ -129,3 +134,27 @@ def test_every_algorithm_yaml_lists_every_hyperparameter_its_learner_takes(name)
         and key not in node
     ]
     assert hidden == [], f"conf/algorithm/{name}.yaml does not list {', '.join(hidden)}"
+
+
+def test_warmup_cosine_rises_linearly_then_follows_the_cosine_to_its_minimum():
+    from metarun.schedules import warmup_cosine
+
+    lrs = []
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup=4, total=12, start_factor=0.2, eta_min=0.1)
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * i / 8)) / 2 for i in range(8)]
+    assert lrs[4:] == pytest.approx(cosine)
+    assert "scheduler.warmup=12 must be" in one_line_error(
+        lambda: warmup_cosine(optimizer, warmup=12, total=12)
+    )
+
+
+def test_the_cosine_schedule_spans_the_run_in_its_unit():
+    assert compose_config("scheduler=cosine").scheduler.T_max == 3000  # train.steps
+    epochs = compose_config("scheduler=cosine", "train.epochs=7", "train.val_every=1")
+    assert epochs.scheduler.T_max == 7

@@ -9,5 +9,15 @@ from metarun.models.layers import Backbone, Classifier, TaskBatchNorm
 from metarun.models.mlp import MLP
 from metarun.models.resnet12 import ResNet12
 from metarun.models.resnet18 import ResNet18
+from metarun.models.timm_model import TimmBackbone
 
-__all__ = ["MLP", "Backbone", "Classifier", "Conv4", "ResNet12", "ResNet18", "TaskBatchNorm"]
+__all__ = [
+    "MLP",
+    "Backbone",
+    "Classifier",
+    "Conv4",
+    "ResNet12",
+    "ResNet18",
+    "TaskBatchNorm",
+    "TimmBackbone",
+]
