@@ -107,18 +107,23 @@ def open_run(
     experiment = Experiment(cfg, parts=parts)
     restore(experiment.learner, state, path)
     experiment.give_base_statistics(state.get("base_statistics"), str(path))
-    mean_std = images_normalization(saved, cfg, state, experiment.dataset)
+    mean_std = images_normalization(saved, cfg, state, experiment)
     for sampler in experiment.samplers.values():
         if isinstance(sampler, EpisodeSampler):
             sampler.mean_std = mean_std
     return SavedRun(experiment, state, chosen, mean_std)
 
 
-def images_normalization(saved: DictConfig, cfg: DictConfig, state: dict[str, Any], dataset: Any):
+def images_normalization(
+    saved: DictConfig, cfg: DictConfig, state: dict[str, Any], experiment: Experiment
+):
     """The (mean, std) that images reaching the learner are normalized with (as sampler.normalization
     gives them): the training dataset's, as the checkpoint records it (a checkpoint too old to record
-    it: read from the run's dataset), unless eval.normalization=target asks for the dataset's own."""
-    own = normalization(getattr(dataset, "mean", None), getattr(dataset, "std", None))
+    it: read from the run's dataset), unless eval.normalization=target asks for the dataset's own.
+    A backbone with its own normalization (a pretrained timm model) always takes its own."""
+    own = normalization(experiment.mean, experiment.std)
+    if hasattr(experiment.learner.backbone, "input_normalization"):
+        return own
     if cfg.eval.normalization == Normalization.target:
         return own
     if "normalization" in state:

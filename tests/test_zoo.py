@@ -30,6 +30,8 @@ EPISODES = ("5w1s", "5w5s", "20w1s", "20w5s")
 DATASET_EPISODES = [("omniglot", episode) for episode in EPISODES] + [("folder", "5w1s")]
 # The foundation's algorithms keep their paper settings in the algorithm config itself.
 WITHOUT_EXPERIMENT = {"fomaml", "maml", "protonet"}
+# Experiments of those whose recipe is not an episode config's.
+EXPERIMENTS = {"pretrain": "pretrain_omniglot"}
 # Algorithms whose output layer is built for episode.n_way: they refuse other n-way tasks.
 FIXED_N_WAY = {"anil", "fomaml", "maml", "mann", "metalstm", "metasgd", "reptile"}
 
@@ -54,6 +56,7 @@ def tiny(make_config, algorithm: str, *overrides: str, dataset: str = "omniglot"
         "train.val_episodes=4",
         "eval.episodes=4",
         "eval.batch_size=4",
+        "train.batch_size=16",  # the images per step of those trained on single images (pretrain)
         *fewer_steps,
         *overrides,
         dataset=dataset,
@@ -66,7 +69,7 @@ def test_every_algorithm_learns_one_batch_and_evaluates_per_task(
     make_config, tmp_path, algorithm, dataset, episode
 ):
     trainer = Trainer(tiny(make_config, algorithm, f"episode={episode}", dataset=dataset), tmp_path)
-    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    tasks = trainer.training_batch()
     losses = [trainer.train_step(tasks)["loss"].item() for _ in range(6)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses  # it fits the batch it is trained on
@@ -119,11 +122,12 @@ def test_every_algorithm_tests_on_another_episode_config_or_says_why_not(
 
 @pytest.mark.parametrize("algorithm", sorted(set(ALGORITHMS) - WITHOUT_EXPERIMENT))
 def test_every_algorithm_has_a_paper_experiment_that_validates(algorithm):
-    cfg = compose_config(f"+experiment={algorithm}_omniglot_5w1s")
+    cfg = compose_config(f"+experiment={EXPERIMENTS.get(algorithm, algorithm + '_omniglot_5w1s')}")
     validate(cfg)
     own = compose_config(f"algorithm={algorithm}")
     assert cfg.algorithm._target_ == own.algorithm._target_
-    assert cfg.train.steps >= 1000  # the paper's length, not a smoke-test length
+    # The paper's length, not a smoke-test length.
+    assert cfg.train.steps >= 1000 if cfg.train.epochs is None else cfg.train.epochs >= 5
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -132,7 +136,7 @@ def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(
 ):
     trainer = Trainer(tiny(make_config, algorithm), tmp_path)
     learner = trainer.learner
-    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    tasks = trainer.training_batch()
     episodes = trainer.samplers["test"].episodes(seed=0, start=0, count=2)
     results = {}
     for bf16 in (False, True):
@@ -157,7 +161,8 @@ def test_every_algorithm_under_bf16_autocast_is_finite_and_close_to_float32(
 def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(
     make_config, tmp_path, algorithm
 ):
-    learner = Trainer(tiny(make_config, algorithm, "episode=5w1s"), tmp_path).learner
+    trainer = Trainer(tiny(make_config, algorithm, "episode=5w1s"), tmp_path)
+    learner = trainer.learner
     tasks = random_tasks(T=2, n_way=3, dtype=torch.float32, n_classes=40)
     if algorithm in FIXED_N_WAY:  # a head built for 5 ways: refused in one line naming the fix
         for call in (learner.train(), learner.eval().evaluate):
@@ -165,7 +170,9 @@ def test_every_algorithm_classifies_or_refuses_tasks_of_another_n_way(
                 call(tasks)
             assert "\n" not in str(error.value)
         return
-    loss, _ = learner.train()(tasks)
+    # Trained on its own batches (tasks, or single images), tested on 3-way tasks.
+    batch = tasks if learner.trains_on == "tasks" else trainer.training_batch()
+    loss, _ = learner.train()(batch)
     with torch.no_grad():
         eval_loss, accuracy = learner.eval().evaluate(tasks)
     assert torch.isfinite(loss) and torch.isfinite(eval_loss).all() and accuracy.shape == (2,)
@@ -241,7 +248,7 @@ def test_in_running_batch_norm_a_querys_prediction_depends_only_on_the_support_s
     trainer = Trainer(tiny(make_config, algorithm, "model.batch_norm=running"), tmp_path)
     norms = [m for m in trainer.learner.modules() if isinstance(m, TaskBatchNorm)]
     assert norms and all(norm.mode == "running" for norm in norms)
-    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    tasks = trainer.training_batch()
     trainer.train_step(tasks)
     trainer.train_step(tasks)
     assert not torch.equal(
@@ -274,7 +281,7 @@ def test_every_algorithm_trains_and_evaluates_on_every_backbone(
 ):
     cfg = tiny(make_config, algorithm, *BACKBONES[backbone], dataset="folder")
     trainer = Trainer(cfg, tmp_path)
-    tasks = trainer.samplers["train"].sample(2, torch.Generator().manual_seed(0))
+    tasks = trainer.training_batch()
     losses = [trainer.train_step(tasks)["loss"].item() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     grads = [p.grad for p in trainer.learner.parameters() if p.grad is not None]

@@ -198,7 +198,7 @@ def download_source(timm: Any, name: str) -> tuple[str, str]:
             HF_HUB_CACHE = "~/.cache/huggingface/hub"
         return f"huggingface.co/{cfg.hf_hub_id}", str(HF_HUB_CACHE)
     url = getattr(cfg, "url", None) or "timm's pretrained config"
-    return url, str(Path(torch.hub.get_dir()) / "checkpoints")
+    return url, torch.hub.get_dir()  # torch.hub keeps the files in a folder under it
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:

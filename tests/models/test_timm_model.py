@@ -173,3 +173,8 @@ def test_a_run_normalizes_with_the_models_statistics_and_learns_through_it(make_
     assert 0 <= results["test_accuracy"] <= 1
     saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert saved["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    from metarun.saved_run import open_run
+
+    for normalization in ("train", "target"):  # the model's own, whatever the dataset's
+        again = open_run(tmp_path, [f"eval.normalization={normalization}"])
+        assert again.mean_std == ([0.5] * 3, [0.5] * 3)
