@@ -108,6 +108,9 @@ class EvalConfig:
     # Training images whose mean embedding a run keeps for the heads that need it (SimpleShot),
     # drawn with eval.seed; null: all of them.
     base_images: Optional[int] = 2000
+    # Test the K best validation checkpoints together (MAML++: Antoniou et al., 2019): each test
+    # episode's query class probabilities are averaged over the K models; 1: the one checkpoint.
+    ensemble_top_k: int = 1
 
 
 @dataclass
@@ -185,6 +188,7 @@ POSITIVE = (
     "eval.n_query",
     "optimizer.lr",
     "eval.base_images",
+    "eval.ensemble_top_k",
 )
 NON_NEGATIVE = ("eval.support_augment",)
 TARGET_GROUPS = ("algorithm", "dataset", "model", "optimizer", "scheduler", "augment", "head")

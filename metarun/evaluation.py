@@ -1,16 +1,23 @@
-"""Meta-testing on fixed episodes: mean accuracy and its 95% confidence interval."""
+"""Meta-testing on fixed episodes: mean accuracy and its 95% confidence interval; and an ensemble's
+test, whose members' query class probabilities are averaged (MAML++: Antoniou et al., 2019, "How
+to train your MAML", tests the top-5 validation models together):
+
+    p(y | x) = 1/K sum_k softmax(f_k(x))_y,   accuracy = [argmax_y p(y | x) = label],   loss = -log p(label | x)
+"""
 
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data.sampler import EpisodeSampler
 from metarun.distributed import Processes
+from metarun.errors import MetarunError
 from metarun.score import ACCURACY, Score
 
 
@@ -50,8 +57,21 @@ def evaluate(
             loss, per_task = learner.evaluate(tasks)
         mine[start] = (loss.float().cpu(), per_task.float().cpu())
     learner.train(was_training)
+    losses, scores = in_episode_order(mine, processes)
+    return summary(losses, scores, episodes, score)
+
+
+def in_episode_order(mine: dict[int, tuple[Tensor, ...]], processes: Processes) -> list[Tensor]:
+    """Every rank's {first episode: tensors of its batch}, gathered and concatenated in episode order."""
     batches = {start: result for part in processes.gather(mine) for start, result in part.items()}
-    losses, scores = (torch.cat([batches[start][i] for start in sorted(batches)]) for i in (0, 1))
+    return [
+        torch.cat([batches[start][i] for start in sorted(batches)])
+        for i in range(len(next(iter(batches.values()))))
+    ]
+
+
+def summary(losses: Tensor, scores: Tensor, episodes: int, score: Score) -> dict[str, Any]:
+    """The evaluation's record from per-episode losses and scores `[E]`."""
     mean, ci95 = confidence_interval(scores)
     return {
         "loss": losses.mean().item(),
@@ -60,3 +80,85 @@ def evaluate(
         "episodes": episodes,
         "per_episode": scores.tolist(),
     }
+
+
+# -- an ensemble of checkpoints (eval.ensemble_top_k) -----------------------------------------------
+def check_ensemble(top_k: int, tester: nn.Module, score: Score, dataset: str) -> None:
+    """An ensemble averages per-query class probabilities: one line, before any work, for tasks
+    that have none (regression) and for a learner without `adapt(support) -> predict(query)`."""
+    if top_k == 1:
+        return
+    if score is not ACCURACY:
+        raise MetarunError(
+            f"eval.ensemble_top_k={top_k} averages the class probabilities of the best checkpoints, "
+            f"and {dataset}'s tasks are regression (scored by {score.name}); set eval.ensemble_top_k=1"
+        )
+    if type(tester).adapt is MetaLearner.adapt:
+        raise MetarunError(
+            f"eval.ensemble_top_k={top_k} averages per-query class probabilities, which "
+            f"{type(tester).__name__} does not give (it has no adapt(support) -> predict(query)); "
+            "set eval.ensemble_top_k=1"
+        )
+
+
+@torch.no_grad()
+def query_probabilities(
+    tester: nn.Module,
+    sampler: EpisodeSampler,
+    episodes: int,
+    seed: int,
+    batch_size: int,
+    autocast: AbstractContextManager | None = None,
+    processes: Processes = Processes(),
+) -> tuple[Tensor, Tensor]:
+    """The softmax of `tester`'s query logits on the fixed episodes 0..episodes-1, each episode
+    adapted to on its own (`adapt(support_x, support_y)` then `predict(query_x)`), `[E, M, N]`,
+    and the query labels `[E, M]`, on the CPU; episodes split across ranks as in `evaluate`."""
+    was_training = tester.training
+    tester.eval()
+    mine = {}
+    for start in range(0, episodes, batch_size)[processes.rank :: processes.world_size]:
+        tasks = sampler.episodes(seed, start, min(batch_size, episodes - start))
+        probabilities = []
+        for t in range(len(tasks.query_y)):
+            with autocast or nullcontext():
+                logits = tester.adapt(tasks.support_x[t], tasks.support_y[t])(tasks.query_x[t])
+            probabilities.append(logits.float().softmax(dim=-1).cpu())  # [M, N]
+        mine[start] = (torch.stack(probabilities), tasks.query_y.cpu())
+    tester.train(was_training)
+    probabilities, labels = in_episode_order(mine, processes)
+    return probabilities, labels
+
+
+def ensemble_scores(probabilities: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per episode `[E]`: the NLL of the labels under the averaged probabilities `[E, M, N]` (mean
+    over queries), and the accuracy of their argmax."""
+    picked = probabilities.gather(-1, labels[..., None])[..., 0]  # [E, M]
+    losses = -picked.double().clamp_min(torch.finfo(torch.float64).tiny).log().mean(dim=-1)
+    return losses, (probabilities.argmax(dim=-1) == labels).double().mean(dim=-1)
+
+
+def ensemble_evaluate(
+    tester: nn.Module,
+    members: Sequence[Any],
+    load: Callable[[Any], None],
+    sampler: EpisodeSampler,
+    episodes: int,
+    seed: int,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    processes: Processes = Processes(),
+) -> dict[str, Any]:
+    """The ensemble's test, with the keys of one model's (`evaluate`): `load(member)` puts each
+    member's weights into `tester`, whose query probabilities on the fixed episodes are then
+    averaged over the members."""
+    probabilities, labels = [], None
+    for member in members:
+        load(member)
+        member_probabilities, labels = query_probabilities(
+            tester, sampler, episodes, seed, batch_size, autocast(), processes
+        )
+        probabilities.append(member_probabilities)
+    mean = torch.stack(probabilities).double().mean(dim=0)  # [E, M, N]
+    losses, accuracies = ensemble_scores(mean, labels)
+    return summary(losses, accuracies, episodes, ACCURACY)

@@ -2,6 +2,8 @@
 
     .hydra/config.yaml       the composed config the run trains with (hydra.yaml, overrides.yaml beside it)
     checkpoints/best.pt      the best validation checkpoint; last.pt the latest, to resume from
+    checkpoints/top-step<N>.pt  with eval.ensemble_top_k=K > 1: the K best validations' checkpoints,
+                             each named by its step (last.pt's "top_k" lists them with their scores)
     metrics.jsonl, tb/       each logged step's numbers, as JSON lines and TensorBoard events
     results.json             the test (`test_<score>`, ci95, `best_val_<score>`, ...), written last
     test_episodes.json       each test episode's score, and the identity of those episodes
@@ -30,6 +32,7 @@ from metarun.score import Score
 
 HYDRA = ".hydra"
 CHECKPOINTS = ("best", "last")
+ENSEMBLE_MEMBER = "top-step{step}.pt"  # one of the eval.ensemble_top_k best validations
 RESULTS = "results.json"
 TEST_EPISODES = "test_episodes.json"
 METRICS = "metrics.jsonl"
@@ -54,9 +57,31 @@ def hydra_record(run_dir: Path) -> Path:
     return Path(run_dir) / HYDRA
 
 
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
 def checkpoint_file(run_dir: Path, name: str) -> Path:
     """checkpoints/<name>.pt, name "best" or "last"."""
-    return Path(run_dir) / "checkpoints" / f"{name}.pt"
+    return checkpoints_dir(run_dir) / f"{name}.pt"
+
+
+def ensemble_member_file(run_dir: Path, step: int) -> Path:
+    """checkpoints/top-step<step>.pt: the checkpoint of the validation at `step`, one of the
+    eval.ensemble_top_k best. Named by its step, so a member is written once and never renamed
+    when the ranking moves."""
+    return checkpoints_dir(run_dir) / ENSEMBLE_MEMBER.format(step=step)
+
+
+def ensemble_member_files(run_dir: Path) -> dict[int, Path]:
+    """{step: path} of every checkpoints/top-step<N>.pt the directory holds."""
+    prefix, suffix = ENSEMBLE_MEMBER.split("{step}")
+    found = {}
+    for path in checkpoints_dir(run_dir).glob(f"{prefix}*{suffix}"):
+        step = path.name.removeprefix(prefix).removesuffix(suffix)
+        if step.isdigit():
+            found[int(step)] = path
+    return found
 
 
 def results_file(run_dir: Path) -> Path:
@@ -166,6 +191,28 @@ def test_conditions(results: dict[str, Any]) -> str:
         parts.append(f"head={results['head']}")
         parts.append("transductive" if results["transductive"] else "inductive")
     return ", ".join(parts)
+
+
+def ensemble_entry(
+    run_dir: Path, top_k: int, members: list[dict[str, Any]], score: Score
+) -> dict[str, Any]:
+    """results.json's record of an ensemble test: eval.ensemble_top_k and the checkpoints averaged,
+    best first, each with its step and validation score (`val_<score>`)."""
+    return {
+        "ensemble": {
+            "top_k": top_k,
+            "members": [
+                {
+                    "step": member["step"],
+                    "checkpoint": str(
+                        ensemble_member_file(run_dir, member["step"]).relative_to(run_dir)
+                    ),
+                    f"val_{score.name}": member["score"],
+                }
+                for member in members
+            ],
+        }
+    }
 
 
 def best_val_entry(score: Score, best_val: float) -> dict[str, float]:

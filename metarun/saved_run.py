@@ -370,6 +370,31 @@ def checkpoint_fix(
     return f"{train} (metarun ... hydra.run.dir={run_dir})"
 
 
+def ensemble_members(run_dir: Path, top_k: int, option: str = "checkpoint={}") -> list[dict]:
+    """The checkpoints eval.ensemble_top_k=`top_k` averages: the first `top_k` of the members
+    last.pt lists, best first ({"step", "score"}); one line when the run kept none, or the files
+    are gone."""
+    last = files.checkpoint_file(run_dir, "last")
+    state = load_checkpoint(last, fix=checkpoint_fix(run_dir, "last", "train it again", option))
+    listed = state.get("top_k") or []
+    if not listed:
+        raise MetarunError(
+            f"eval.ensemble_top_k={top_k}: {run_dir} kept no validation checkpoints to average (it "
+            f"trained with eval.ensemble_top_k=1); test it with eval.ensemble_top_k=1, or train a "
+            f"new run with eval.ensemble_top_k={top_k}"
+        )
+    members = listed[:top_k]
+    for member in members:
+        path = files.ensemble_member_file(run_dir, member["step"])
+        if not path.is_file():
+            raise MetarunError(
+                f"{run_dir} has no {path.relative_to(run_dir)}, which last.pt lists among its "
+                "best validations; restore it from a copy of the run, or test with "
+                "eval.ensemble_top_k=1"
+            )
+    return members
+
+
 def restore(learner: MetaLearner, state: dict[str, Any], path: Path) -> None:
     """Load the checkpoint's learner weights. A run trained with running batch-norm statistics may
     be tested without them (model.batch_norm=task); one trained without has none to test with."""

@@ -4,10 +4,13 @@
 (metarun.experiment) and what only training needs (optimizer, scheduler, gradient scaler, the task
 generator) without writing a byte, so a bad command leaves an existing run directory as it was.
 `run()` then trains (continuing from checkpoints/last.pt when the directory holds one) and
-meta-tests the best checkpoint. A resumed run whose eval.* settings change the validation episodes
-first re-validates best.pt on the new ones, so that every later checkpoint is compared with a score
-from the same episodes. One process trains a run directory at a time: a second start on a
-directory that a live process trains raises `metarun.lock.RunDirBusy` before it writes anything.
+meta-tests the best checkpoint; with eval.ensemble_top_k=K > 1 it keeps the K best validations'
+checkpoints (checkpoints/top-step<N>.pt, listed with their scores in last.pt) and meta-tests them
+together, averaging each query's class probabilities over the K models (MAML++). A resumed run
+whose eval.* settings change the validation episodes first re-validates best.pt (and those K) on
+the new ones, so that every later checkpoint is compared with a score from the same episodes. One
+process trains a run directory at a time: a second start on a directory that a live process trains
+raises `metarun.lock.RunDirBusy` before it writes anything.
 
 Over several processes (`metarun.distributed`) each rank trains on its share of the meta-batch and
 rank 0 alone writes the run's files. On SIGTERM or a launcher's pre-timeout signal the loop stops
@@ -60,6 +63,7 @@ from metarun.divergence import (
     remedies,
 )
 from metarun.errors import MetarunError
+from metarun.evaluation import check_ensemble, ensemble_evaluate
 from metarun.experiment import Experiment
 from metarun.lock import check_run_dir_free, claim_on_rank0, training_lock
 from metarun.models.layers import commit_running_statistics
@@ -67,6 +71,7 @@ from metarun.preemption import StopRequests
 from metarun.progress import Progress
 from metarun.run_log import RunLog
 from metarun.source_run import init_backbone, open_source, source_learner
+from metarun.top_checkpoints import TopCheckpoints
 
 
 class Trainer:
@@ -84,6 +89,7 @@ class Trainer:
             experiment.score,
         )
         self.samplers, self.learner = experiment.samplers, experiment.learner
+        self.check_ensemble()
         train_batches = self.samplers["train"]
         if isinstance(train_batches, ImageBatches):  # each rank takes its slice of every batch
             train_batches.rank, train_batches.world_size = processes.rank, processes.world_size
@@ -97,7 +103,7 @@ class Trainer:
         self.attach_teacher()
         if processes.rank:
             torch.manual_seed(processes.seed(cfg.seed))  # ranks draw their own noise from here on
-        self.optimizer = build(cfg.optimizer)(self.learner.parameters())
+        self.optimizer = build(cfg.optimizer)(parameter_groups(self.learner, cfg.optimizer.lr))
         self.scheduler = build(cfg.scheduler)(self.optimizer) if cfg.scheduler else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=experiment.amp == "fp16")
         self.generator = torch.Generator(self.device).manual_seed(processes.seed(cfg.seed))
@@ -111,6 +117,8 @@ class Trainer:
         self.wall_time_s = 0.0  # of the earlier runs in this directory, when resumed
         self.started = time.perf_counter()
         self.best_val = self.score.worst  # the best validation score so far
+        # eval.ensemble_top_k's members: the best validations so far and their checkpoints.
+        self.top = TopCheckpoints(run_dir, cfg.eval.ensemble_top_k, self.score, processes.main)
         self.eval_changes: list[str] = []  # eval.* changes since last.pt that move validation
         # fit() and test() alone log nothing; run() gives them the run's log and progress bar.
         self.log: Optional[RunLog] = None
@@ -123,6 +131,18 @@ class Trainer:
             init_backbone(self.learner, source)
             self.init = source.entry()
         processes.broadcast(self.learner)  # every rank starts from rank 0's weights
+
+    def check_ensemble(self) -> None:
+        """eval.ensemble_top_k > 1 needs per-query class probabilities (metarun.evaluation) and the
+        best validations to test, not the last checkpoint."""
+        top_k = self.cfg.eval.ensemble_top_k
+        check_ensemble(top_k, self.experiment.tester, self.score, self.dataset.name)
+        if top_k > 1 and self.cfg.train.test_checkpoint.value != "best":
+            raise MetarunError(
+                f"eval.ensemble_top_k={top_k} tests the {top_k} best validation checkpoints "
+                "together, and train.test_checkpoint=last asks for the last one; set "
+                "eval.ensemble_top_k=1 or train.test_checkpoint=best"
+            )
 
     def attach_teacher(self) -> None:
         """The teacher that algorithm.teacher names (self-distillation), loaded and frozen."""
@@ -150,6 +170,8 @@ class Trainer:
             try:
                 if self.eval_changes:
                     self.revalidate_best()
+                    self.revalidate_top_k()
+                self.top.remove_unlisted()  # a member written after last.pt by a killed start
                 self.fit()
                 results = self.test()
             except BaseException:
@@ -229,6 +251,7 @@ class Trainer:
         self, tasks: Union[TaskBatch, ImageBatch], diagnostics: bool = False
     ) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
+        self.learner.set_progress(self.step)
         # Gradient-based learners scale their inner-loop losses by this too (fp16 only).
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         metrics = meta_backward(
@@ -263,15 +286,12 @@ class Trainer:
             self.best_val = score
             self.check_weights()
             if self.processes.main:
-                best = {
-                    "learner": self.learner.state_dict(),
-                    "step": self.step,
-                    "val": val,
-                    "normalization": self.normalization(),
-                }
+                best = self.checkpoint_of(val)
                 save_checkpoint(best, files.checkpoint_file(self.run_dir, "best"))
+        self.top.enter(self.step, score, lambda: self.checkpoint_of(val))
         self.record("val", {"loss": val["loss"], self.score.name: score})
         self.save_last()
+        self.top.remove_unlisted()  # last.pt lists the new members: the old ones can go
         best = "  (best)" if improved else ""
         self.progress.write(f"step {self.step}: val {self.score.describe(val)}{best}")
 
@@ -297,6 +317,38 @@ class Trainer:
             f"(best_val was {self.score.value(old)} on the old ones)"
         )
 
+    def revalidate_top_k(self) -> None:
+        """Score eval.ensemble_top_k's members on this run's validation episodes (as
+        revalidate_best does best.pt) and rank them again."""
+        if not self.top.members:
+            return
+        resumed = {name: value.clone() for name, value in self.learner.state_dict().items()}
+
+        def validate(path: Path) -> dict[str, Any]:
+            state = load_checkpoint(path, self.device)
+            self.learner.load_state_dict(state["learner"])
+            val = self.evaluate("val", self.cfg.train.val_episodes)
+            self.check_validation(val, f"{path.name} on the new validation episodes")
+            if self.processes.main:
+                save_checkpoint({**state, "val": val}, path)
+            return val
+
+        self.top.rescore(validate)
+        self.learner.load_state_dict(resumed)
+        self.progress.write(
+            f"the {len(self.top.members)} checkpoints of eval.ensemble_top_k re-validated on the "
+            "new validation episodes"
+        )
+
+    def checkpoint_of(self, val: dict[str, Any]) -> dict[str, Any]:
+        """best.pt's and an ensemble member's record: the weights at this validation."""
+        return {
+            "learner": self.learner.state_dict(),
+            "step": self.step,
+            "val": val,
+            "normalization": self.normalization(),
+        }
+
     def save_last(self) -> None:
         self.stop_if_diverged()
         self.check_weights()
@@ -313,14 +365,26 @@ class Trainer:
         episodes and write results.json and test_episodes.json."""
         tested = files.checkpoint_file(self.run_dir, self.cfg.train.test_checkpoint.value)
         self.processes.barrier()  # rank 0 has written the checkpoints
-        state = load_checkpoint(tested, self.device) if tested.exists() else None
-        if state is not None:
-            self.learner.load_state_dict(state["learner"])
-        self.keep_base_statistics(state, tested)
-        test = self.evaluate("test", self.cfg.eval.episodes)
+        ensemble: dict[str, Any] = {}
+        if self.cfg.eval.ensemble_top_k > 1 and self.top.members:
+            test = self.test_ensemble()
+            ensemble = self.top.entry()
+        else:
+            if self.cfg.eval.ensemble_top_k > 1:
+                self.progress.write(
+                    f"eval.ensemble_top_k={self.cfg.eval.ensemble_top_k}, but this run kept no "
+                    f"validation checkpoints to average (it trained with eval.ensemble_top_k=1): "
+                    f"testing checkpoints/{tested.name} alone"
+                )
+            state = load_checkpoint(tested, self.device) if tested.exists() else None
+            if state is not None:
+                self.learner.load_state_dict(state["learner"])
+            self.keep_base_statistics(state, tested)
+            test = self.evaluate("test", self.cfg.eval.episodes)
         score = self.score
         results = {
             **files.test_results(test, score, self.cfg, self.experiment.head_entries()),
+            **ensemble,
             **files.best_val_entry(score, self.best_val),
             "steps": self.step,
             "wall_time_s": self.elapsed(),
@@ -340,6 +404,36 @@ class Trainer:
         if isinstance(self.dataset, TaskDataset):  # e.g. sinusoid's adaptation.png
             self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
         return results
+
+    def test_ensemble(self) -> dict[str, Any]:
+        """The members' query class probabilities on the fixed test episodes, averaged: the test of
+        eval.ensemble_top_k, with the keys of one model's test (metarun.evaluation)."""
+        cfg, members = self.cfg.eval, self.top.members
+        if len(members) < cfg.ensemble_top_k:
+            n, steps = len(members), ", ".join(str(m["step"]) for m in members)
+            self.progress.write(
+                f"eval.ensemble_top_k={cfg.ensemble_top_k}, but the run has kept only {n} "
+                f"validation checkpoint{'s' if n > 1 else ''} (step{'s' if n > 1 else ''} "
+                f"{steps}): the test averages {'those' if n > 1 else 'that one'}"
+            )
+        return ensemble_evaluate(
+            self.experiment.tester,
+            members,
+            self.load_member,
+            self.samplers["test"],
+            cfg.episodes,
+            cfg.seed,
+            cfg.batch_size,
+            self.experiment.autocast,
+            self.processes,
+        )
+
+    def load_member(self, member: dict[str, Any]) -> None:
+        """The learner with an ensemble member's weights, and the heads with its statistics."""
+        path = self.top.file(member)
+        state = load_checkpoint(path, self.device)
+        self.learner.load_state_dict(state["learner"])
+        self.keep_base_statistics(state, path)
 
     def keep_base_statistics(self, state: Optional[dict[str, Any]], tested: Path) -> None:
         """The training images' mean embedding with the tested weights, kept in their checkpoint (so that
@@ -430,6 +524,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "best_val": self.best_val,
+            "top_k": self.top.saved(),  # eval.ensemble_top_k's members, best first
             "wall_time_s": self.elapsed(),
             # Each rank's generators: rank 0's under "rng", all of them under "rng_per_rank".
             "rng": ranks[0],
@@ -468,6 +563,7 @@ class Trainer:
             # Runs before the score had a name of its own kept best_val_accuracy.
             self.best_val = state["best_val"] if "best_val" in state else state["best_val_accuracy"]
             self.wall_time_s = state.get("wall_time_s", 0.0)
+            self.top.resume(state.get("top_k", []))
             self.init = state.get("init")
             several = self.processes.several
             rng = state["rng_per_rank"][self.processes.rank] if several else state["rng"]
@@ -497,6 +593,13 @@ class Trainer:
             "uninterrupted run",
             stacklevel=3,
         )
+
+
+def parameter_groups(learner: torch.nn.Module, lr: float) -> Any:
+    """What the optimizer trains: the learner's own groups where it trains parts at their own rates
+    (FEAT's attention at lr_mul times `lr`), else all its parameters at `lr`."""
+    groups = getattr(learner, "parameter_groups", None)
+    return groups(lr) if groups is not None else learner.parameters()
 
 
 def meta_backward(

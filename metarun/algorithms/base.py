@@ -115,6 +115,10 @@ class MetaLearner(nn.Module):
     def backbone(self) -> nn.Module:
         return self.get_submodule(self.backbone_prefix)
 
+    def set_progress(self, step: int) -> None:
+        """The trainer's step count before each training step; a learner whose loss follows it
+        (MAML++'s multi-step loss and derivative-order annealing) keeps it."""
+
     def check_n_way(self, n_way: int) -> None:
         """Raise MetarunError if this learner cannot classify `n_way`-way tasks."""
         if self.fixed_for_n_way is not None and n_way != self.n_way:

@@ -8,6 +8,8 @@ algorithm.eval_adaptation_steps, model.batch_norm), meta-tests it as the run bui
 trainer's formats. Nothing else in RUN_DIR changes. Without overrides the numbers are the run's
 own test, episode by episode. A run that has not finished (still training, stopped before its
 test) is tested only with its checkpoint named, `checkpoint=best` or `checkpoint=last`.
+A run trained with `eval.ensemble_top_k=K > 1` is tested as it was, its K best validations'
+checkpoints together (`eval.ensemble_top_k=1`: best.pt alone; a smaller K: the best of them).
 
 <name> is made from the overrides (`eval.n_way=20` -> `n_way=20`; `default` without any), or
 chosen with `name=...`. Another dataset's test classes (`dataset=folder dataset.path=DIR`) are
@@ -26,9 +28,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from metarun import run_dir as files
+from metarun.checkpoint import load_checkpoint
 from metarun.config import config_container
 from metarun.errors import MetarunError, OneLineArgumentParser, warnings_as_lines
-from metarun.saved_run import CHANGEABLE, open_run
+from metarun.evaluation import check_ensemble, ensemble_evaluate
+from metarun.experiment import Experiment
+from metarun.saved_run import CHANGEABLE, ensemble_members, open_run, restore
 from metarun.score import in_results
 
 OPTIONS = ("checkpoint", "name")  # metarun-eval's own key=value arguments, not config keys
@@ -47,9 +52,14 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     experiment, state, checkpoint, _ = open_run(run_dir, overrides, checkpoint)
     started = time.perf_counter()
     cfg, score = experiment.cfg, experiment.score
-    test = experiment.evaluate("test", cfg.eval.episodes)
+    top_k, ensemble = cfg.eval.ensemble_top_k, {}
+    if top_k > 1:
+        test, ensemble = ensemble_test(run_dir, experiment, top_k, checkpoint)
+    else:
+        test = experiment.evaluate("test", cfg.eval.episodes)
     results = {
         **files.test_results(test, score, cfg, experiment.head_entries()),
+        **ensemble,
         "checkpoint": checkpoint,
         "step": state.get("step"),
         "overrides": overrides,
@@ -59,6 +69,44 @@ def evaluate_run(run_dir: Path, arguments: list[str]) -> tuple[Path, dict[str, A
     out = files.eval_dir(run_dir, name)
     files.write_test(out, results, test, score, files.protocol_identity(cfg, experiment.dataset))
     return out, results
+
+
+def ensemble_test(
+    run_dir: Path, experiment: Experiment, top_k: int, checkpoint: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test of eval.ensemble_top_k, as the trainer tests it (metarun.evaluation), and its
+    record for results.json."""
+    check_ensemble(top_k, experiment.tester, experiment.score, experiment.dataset.name)
+    if checkpoint != "best":
+        raise MetarunError(
+            f"eval.ensemble_top_k={top_k} tests the {top_k} best validation checkpoints together, "
+            f"and checkpoint={checkpoint} asks for that one; give eval.ensemble_top_k=1 to test it alone"
+        )
+    members = ensemble_members(run_dir, top_k)
+    if len(members) < top_k:
+        print(
+            f"eval.ensemble_top_k={top_k}, but the run has kept only {len(members)} validation "
+            f"checkpoints (steps {', '.join(str(m['step']) for m in members)}): the test averages those"
+        )
+
+    def load(member: dict[str, Any]) -> None:
+        path = files.ensemble_member_file(run_dir, member["step"])
+        state = load_checkpoint(path, experiment.device)
+        restore(experiment.learner, state, path)
+        experiment.give_base_statistics(state.get("base_statistics"), str(path))
+
+    cfg = experiment.cfg.eval
+    test = ensemble_evaluate(
+        experiment.tester,
+        members,
+        load,
+        experiment.samplers["test"],
+        cfg.episodes,
+        cfg.seed,
+        cfg.batch_size,
+        experiment.autocast,
+    )
+    return test, files.ensemble_entry(run_dir, top_k, members, experiment.score)
 
 
 def default_name(overrides: list[str], checkpoint: str) -> str:
@@ -105,9 +153,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     score = in_results(results)
     test = {score.name: files.test_score(results, score), "ci95": results["ci95"]}
+    members = results.get("ensemble", {}).get("members")
+    tested = f"{len(members)} checkpoints together" if members else f"{results['checkpoint']}.pt"
     print(
-        f"test {score.describe(test)} ({files.test_conditions(results)}, "
-        f"{results['checkpoint']}.pt); "
+        f"test {score.describe(test)} ({files.test_conditions(results)}, {tested}); "
         f"wrote {files.results_file(out)}"
     )
 
