@@ -165,7 +165,14 @@ METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
     "metarun-loop": lambda T: {"task_batching": "loop", "task_chunk": 1},
     "metarun-vmap": lambda T: {"task_batching": "vmap", "task_chunk": T},
     "metarun-vmap-8": lambda T: {"task_batching": "vmap", "task_chunk": 8},
+    # MAML++ (Antoniou et al., 2019) with every option on, its multi-step loss at its start (a query
+    # pass after every inner step), and without that loss: LSLR and per-step batch norm must cost no
+    # memory beyond MAML's (they add parameters, not per-task graphs). Another loss than the plain
+    # loop's: no gradient check (same_formulation).
+    "metarun-mamlpp": lambda T: {"msl_steps": 10**9, "lslr": True, "per_step_bn": True},
+    "metarun-lslr-bn": lambda T: {"lslr": True, "per_step_bn": True},
 }
+MAMLPP_VARIANTS = ("metarun-mamlpp", "metarun-lslr-bn")
 LABELS = {
     "metarun": "metarun (default)",
     "metarun-glibc": "metarun (default), glibc defaults",
@@ -173,6 +180,8 @@ LABELS = {
     "metarun-loop": "metarun, loop, one backward per task",
     "metarun-vmap": "metarun, vmap, whole batch",
     "metarun-vmap-8": "metarun, vmap, chunks of 8 tasks",
+    "metarun-mamlpp": "metarun MAML++ (MSL at its start, LSLR, per-step BN)",
+    "metarun-lslr-bn": "metarun MAML++ without MSL (LSLR, per-step BN)",
     "plain": "plain loop, one backward per task",
     "higher": "higher 0.2.1 (its MAML example)",
     "learn2learn": "learn2learn 0.2.0 (its MAML example)",
@@ -197,7 +206,7 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
         ours = ["metarun", "metarun-glibc", "metarun-whole"] + (
             ["metarun-vmap", "metarun-vmap-8"] if vmap else []
         )
-    return [*ours, "plain", *found]
+    return [*ours, *MAMLPP_VARIANTS, "plain", *found]
 
 
 def synthetic_tasks(meta_batch: int, device: torch.device, image_shape: Sequence[int]) -> TaskBatch:
@@ -303,8 +312,9 @@ def build(
 
 
 def same_formulation(variant: str) -> bool:
-    """Whether `variant` computes metarun's loss (easyfsl's ProtoNet does not: see scripts/peers.py)."""
-    return variant != "easyfsl"
+    """Whether `variant` computes metarun's loss (easyfsl's ProtoNet does not: see scripts/peers.py;
+    nor do the MAML++ variants, by design)."""
+    return variant != "easyfsl" and variant not in MAMLPP_VARIANTS
 
 
 def meta_gradient(

@@ -14,23 +14,32 @@ pure functions on dicts of tensors (no torch.optim), so they work under vmap and
 
 L_support is the mean loss over the support set (`inner_loss="mean"`) or, as MAML's code has it,
 each item's loss divided by K and summed (`"sum_over_k"`, N times the mean: `support_loss`).
+
+MAML++ (Antoniou, Edwards & Storkey, 2019) needs the parameters after every step, not only the last
+(its multi-step loss): `inner_trajectory` yields them, and `inner_loop` is its last element. Step s's
+rate may be its own (`inner_lr` a list: LSLR's learned per-layer, per-step rates), and the step is
+told to the module's per-step batch norms (`metarun.models.layers.at_inner_step`).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Callable, Collection, Mapping, Union
+from typing import Callable, Collection, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from metarun.algorithms.base import task_loss
+from metarun.models.layers import at_inner_step
 from metarun.vmap import is_vmapped
 
 # A scalar step size for every parameter, or one per adapted parameter name (scalar or a tensor
 # of the parameter's shape, e.g. Meta-SGD's learned per-coordinate rates).
 InnerLR = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+# Or a list of those, one per inner step (LSLR); steps past its end take the last.
+StepLR = Union[InnerLR, Sequence[InnerLR]]
 INNER_OPTIMIZERS = ("sgd", "adam")
 INNER_LOSSES = ("mean", "sum_over_k")
 
@@ -53,9 +62,31 @@ def inner_loop(
     params: Mapping[str, Tensor],
     support_x: Tensor,
     support_y: Tensor,
+    **settings,
+) -> dict[str, Tensor]:
+    """Adapt `params` to one task's support set by `adaptation_steps` steps of gradient descent:
+    the last parameters of `inner_trajectory` (with the same arguments), `params` for 0 steps."""
+    # Only the last step's parameters are kept (the earlier ones live on in its graph, if any).
+    last = collections.deque(inner_trajectory(module, params, support_x, support_y, **settings), 1)
+    if last:
+        return last[0]
+    # No step: the parameters as the loop's own bookkeeping returns them, the adapted ones last.
+    names = settings.get("adapted_names")
+    names = list(params) if names is None else list(names)
+    return {
+        **{name: p for name, p in params.items() if name not in names},
+        **{name: params[name] for name in names},
+    }
+
+
+def inner_trajectory(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
     *,
     adaptation_steps: int,
-    inner_lr: InnerLR,
+    inner_lr: StepLR,
     first_order: bool = False,
     adapted_names: Collection[str] | None = None,
     loss_scale: float = 1.0,
@@ -64,8 +95,9 @@ def inner_loop(
     adam_betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
     batch_indices: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Adapt `params` to one task's support set by `adaptation_steps` steps of gradient descent.
+) -> Iterator[dict[str, Tensor]]:
+    """The parameters after each of `adaptation_steps` steps of gradient descent on one task's
+    support set (nothing for 0 steps).
 
     module: called as `functional_call(module, params, (support_x,))` -> logits `[N*K, n_way]`.
     params: every parameter the module needs (names as in `module.named_parameters()`).
@@ -80,7 +112,9 @@ def inner_loop(
     inner_loss: "mean" or "sum_over_k", the support loss (`support_loss`).
     batch_indices `[adaptation_steps, B]` (long): step s computes the support loss on the items
         `batch_indices[s]` only (Reptile's inner mini-batches); default: every item at every step.
-    Returns all parameters, the adapted ones replaced.
+    inner_lr: an InnerLR for every step, or a list of them, step s taking `inner_lr[s]` (the last
+        past its end). Step s's support pass runs `at_inner_step(module, s)`.
+    Yields all parameters, the adapted ones replaced, after each step.
     """
     if inner_optimizer not in INNER_OPTIMIZERS:
         raise ValueError(
@@ -113,16 +147,23 @@ def inner_loop(
                 support_y[batch_indices[step]],
             )  # [B, C, H, W], [B]
         loss = functools.partial(scaled_support_loss, x=x, y=y)
-        grads = support_gradient(loss, fast, create_graph=not first_order, vmapped=vmapped)
+        with at_inner_step(module, step):
+            grads = support_gradient(loss, fast, create_graph=not first_order, vmapped=vmapped)
         if loss_scale != 1.0:
             grads = {name: g / loss_scale for name, g in grads.items()}
+        rate = step_rate(inner_lr, step)
         if inner_optimizer == "sgd":
-            fast = sgd_step(fast, grads, inner_lr)
+            fast = sgd_step(fast, grads, rate)
         else:
-            fast, moments = adam_step(
-                fast, grads, moments, step + 1, inner_lr, adam_betas, adam_eps
-            )
-    return {**frozen, **fast}
+            fast, moments = adam_step(fast, grads, moments, step + 1, rate, adam_betas, adam_eps)
+        yield {**frozen, **fast}
+
+
+def step_rate(inner_lr: StepLR, step: int) -> InnerLR:
+    """Inner step `step`'s rate: `inner_lr` itself, or its entry for the step (the last past its end)."""
+    if isinstance(inner_lr, (list, tuple)):
+        return inner_lr[min(step, len(inner_lr) - 1)]
+    return inner_lr
 
 
 def sgd_step(

@@ -15,15 +15,10 @@ tasks also tests on 20-way ones.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metarun.algorithms.maml import MAML
-from metarun.data.tasks import TaskBatch
-from metarun.models.layers import detached
 
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
@@ -50,21 +45,5 @@ class UnicornMAML(MAML):
     # MAML's keys, as Hydra's config offers them (metarun.config.accepted_arguments reads this).
     __init__.__signature__ = inspect.signature(MAML.__init__)
 
-    def map_tasks(
-        self, params: dict[str, Tensor], tasks: TaskBatch, **settings
-    ) -> tuple[Tensor, ...]:
-        return super().map_tasks(copied_head(params, tasks.n_way), tasks, **settings)
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Callable[[Tensor], Tensor]:
-        start = copied_head(detached(dict(self.model.named_parameters())), int(support_y.max()) + 1)
-        with torch.enable_grad():
-            adapted = detached(
-                self.adapted_params(
-                    start, support_x, support_y, self.eval_adaptation_steps, first_order=True
-                )
-            )
-
-        def predict(query_x: Tensor) -> Tensor:
-            return functional_call(self.model, adapted, (query_x,))  # [M, n_way]
-
-        return predict
+    def starting_params(self, params: dict[str, Tensor], n_way: int) -> dict[str, Tensor]:
+        return copied_head(params, n_way)

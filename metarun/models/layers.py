@@ -22,12 +22,20 @@ Every training pass of a task counts once (MAML: each inner step's support pass 
 pass), except passes inside a torch.func transform, whose statistics cannot leave it (Meta-LSTM's
 support passes), and passes under `no_statistics_update(module)`, which diagnostics use so that a
 logged step changes nothing a checkpoint holds.
+
+Per-step batch norm (MAML++, Antoniou, Edwards & Storkey, 2019: BNWB and BNRS): `per_step_batch_norm(
+module, steps)` gives every batch norm one scale and shift (and, in running mode, one pair of running
+statistics) per inner-loop step, `[steps, C]`, and `at_inner_step(module, step)` tells them which row
+to use; steps past the last row use the last. Either mode: "task" with per-step rows normalizes with
+batch statistics and keeps no running ones (what MAML++'s code computes: its layer always calls
+batch norm in training mode, so its per-step running statistics are kept but never used), "running"
+keeps and evaluates with per-step running statistics (what the paper describes).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -102,21 +110,42 @@ class TaskBatchNorm(nn.Module):
         if mode == "running":
             self.register_buffer("running_mean", torch.zeros(channels))
             self.register_buffer("running_var", torch.ones(channels))
-        # This meta-batch's recorded statistics until committed: (sums over tasks of each task's
-        # mean and variance [2, C], number of tasks). Not a buffer: a checkpoint never holds it.
-        self.pending: tuple[Tensor, int] | None = None
+        # This meta-batch's recorded statistics until committed, by per-step row (0 without rows):
+        # (sums over tasks of each task's mean and variance [2, C], number of tasks). Not a buffer:
+        # a checkpoint never holds it.
+        self.pending: dict[int, tuple[Tensor, int]] = {}
         self.counting = True  # False under no_statistics_update
+        # Per-step rows (`per_step_batch_norm`): None, or how many; `step` is the inner step now.
+        self.steps: int | None = None
+        self.step = 0
+
+    def make_per_step(self, steps: int) -> None:
+        """One row of scale, shift (and running statistics) per inner step, each starting as now."""
+        self.steps = steps
+        self.weight = nn.Parameter(self.weight.detach().repeat(steps, 1))  # [S, C]
+        self.bias = nn.Parameter(self.bias.detach().repeat(steps, 1))  # [S, C]
+        if self.mode == "running":
+            self.running_mean = self.running_mean.repeat(steps, 1)  # [S, C], still buffers
+            self.running_var = self.running_var.repeat(steps, 1)
+
+    def row(self) -> int | None:
+        """The per-step row this pass uses (None without rows): the inner step, at most the last."""
+        return None if self.steps is None else min(self.step, self.steps - 1)
 
     def forward(self, x: Tensor, n_tasks: int = 1) -> Tensor:
+        row = self.row()
+        weight, bias = (
+            (self.weight, self.bias) if row is None else (self.weight[row], self.bias[row])
+        )
         if self.mode == "task":
-            return task_batch_norm(x, n_tasks, self.weight, self.bias, self.eps)
+            return task_batch_norm(x, n_tasks, weight, bias, self.eps)
         if not self.training:  # inductive: every item on its own
             return F.batch_norm(
                 x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
+                self.running_mean if row is None else self.running_mean[row],
+                self.running_var if row is None else self.running_var[row],
+                weight,
+                bias,
                 training=False,
                 eps=self.eps,
             )
@@ -129,7 +158,7 @@ class TaskBatchNorm(nn.Module):
             x
         ):  # Meta-LSTM's support passes run inside torch.func.grad
             self.record_statistics(x.detach(), n_tasks)
-        return task_batch_norm(x, n_tasks, self.weight, self.bias, self.eps)
+        return task_batch_norm(x, n_tasks, weight, bias, self.eps)
 
     @torch.no_grad()
     def record_statistics(self, x: Tensor, n_tasks: int) -> None:
@@ -141,21 +170,25 @@ class TaskBatchNorm(nn.Module):
             xt, dim=(1, 3, 4), correction=1 if xt[0, :, 0].numel() > 1 else 0
         )  # [T, C]
         sums = torch.stack([mean.sum(0), var.sum(0)])  # [2, C]
-        if self.pending is not None:
-            sums, n_tasks = self.pending[0] + sums, self.pending[1] + n_tasks
-        self.pending = (sums, n_tasks)
+        row = self.row() or 0
+        if row in self.pending:
+            sums, n_tasks = self.pending[row][0] + sums, self.pending[row][1] + n_tasks
+        self.pending[row] = (sums, n_tasks)
 
     @torch.no_grad()
     def commit(self) -> None:
-        """One momentum step of the running statistics towards the mean over the recorded tasks;
-        nothing when none are recorded."""
-        if self.pending is None:
-            return
-        sums, n_tasks = self.pending
-        self.pending = None
-        mean, var = (sums / n_tasks).unbind(0)  # [C] each
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        """One momentum step of the running statistics (of each per-step row that recorded some)
+        towards the mean over the recorded tasks; nothing when none are recorded."""
+        pending, self.pending = self.pending, {}
+        for row, (sums, n_tasks) in pending.items():
+            mean, var = (sums / n_tasks).unbind(0)  # [C] each
+            running_mean, running_var = (
+                (self.running_mean, self.running_var)
+                if self.steps is None
+                else (self.running_mean[row], self.running_var[row])  # views: updated in place
+            )
+            running_mean.lerp_(mean.to(running_mean.dtype), self.momentum)
+            running_var.lerp_(var.to(running_var.dtype), self.momentum)
 
 
 def commit_running_statistics(module: nn.Module) -> None:
@@ -166,19 +199,43 @@ def commit_running_statistics(module: nn.Module) -> None:
             norm.commit()
 
 
-@contextlib.contextmanager
-def no_statistics_update(module: nn.Module) -> Iterator[None]:
+def per_step_batch_norm(module: nn.Module, steps: int) -> list[str]:
+    """Every TaskBatchNorm of `module` with `steps` per-step rows (see the module docstring).
+    Returns the names of their parameters, as `module.named_parameters()` gives them."""
+    names = []
+    for prefix, norm in module.named_modules():
+        if isinstance(norm, TaskBatchNorm):
+            norm.make_per_step(steps)
+            names += [f"{prefix}.{name}" if prefix else name for name, _ in norm.named_parameters()]
+    return names
+
+
+def at_inner_step(module: nn.Module, step: int) -> ContextManager[None]:
+    """The per-step batch norms of `module` use row `step` inside (nothing changes for the others):
+    the inner loop's support pass at step s uses row s, as does the query pass after that step's
+    update (MAML++'s code indexes both by the step)."""
+    norms = [m for m in module.modules() if isinstance(m, TaskBatchNorm) and m.steps is not None]
+    return setting(norms, "step", step)
+
+
+def no_statistics_update(module: nn.Module) -> ContextManager[None]:
     """Training passes of `module` inside do not count towards its running statistics: passes that
     only measure (diagnostics) leave the state as it was."""
     norms = [norm for norm in module.modules() if isinstance(norm, TaskBatchNorm)]
-    before = [norm.counting for norm in norms]
-    for norm in norms:
-        norm.counting = False
+    return setting(norms, "counting", False)
+
+
+@contextlib.contextmanager
+def setting(objects: list[Any], attribute: str, value: Any) -> Iterator[None]:
+    """Each object's `attribute` is `value` inside, and what it was before after."""
+    before = [getattr(o, attribute) for o in objects]
+    for o in objects:
+        setattr(o, attribute, value)
     try:
         yield
     finally:
-        for norm, counting in zip(norms, before):
-            norm.counting = counting
+        for o, value_before in zip(objects, before):
+            setattr(o, attribute, value_before)
 
 
 class Backbone(nn.Module):
