@@ -127,6 +127,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    logger: Optional[Any] = None  # where the records go besides metrics.jsonl (conf/logger/)
 
 
 ConfigStore.instance().store(name="metarun_schema", node=Config)
@@ -305,9 +306,9 @@ def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, A
 
 
 # -- helpers over a composed config ----------------------------------------------------------
-# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs; and the
-# dataset's machine-local keys (where it reads from), which the dataset declares.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "eval.", "device.")
+# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs, where it
+# logs; and the dataset's machine-local keys (where it reads from), which the dataset declares.
+RESUMABLE_CHANGES = ("train.steps", "train.epochs", "eval.", "device.", "logger")
 # The eval.* keys that change the validation episodes (which tasks, their shape, the support copies)
 # and so the scores best_val compares; a resumed run that changes one re-validates best.pt. The
 # others change only the test (eval.episodes) or the speed (eval.batch_size: each task is scored on

@@ -5,6 +5,8 @@
     checkpoints/top-step<N>.pt  with eval.ensemble_top_k=K > 1: the K best validations' checkpoints,
                              each named by its step (last.pt's "top_k" lists them with their scores)
     metrics.jsonl, tb/       each logged step's numbers, as JSON lines and TensorBoard events
+    metrics.csv              the same rows as metrics.jsonl (logger=csv)
+    loggers.json             the MLflow and W&B run ids a resumed run continues (logger=mlflow, wandb)
     results.json             the test (`test_<score>`, ci95, `best_val_<score>`, ...), written last
     test_episodes.json       each test episode's score, and the identity of those episodes
     failed.json              a failed run's error line and overrides (until it finishes)
@@ -36,6 +38,8 @@ ENSEMBLE_MEMBER = "top-step{step}.pt"  # one of the eval.ensemble_top_k best val
 RESULTS = "results.json"
 TEST_EPISODES = "test_episodes.json"
 METRICS = "metrics.jsonl"
+LOGGERS = "loggers.json"
+METRICS_CSV = "metrics.csv"
 FAILED = "failed.json"  # {"error": "<one line>", "overrides": ["key=value", ...]}
 LOCK = ".metarun.lock"  # {"pid", "host", "started"} of the process training the directory
 # What a run writes first or last: a folder holding one is a run (metarun-report's search).
@@ -94,6 +98,15 @@ def test_episodes_file(run_dir: Path) -> Path:
 
 def metrics_file(run_dir: Path) -> Path:
     return Path(run_dir) / METRICS
+
+
+def metrics_csv_file(run_dir: Path) -> Path:
+    return Path(run_dir) / METRICS_CSV
+
+
+def loggers_file(run_dir: Path) -> Path:
+    """loggers.json: each tracker's run id (MLflow, W&B), so that a resumed run continues its run."""
+    return Path(run_dir) / LOGGERS
 
 
 def tensorboard_dir(run_dir: Path) -> Path:

@@ -1,82 +1,115 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard scalars and hparams, the console."""
+"""Where a run's numbers go, from one place: metrics.jsonl, and every logger of the `logger` group
+(metarun.loggers: TensorBoard, CSV, MLflow, Weights & Biases) with the same records."""
 
 from __future__ import annotations
 
 import json
-import threading
+import warnings
 from pathlib import Path
-from typing import Any
-
-from torch.utils.tensorboard import SummaryWriter
+from typing import Any, Optional, Sequence
 
 from metarun import run_dir as files
 from metarun.atomic import write_atomically, write_errors
+from metarun.errors import MetarunError
+from metarun.loggers.base import Logger, RunInfo
+from metarun.loggers.tensorboard import TensorBoardLogger
 
 
 class RunLog:
-    """Appends one JSON line per logged step and mirrors each scalar to TensorBoard.
+    """Appends one JSON line per logged step to metrics.jsonl and sends the same scalars to each
+    logger; at the end, the test result and the run's files.
 
     Started at `resume_step`, it drops whatever a killed run logged after its last checkpoint, so
-    a resumed run's logs read as if it had never stopped. A write that fails, to metrics.jsonl or
-    to the TensorBoard events (which a background thread writes: the failure is raised at the next
-    call, and at `close`), raises metarun.atomic.WriteFailed naming the file or folder.
+    a resumed run's metrics.jsonl reads as if it had never stopped. The loggers whose trackers keep
+    what they were sent (MLflow, W&B) are not sent again the steps that the killed run had already
+    sent them, up to the last line it wrote: a resume continues exactly, so those equal what it would
+    send. A write that fails, to metrics.jsonl or to a file logger's file, raises
+    metarun.atomic.WriteFailed naming it. A tracker that fails in the middle of a run (its server
+    went away) says so in one line and is left out from then on: training goes on, and
+    metrics.jsonl stays complete.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int = 0,
+        loggers: Optional[Sequence[Logger]] = None,
+        info: Optional[RunInfo] = None,
+    ):
         self.metrics_path = files.metrics_file(run_dir)
-        self.tb_dir = files.tensorboard_dir(run_dir)
-        self._truncate_after(resume_step)
-        quiet_tensorboard_thread_errors()
-        with write_errors(self.tb_dir):
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step or None)
+        self.sent_step = self._truncate_after(resume_step)
+        self.loggers = list(loggers) if loggers is not None else [TensorBoardLogger()]
+        info = info or RunInfo(Path(run_dir), Path(run_dir).name, params={})
+        info.resumed_from = resume_step
+        for logger in self.loggers:
+            logger.start(info)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> int:
+        """Drop the lines after `step`; returns the last step the file had (0: none)."""
         if not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if _step(line) <= step]
+            return 0
+        lines = self.metrics_path.read_text().splitlines()
+        logged = [s for s in map(_step, lines) if s != float("inf")]
+        kept = [line for line in lines if _step(line) <= step]
         # Atomically: a kill or a full disk while rewriting must not lose the lines before `step`.
         write_atomically(
             self.metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
         )
+        return int(max(logged, default=0))
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
         # A line cut short by a full disk is dropped when the run resumes (_step).
         with write_errors(self.metrics_path), self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        with write_errors(self.tb_dir):
-            for name, value in values.items():
-                self.writer.add_scalar(f"{split}/{name}", value, step)
+        for logger in list(self.loggers):
+            if step <= self.sent_step and keeps_what_it_was_sent(logger):
+                continue
+            self._send(logger, "scalars", split, step, values)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        with write_errors(self.tb_dir):
-            self.writer.add_hparams(hparams, metrics, run_name=".")
+    def finish(self, results: dict[str, Any], summary: dict[str, float], paths: list[Path]) -> None:
+        """The test result (results.json and its scalars) and the run's files, to every logger."""
+        for logger in list(self.loggers):
+            self._send(logger, "result", results, summary)
+        existing = [path for path in paths if path.exists()]
+        for logger in list(self.loggers):
+            self._send(logger, "artifacts", existing)
 
-    def close(self) -> None:
-        """Flush and close the TensorBoard writer: a write its thread failed is raised here at the latest."""
-        with write_errors(self.tb_dir):
-            self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """Close every logger (TensorBoard: a write its thread failed is raised here at the latest);
+        `status` ("finished", "failed", "stopped") is what the trackers mark the run."""
+        errors = []
+        for logger in self.loggers:
+            try:
+                logger.close(status)
+            except Exception as e:  # every logger is closed, then the first failure is raised
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _send(self, logger: Logger, call: str, *args: Any) -> None:
+        try:
+            getattr(logger, call)(*args)
+        except MetarunError:
+            raise  # a file of the run that cannot be written: the run stops, as for metrics.jsonl
+        except Exception as e:
+            if not keeps_what_it_was_sent(logger):
+                raise
+            warnings.warn(
+                f"logger={logger.name} failed ({type(e).__name__}: {first_line(e)}); it is left "
+                f"out for the rest of the run, whose numbers are all in {self.metrics_path.name}",
+                stacklevel=2,
+            )
+            self.loggers.remove(logger)
 
 
-def quiet_tensorboard_thread_errors() -> None:
-    """Leave out the traceback Python prints when TensorBoard's writer thread fails a write.
+def keeps_what_it_was_sent(logger: Logger) -> bool:
+    """A remote tracker (MLflow, W&B) keeps every record; file loggers are rewritten on resume."""
+    return getattr(logger, "remote", False)
 
-    The thread keeps the exception and its SummaryWriter raises it in the training thread at the
-    next add, flush or close, which RunLog reports as one line; the thread's own report would be a
-    second, multi-line one. Exceptions of every other thread are reported as before.
-    """
-    previous = threading.excepthook
-    if getattr(previous, "quiets_tensorboard", False):
-        return
 
-    def hook(args: Any) -> None:
-        if type(args.thread).__module__.startswith("tensorboard.") and isinstance(
-            args.exc_value, Exception
-        ):
-            return
-        previous(args)
-
-    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else ""
 
 
 def _step(line: str) -> float:

@@ -43,7 +43,6 @@ from metarun.config import (
     build,
     config_changes,
     config_container,
-    hparams,
     validate,
     validation_changes,
 )
@@ -66,8 +65,9 @@ from metarun.errors import MetarunError
 from metarun.evaluation import check_ensemble, ensemble_evaluate
 from metarun.experiment import Experiment
 from metarun.lock import check_run_dir_free, claim_on_rank0, training_lock
+from metarun.loggers.named import build_loggers, run_info
 from metarun.models.layers import commit_running_statistics
-from metarun.preemption import StopRequests
+from metarun.preemption import Stopped, StopRequests
 from metarun.progress import Progress
 from metarun.run_log import RunLog
 from metarun.source_run import init_backbone, open_source, source_learner
@@ -90,6 +90,9 @@ class Trainer:
         )
         self.samplers, self.learner = experiment.samplers, experiment.learner
         self.check_ensemble()
+        # The loggers of cfg.logger, checked now: a missing package or a server that does not answer
+        # is one line before anything is written, never a failure in the middle of the run.
+        self.loggers = build_loggers(cfg) if processes.main else []
         train_batches = self.samplers["train"]
         if isinstance(train_batches, ImageBatches):  # each rank takes its slice of every batch
             train_batches.rank, train_batches.world_size = processes.rank, processes.world_size
@@ -162,7 +165,9 @@ class Trainer:
         main = self.processes.main
         with training_lock(self.run_dir, self.processes), self.write_failures_say_how_to_resume():
             self.started = time.perf_counter()
-            self.log = RunLog(self.run_dir, resume_step=self.step) if main else None
+            if main:
+                info = run_info(self.cfg, self.run_dir)
+                self.log = RunLog(self.run_dir, self.step, self.loggers, info)
             if main:
                 files.write_config(self.run_dir, self.cfg)
             train = self.cfg.train
@@ -174,12 +179,13 @@ class Trainer:
                 self.top.remove_unlisted()  # a member written after last.pt by a killed start
                 self.fit()
                 results = self.test()
-            except BaseException:
+            except BaseException as e:
                 if self.log is not None:
+                    stopped = isinstance(e, (Stopped, KeyboardInterrupt))
                     with contextlib.suppress(
                         Exception
                     ):  # the failure in flight is the one to report
-                        self.log.close()
+                        self.log.close("stopped" if stopped else "failed")
                 raise
             finally:
                 self.progress.close()
@@ -397,12 +403,14 @@ class Trainer:
         identity = files.protocol_identity(self.cfg, self.dataset)
         files.write_test(self.run_dir, results, test, score, identity)
         self.record("test", {"loss": test["loss"], score.name: test[score.name]})
-        if self.log is not None:
-            scores = files.score_entries(score, test[score.name], self.best_val)
-            self.log.hparams(hparams(self.cfg), {f"hparam/{k}": v for k, v in scores.items()})
         print(f"test {score.describe(test)} ({files.test_conditions(results)})")
+        figures = []
         if isinstance(self.dataset, TaskDataset):  # e.g. sinusoid's adaptation.png
-            self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
+            figures = self.dataset.figures(self.learner, self.samplers["test"], self.run_dir)
+        if self.log is not None:
+            summary = files.score_entries(score, test[score.name], self.best_val)
+            kept = [files.results_file(self.run_dir), files.test_episodes_file(self.run_dir)]
+            self.log.finish(results, {**summary, "ci95": test["ci95"]}, kept + figures)
         return results
 
     def test_ensemble(self) -> dict[str, Any]:

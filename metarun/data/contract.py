@@ -193,9 +193,10 @@ class TaskDataset(ABC):
     def n_classes(self, part: str) -> int:
         return 0
 
-    def figures(self, learner: Any, test_tasks: TaskSource, run_dir: Path) -> None:
-        """Figures of the trained learner on the test tasks, written into run_dir; none by default."""
-        return None
+    def figures(self, learner: Any, test_tasks: TaskSource, run_dir: Path) -> list[Path]:
+        """Figures of the trained learner on the test tasks, written into run_dir; returns their
+        paths (none by default)."""
+        return []
 
 
 def check_channels(name: str, channels: int, allowed: tuple[int, ...] = (1, 3)) -> None:

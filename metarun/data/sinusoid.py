@@ -125,9 +125,11 @@ class Sinusoid(TaskDataset):
     ) -> SinusoidTasks:
         return SinusoidTasks(self, n_way, k_shot, n_query, part, config_key, device)
 
-    def figures(self, learner, test_tasks: SinusoidTasks, run_dir) -> None:
+    def figures(self, learner, test_tasks: SinusoidTasks, run_dir) -> list:
         """adaptation.png beside results.json (see plot_adaptation)."""
-        plot_adaptation(learner, test_tasks, figure_file(run_dir, "adaptation"))
+        path = figure_file(run_dir, "adaptation")
+        plot_adaptation(learner, test_tasks, path)
+        return [path]
 
     def layout(self) -> dict[str, str]:
         return {
