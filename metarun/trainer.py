@@ -168,7 +168,6 @@ class Trainer:
             if main:
                 info = run_info(self.cfg, self.run_dir)
                 self.log = RunLog(self.run_dir, self.step, self.loggers, info)
-            if main:
                 files.write_config(self.run_dir, self.cfg)
             train = self.cfg.train
             self.progress = Progress(self.steps, self.step, train.log_every, enabled=main)
