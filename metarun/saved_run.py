@@ -219,8 +219,11 @@ def read_config(run_dir: Path) -> DictConfig:
     if not isinstance(saved, DictConfig):
         raise not_a_config(path, ValueError("not a mapping"))
     # The trainer writes every key of the schema, the seed last, and a final newline: a file cut
-    # short lacks some, and the schema would fill them with defaults the run never had.
-    missing = [f.name for f in dataclasses.fields(Config) if f.name not in saved]
+    # short lacks some, and the schema would fill them with defaults the run never had. `logger` is
+    # absent from runs older than it and from those with logger=[]; it never changes a result.
+    missing = [
+        f.name for f in dataclasses.fields(Config) if f.name not in saved and f.name != "logger"
+    ]
     if missing or not text.endswith("\n"):
         raise MetarunError(
             cut_short.format(f"no {', '.join(missing)}" if missing else "no final newline")
