@@ -13,7 +13,14 @@ from metarun.trainer import Trainer
 from tests.conftest import compose_config
 from tests.test_zoo import ALGORITHMS
 
-REGRESSION = {"maml", "fomaml", "metasgd", "anil", "boil", "reptile"}  # BOIL: MAML adapting the body
+REGRESSION = {
+    "maml",
+    "fomaml",
+    "metasgd",
+    "anil",
+    "boil",
+    "reptile",
+}  # BOIL: MAML adapting the body
 
 
 SMALL = ("device=cpu", "train.val_episodes=50", "eval.episodes=100", "train.log_every=50")
