@@ -13,6 +13,7 @@ from metarun.atomic import write_atomically, write_errors
 from metarun.errors import MetarunError
 from metarun.loggers.base import Logger, RunInfo
 from metarun.loggers.tensorboard import TensorBoardLogger
+from metarun.sweep import error_line
 
 
 class RunLog:
@@ -49,20 +50,20 @@ class RunLog:
         if not self.metrics_path.exists():
             return 0
         lines = self.metrics_path.read_text().splitlines()
-        logged = [s for s in map(_step, lines) if s != float("inf")]
-        kept = [line for line in lines if _step(line) <= step]
+        steps = [_step(line) for line in lines]
+        kept = [line for line, s in zip(lines, steps) if s <= step]
         # Atomically: a kill or a full disk while rewriting must not lose the lines before `step`.
         write_atomically(
             self.metrics_path, lambda f: f.write("".join(line + "\n" for line in kept).encode())
         )
-        return int(max(logged, default=0))
+        return int(max((s for s in steps if s != float("inf")), default=0))
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
         # A line cut short by a full disk is dropped when the run resumes (_step).
         with write_errors(self.metrics_path), self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
         for logger in list(self.loggers):
-            if step <= self.sent_step and keeps_what_it_was_sent(logger):
+            if step <= self.sent_step and logger.remote:
                 continue
             self._send(logger, "scalars", split, step, values)
 
@@ -92,24 +93,14 @@ class RunLog:
         except MetarunError:
             raise  # a file of the run that cannot be written: the run stops, as for metrics.jsonl
         except Exception as e:
-            if not keeps_what_it_was_sent(logger):
+            if not logger.remote:  # a file logger's failure is the run's, as metrics.jsonl's
                 raise
             warnings.warn(
-                f"logger={logger.name} failed ({type(e).__name__}: {first_line(e)}); it is left "
+                f"logger={logger.name} failed ({error_line(e)}); it is left "
                 f"out for the rest of the run, whose numbers are all in {self.metrics_path.name}",
                 stacklevel=2,
             )
             self.loggers.remove(logger)
-
-
-def keeps_what_it_was_sent(logger: Logger) -> bool:
-    """A remote tracker (MLflow, W&B) keeps every record; file loggers are rewritten on resume."""
-    return getattr(logger, "remote", False)
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:200] if lines else ""
 
 
 def _step(line: str) -> float:

@@ -166,7 +166,8 @@ class Trainer:
         with training_lock(self.run_dir, self.processes), self.write_failures_say_how_to_resume():
             self.started = time.perf_counter()
             if main:
-                info = run_info(self.cfg, self.run_dir)
+                remote = any(logger.remote for logger in self.loggers)
+                info = run_info(self.cfg, self.run_dir, with_commit=remote)
                 self.log = RunLog(self.run_dir, self.step, self.loggers, info)
                 files.write_config(self.run_dir, self.cfg)
             train = self.cfg.train

@@ -48,9 +48,10 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     return loggers
 
 
-def run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
+def run_info(cfg: DictConfig, run_dir: Path, with_commit: bool = True) -> RunInfo:
     """The run as the trackers describe it: its directory and name, the flattened config, the
-    command line's overrides and, for a sweep's job, the sweep and the keys it varies."""
+    command line's overrides, for a sweep's job the sweep and the keys it varies, and (with_commit:
+    two git calls, made only for the trackers that keep it) the code's commit."""
     run_dir = Path(run_dir)
     overrides, sweep, varying = [], None, []
     hydra = hydra_config()
@@ -61,7 +62,7 @@ def run_info(cfg: DictConfig, run_dir: Path) -> RunInfo:
             varying = swept_keys(hydra, Path(sweep))
     name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
     params = {k: v for k, v in hparams(cfg).items() if not k.startswith("logger.")}
-    commit = git_commit(Path(__file__).resolve().parent)
+    commit = git_commit(Path(__file__).resolve().parent) if with_commit else None
     return RunInfo(run_dir, name, params, overrides, sweep, varying, commit)
 
 
