@@ -110,10 +110,12 @@ class TaskBatchNorm(nn.Module):
         if mode == "running":
             self.register_buffer("running_mean", torch.zeros(channels))
             self.register_buffer("running_var", torch.ones(channels))
-        # This meta-batch's recorded statistics until committed, by per-step row (0 without rows):
-        # (sums over tasks of each task's mean and variance [2, C], number of tasks). Not a buffer:
-        # a checkpoint never holds it.
-        self.pending: dict[int, tuple[Tensor, int]] = {}
+        # This meta-batch's recorded statistics until committed, by per-step row (0 without rows),
+        # one record per training pass in the order they ran: (sums over the pass's tasks of each
+        # task's mean and variance [2, C], number of tasks). Summed at commit, so that passes run on
+        # other threads (metarun.task_workers) join in task order. Not a buffer: a checkpoint never
+        # holds it.
+        self.pending: dict[int, list[tuple[Tensor, int]]] = {}
         self.counting = True  # False under no_statistics_update
         # Per-step rows (`per_step_batch_norm`): None, or how many; `step` is the inner step now.
         self.steps: int | None = None
@@ -170,17 +172,17 @@ class TaskBatchNorm(nn.Module):
             xt, dim=(1, 3, 4), correction=1 if xt[0, :, 0].numel() > 1 else 0
         )  # [T, C]
         sums = torch.stack([mean.sum(0), var.sum(0)])  # [2, C]
-        row = self.row() or 0
-        if row in self.pending:
-            sums, n_tasks = self.pending[row][0] + sums, self.pending[row][1] + n_tasks
-        self.pending[row] = (sums, n_tasks)
+        self.pending.setdefault(self.row() or 0, []).append((sums, n_tasks))
 
     @torch.no_grad()
     def commit(self) -> None:
         """One momentum step of the running statistics (of each per-step row that recorded some)
         towards the mean over the recorded tasks; nothing when none are recorded."""
         pending, self.pending = self.pending, {}
-        for row, (sums, n_tasks) in pending.items():
+        for row, records in pending.items():
+            sums, n_tasks = records[0]
+            for more_sums, more_tasks in records[1:]:  # in the order the passes ran
+                sums, n_tasks = sums + more_sums, n_tasks + more_tasks
             mean, var = (sums / n_tasks).unbind(0)  # [C] each
             running_mean, running_var = (
                 (self.running_mean, self.running_var)
@@ -197,6 +199,27 @@ def commit_running_statistics(module: nn.Module) -> None:
     for norm in module.modules():
         if isinstance(norm, TaskBatchNorm):
             norm.commit()
+
+
+def take_statistics(module: nn.Module) -> list[dict[int, list[tuple[Tensor, int]]]]:
+    """The statistics `module`'s batch norms recorded and not yet committed, one entry per batch
+    norm in module order; they are no longer pending in `module` (a task worker's copy hands
+    what its tasks recorded to the learner, `add_statistics`)."""
+    taken = []
+    for norm in module.modules():
+        if isinstance(norm, TaskBatchNorm):
+            taken.append(norm.pending)
+            norm.pending = {}
+    return taken
+
+
+def add_statistics(module: nn.Module, taken: list[dict[int, list[tuple[Tensor, int]]]]) -> None:
+    """Append statistics taken from a copy of `module` (`take_statistics`) to its own pending ones,
+    after those already there: as if the copy's passes had run on `module` itself, then."""
+    norms = [norm for norm in module.modules() if isinstance(norm, TaskBatchNorm)]
+    for norm, records in zip(norms, taken):
+        for row, more in records.items():
+            norm.pending.setdefault(row, []).extend(more)
 
 
 def per_step_batch_norm(module: nn.Module, steps: int) -> list[str]:
