@@ -201,7 +201,7 @@ PASSED_BY_TRAINER = {
     "scheduler": {"optimizer"},
 }
 # Keys of a group that metarun reads itself and does not pass to the group's target.
-OWN_KEYS = {"model": ("init",)}
+OWN_KEYS = {"model": ("init",), "algorithm": ("task_workers",)}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -306,9 +306,16 @@ def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, A
 
 
 # -- helpers over a composed config ----------------------------------------------------------
-# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs, where it
-# logs; and the dataset's machine-local keys (where it reads from), which the dataset declares.
-RESUMABLE_CHANGES = ("train.steps", "train.epochs", "eval.", "device.", "logger")
+# Keys a resumed run may change: how long it trains, how it is evaluated, where it runs (the task
+# workers too: the same numbers on any count), where it logs; and the dataset's machine-local keys (where it reads from), which the dataset declares.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.epochs",
+    "eval.",
+    "device.",
+    "logger",
+    "algorithm.task_workers",
+)
 # The eval.* keys that change the validation episodes (which tasks, their shape, the support copies)
 # and so the scores best_val compares; a resumed run that changes one re-validates best.pt. The
 # others change only the test (eval.episodes) or the speed (eval.batch_size: each task is scored on
@@ -327,11 +334,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise MetarunError(str(e).splitlines()[0]) from e
 
 
-def model_node(cfg: DictConfig) -> DictConfig:
-    """The model group as its target takes it: resolved, without the keys metarun reads itself
-    (model.init)."""
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    return OmegaConf.create({k: v for k, v in node.items() if k not in OWN_KEYS["model"]})
+def target_node(cfg: DictConfig, group: str) -> DictConfig:
+    """A group as its target takes it: resolved, without the keys metarun reads itself (OWN_KEYS:
+    model.init, algorithm.task_workers)."""
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    return OmegaConf.create({k: v for k, v in node.items() if k not in OWN_KEYS.get(group, ())})
 
 
 def episode_key(cfg: DictConfig, part: str) -> str:

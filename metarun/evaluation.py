@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data.sampler import EpisodeSampler
+from metarun.data.tasks import TaskBatch
 from metarun.distributed import Processes
 from metarun.errors import MetarunError
 from metarun.score import ACCURACY, Score
+from metarun.task_workers import in_order, threads_for
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -36,7 +38,7 @@ def evaluate(
     episodes: int,
     seed: int,
     batch_size: int,
-    autocast: AbstractContextManager | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
     score: Score = ACCURACY,
     processes: Processes = Processes(),
 ) -> dict[str, Any]:
@@ -46,19 +48,36 @@ def evaluate(
 
     Over several processes each rank evaluates every world_size-th batch of episodes and the
     results are gathered, so every batch holds the same episodes as in one process and the
-    numbers are the same.
+    numbers are the same. A learner with task workers (metarun.task_workers) scores the episodes of
+    a batch on them, each on its own, which gives each the numbers it has in the batch.
     """
     was_training = learner.training
     learner.eval()
     mine = {}
     for start in range(0, episodes, batch_size)[processes.rank :: processes.world_size]:
         tasks = sampler.episodes(seed, start, min(batch_size, episodes - start))
-        with autocast or nullcontext():
-            loss, per_task = learner.evaluate(tasks)
+        loss, per_task = evaluate_batch(learner, tasks, autocast)
         mine[start] = (loss.float().cpu(), per_task.float().cpu())
     learner.train(was_training)
     losses, scores = in_episode_order(mine, processes)
     return summary(losses, scores, episodes, score)
+
+
+def evaluate_batch(
+    learner: nn.Module, tasks: TaskBatch, autocast: Callable[[], AbstractContextManager]
+) -> tuple[Tensor, Tensor]:
+    """`learner.evaluate(tasks)`, on the learner's task workers one episode each where it has them."""
+    workers, threads = threads_for(getattr(learner, "task_workers", 1), len(tasks))
+    if workers == 1:
+        with autocast():
+            return learner.evaluate(tasks)
+
+    def one(runner: nn.Module, task: TaskBatch) -> tuple[Tensor, Tensor]:
+        with autocast():
+            return runner.evaluate(task)
+
+    losses, scores = zip(*in_order(learner, tasks.split(1), one, workers, threads))
+    return torch.cat(losses), torch.cat(scores)
 
 
 def in_episode_order(mine: dict[int, tuple[Tensor, ...]], processes: Processes) -> list[Tensor]:

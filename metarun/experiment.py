@@ -26,7 +26,7 @@ from metarun.config import (
     build,
     episode_key,
     episode_shape,
-    model_node,
+    target_node,
     validate,
 )
 from metarun.data.augment import Augment
@@ -42,6 +42,7 @@ from metarun.heads.base_statistics import base_statistics
 from metarun.heads.named import named_head
 from metarun.heads.testing import HeadTest
 from metarun.score import ACCURACY, Score
+from metarun.task_workers import resolve_task_workers
 
 Sampler = Union[EpisodeSampler, TaskSource, ImageBatches]
 
@@ -67,7 +68,7 @@ class Experiment:
         self.augment: Optional[Augment] = augment
         self.samplers: dict[str, Sampler] = {part: self.episode_sampler(part) for part in parts}
         torch.manual_seed(cfg.seed)
-        model = build(model_node(cfg))
+        model = build(target_node(cfg, "model"))
         check_model_input(model, dataset)
         # A pretrained backbone takes its images normalized as in its pretraining (timm's).
         own = getattr(dataset, "mean", None), getattr(dataset, "std", None)
@@ -87,7 +88,12 @@ class Experiment:
                 f"head={cfg.head._target_.rsplit('.', 1)[-1]}: {algorithm_name(cfg)} does not train "
                 "through a head (algorithm=protonet does); test it with one instead: eval.head=NAME"
             )
-        self.learner: MetaLearner = build(cfg.algorithm, **arguments).to(self.device)
+        self.learner: MetaLearner = build(target_node(cfg, "algorithm"), **arguments).to(
+            self.device
+        )
+        self.learner.task_workers = resolve_task_workers(
+            cfg.algorithm.get("task_workers", 1), self.learner, self.device
+        )
         self.learner.check_n_way(cfg.eval.n_way)
         # What the test episodes are scored with: the learner, or its embeddings and eval.head.
         self.test_head: Optional[Head] = None
@@ -153,7 +159,7 @@ class Experiment:
             episodes,
             cfg.seed,
             cfg.batch_size,
-            self.autocast(),
+            self.autocast,
             score=self.score,
             processes=processes,
         )

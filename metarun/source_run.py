@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from metarun import run_dir as files
 from metarun.algorithms.base import MetaLearner
 from metarun.checkpoint import load_checkpoint
-from metarun.config import build, model_node
+from metarun.config import build, target_node
 from metarun.errors import MetarunError
 from metarun.saved_run import check_finished, read_config
 
@@ -124,7 +124,7 @@ def source_learner(source: SourceRun, device: torch.device | str) -> MetaLearner
             f"{source.key}={source.checkpoint} was not trained by algorithm=pretrain (it has no "
             "classifier over the training classes); give a pretraining run"
         )
-    model = build(model_node(OmegaConf.create(config)))
+    model = build(target_node(OmegaConf.create(config), "model"))
     n_way = config["episode"]["n_way"]
     learner = build(algorithm, model=model, n_way=n_way, n_train_classes=len(classifier))
     learner.load_state_dict(source.state["learner"], strict=False)

@@ -71,6 +71,7 @@ from metarun.preemption import Stopped, StopRequests
 from metarun.progress import Progress
 from metarun.run_log import RunLog
 from metarun.source_run import init_backbone, open_source, source_learner
+from metarun.task_workers import in_order, threads_for
 from metarun.top_checkpoints import TopCheckpoints
 
 
@@ -624,18 +625,60 @@ def meta_backward(
     The learner may split the meta-batch (`task_chunks`): each chunk's loss, weighted by its share
     of the tasks, is backpropagated (through `scale`, e.g. a GradScaler's) before the next chunk's
     graph is built, so the gradients sum to the whole batch's meta-gradient while memory holds one
-    chunk's graph. The metrics, means over tasks, are weighted the same way.
+    chunk's graph. The metrics, means over tasks, are weighted the same way. With
+    `learner.task_workers` other than 1 the chunks run on worker threads and their gradients and
+    batch-norm statistics join in chunk order, to the same sums (metarun.task_workers).
     """
-    metrics: dict[str, torch.Tensor] = {}
-    for chunk in learner.task_chunks(tasks):
+    chunks = learner.task_chunks(tasks)
+    workers, threads = threads_for(learner.task_workers, len(chunks))
+
+    def chunk_loss(runner: MetaLearner, chunk: TaskBatch) -> tuple[torch.Tensor, dict, float]:
         share = len(chunk) / len(tasks)
         with autocast():
-            loss, chunk_metrics = learner(chunk, diagnostics=diagnostics, loss_scale=loss_scale)
-        scale(loss * share).backward()
-        for name, value in chunk_metrics.items():
-            metrics[name] = metrics.get(name, 0.0) + share * value
+            loss, chunk_metrics = runner(chunk, diagnostics=diagnostics, loss_scale=loss_scale)
+        return scale(loss * share), chunk_metrics, share
+
+    metrics: dict[str, torch.Tensor] = {}
+    if workers == 1:
+        for chunk in chunks:
+            loss, chunk_metrics, share = chunk_loss(learner, chunk)
+            loss.backward()
+            add_weighted(metrics, chunk_metrics, share)
+    else:
+        params = [p for p in learner.parameters() if p.requires_grad]
+        # A GradScaler makes its scale tensor on its first call: here, before the workers share it.
+        scale(torch.zeros((), device=tasks.support_x.device))
+
+        def chunk_gradient(runner: MetaLearner, chunk: TaskBatch) -> tuple:
+            loss, chunk_metrics, share = chunk_loss(runner, chunk)
+            return torch.autograd.grad(loss, params, allow_unused=True), chunk_metrics, share
+
+        for grads, chunk_metrics, share in in_order(
+            learner, chunks, chunk_gradient, workers, threads
+        ):
+            accumulate_grad(params, grads)
+            add_weighted(metrics, chunk_metrics, share)
     commit_running_statistics(learner)  # one update per meta-batch, whatever the chunks
     return metrics
+
+
+def add_weighted(
+    total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], share: float
+) -> None:
+    for name, value in metrics.items():
+        total[name] = total.get(name, 0.0) + share * value
+
+
+def accumulate_grad(params: list[torch.nn.Parameter], grads: tuple) -> None:
+    """Add `grads` into the parameters' `.grad` as backward() does (a copy in the parameter's layout
+    where there is none yet, else an in-place sum; None adds nothing)."""
+    for param, grad in zip(params, grads):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = torch.empty_like(param).copy_(grad)
+        else:
+            param.grad += grad
 
 
 def check_places(cfg: DictConfig, run_dir: Optional[Path]) -> None:

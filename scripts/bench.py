@@ -5,8 +5,10 @@ What: one meta-training step (meta-gradient, then an Adam step) on one fixed syn
 (5-way 1-shot, 15 queries per class, seeded), every implementation starting from the same weights:
   - second-order MAML, 1 and 5 inner steps, and first-order MAML, 1 step, on Conv4 (64 channels,
     1x28x28: Omniglot's shape; --image-shape changes it), meta-batch --meta-batch (32):
-      metarun          the default: `task_batching=auto`, `task_chunk=auto` (on the CPU a loop
-                       with one backward pass per task; on CUDA vmap over the whole meta-batch)
+      metarun          the default: `task_batching=auto`, `task_chunk=auto`, `task_workers=auto`
+                       (on the CPU one backward pass per task, the tasks on one worker thread per
+                       core, each with one intra-op thread; on CUDA vmap over the whole meta-batch)
+      metarun, one worker  `task_workers=1`: the tasks one after another on all intra-op threads
       metarun, whole   the whole meta-batch's graph in one backward pass (`task_chunk=32`; before
                        per-task accumulation this was the CPU default)
       metarun, vmap    (CUDA, or --vmap) `task_batching=vmap`, the whole batch and chunks of 8
@@ -75,6 +77,7 @@ from metarun.device import keep_freed_memory, resolve_device  # noqa: E402
 from metarun.models.conv4 import Conv4  # noqa: E402
 from metarun.models.layers import Classifier  # noqa: E402
 from metarun.models.resnet12 import ResNet12  # noqa: E402
+from metarun.task_workers import resolve_task_workers  # noqa: E402
 from metarun.trainer import meta_backward  # noqa: E402
 
 N_WAY, K_SHOT, N_QUERY = 5, 1, 15
@@ -159,7 +162,8 @@ def families(quick: bool, with_84: bool, only_84: bool) -> list[Family]:
 
 # metarun's variants: their learner settings given the meta-batch size T.
 METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
-    "metarun": lambda T: {},  # the defaults: task_batching=auto, task_chunk=auto
+    "metarun": lambda T: {},  # the defaults: task_batching=auto, task_chunk=auto, task_workers=auto
+    "metarun-1worker": lambda T: {"task_workers": 1},  # one task after another (the default before)
     "metarun-glibc": lambda T: {},  # the same in a process with glibc's defaults
     "metarun-whole": lambda T: {"task_batching": "loop", "task_chunk": T},
     "metarun-loop": lambda T: {"task_batching": "loop", "task_chunk": 1},
@@ -176,6 +180,7 @@ MAMLPP_VARIANTS = ("metarun-mamlpp", "metarun-lslr-bn")
 LABELS = {
     "metarun": "metarun (default)",
     "metarun-glibc": "metarun (default), glibc defaults",
+    "metarun-1worker": "metarun, one worker (task_workers=1: the tasks one after another)",
     "metarun-whole": "metarun, one backward for the whole batch",
     "metarun-loop": "metarun, loop, one backward per task",
     "metarun-vmap": "metarun, vmap, whole batch",
@@ -194,7 +199,8 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
     installed = [name for name, error in peers.available().items() if error is None]
     found = [name for name in installed if peers.PEERS[name][0] == family.method]
     if family.method == "ProtoNet":
-        ours = ["metarun", "metarun-whole"] + (["metarun-glibc"] if device.type == "cpu" else [])
+        cpu_only = ["metarun-1worker", "metarun-glibc"] if device.type == "cpu" else []
+        ours = ["metarun", "metarun-whole", *cpu_only]
         return [*ours, "plain", *found]
     if device.type == "cuda":
         ours = [
@@ -203,7 +209,7 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
             "metarun-loop",
         ]  # the default is vmap over the whole batch
     else:
-        ours = ["metarun", "metarun-glibc", "metarun-whole"] + (
+        ours = ["metarun", "metarun-1worker", "metarun-glibc", "metarun-whole"] + (
             ["metarun-vmap", "metarun-vmap-8"] if vmap else []
         )
     return [*ours, *MAMLPP_VARIANTS, "plain", *found]
@@ -296,6 +302,7 @@ def build(
             )
         return model, peers.PEERS[variant][1](model)
     settings = METARUN_VARIANTS[variant](meta_batch)
+    task_workers = settings.pop("task_workers", "auto")  # the trainer's default, set as it sets it
     if family.method == "MAML":
         learner = MAML(
             model.backbone,
@@ -308,6 +315,7 @@ def build(
         learner.model = model  # the Classifier itself, so its parameters carry the same names
     else:
         learner = ProtoNet(model, N_WAY, task_chunk=settings.get("task_chunk", "auto"))
+    learner.task_workers = resolve_task_workers(task_workers, learner, device)
     return model, lambda tasks: meta_backward(learner, tasks)
 
 

@@ -127,6 +127,28 @@ def make_config(request, omniglot_cache):
     return make
 
 
+@pytest.fixture(scope="session")
+def float64_tasks(omniglot_root, omniglot_cache, tmp_path_factory) -> dict:
+    """{meta-batch size: Omniglot training tasks in float64}."""
+    import torch
+
+    from metarun.trainer import Trainer
+
+    cfg = compose_config(
+        f"dataset.root={omniglot_root}",
+        f"dataset.cache_dir={omniglot_cache}",
+        "dataset.download=false",
+        *SMALL_RUN,
+    )
+    sampler = Trainer(cfg, tmp_path_factory.mktemp("sampler")).samplers["train"]
+    batches = {}
+    for meta_batch in (3, 4, 8):
+        tasks = sampler.sample(meta_batch, torch.Generator().manual_seed(meta_batch))
+        tasks.support_x, tasks.query_x = tasks.support_x.double(), tasks.query_x.double()
+        batches[meta_batch] = tasks
+    return batches
+
+
 def one_line_error(call) -> str:
     """The message of the MetarunError that `call()` raises, checked to be one line: problem; fix."""
     from metarun.errors import MetarunError

@@ -28,13 +28,21 @@ CLIP = 0.05  # far below these gradients' norms, so every update here is clipped
 
 
 def steps_by_chunk(
-    make_config, run_dir, algorithm: str, tasks, loss_scale: float, task_chunks
+    make_config,
+    run_dir,
+    algorithm: str,
+    tasks,
+    loss_scale: float,
+    task_chunks,
+    setting: str = "task_chunk",
+    overrides: tuple[str, ...] = (),
 ) -> dict:
-    """{task_chunk: (gradients, parameters after, metrics)} of one float64 training step from the
-    same start with each `task_chunk`."""
+    """{value: (gradients, parameters after, metrics, buffers after)} of one float64 training step
+    from the same start with each value of the learner's `setting` (task_chunk, task_workers)."""
     cfg = make_config(
         f"algorithm={algorithm}",
         *CHUNKED[algorithm],
+        *overrides,
         "model.hidden=8",
         f"train.grad_clip={CLIP}",
         "optimizer=sgd",
@@ -47,7 +55,7 @@ def steps_by_chunk(
     steps = {}
     for task_chunk in task_chunks:
         trainer.learner.load_state_dict(start)
-        trainer.learner.task_chunk = task_chunk
+        setattr(trainer.learner, setting, task_chunk)
         # An fp16 run's gradient scaler (its arithmetic does not need fp16 itself): the loss, and the
         # inner losses through forward's loss_scale, are scaled, and unscaled before clipping.
         trainer.scaler = torch.amp.GradScaler(
@@ -59,28 +67,9 @@ def steps_by_chunk(
             [p.grad.clone() for p in params],
             [p.detach().clone() for p in params],
             metrics,
+            [b.clone() for b in trainer.learner.buffers()],
         )
     return steps
-
-
-@pytest.fixture(scope="module")
-def float64_tasks(omniglot_root, omniglot_cache, tmp_path_factory) -> dict:
-    """{meta-batch size: Omniglot training tasks in float64}."""
-    from tests.conftest import SMALL_RUN, compose_config
-
-    cfg = compose_config(
-        f"dataset.root={omniglot_root}",
-        f"dataset.cache_dir={omniglot_cache}",
-        "dataset.download=false",
-        *SMALL_RUN,
-    )
-    sampler = Trainer(cfg, tmp_path_factory.mktemp("sampler")).samplers["train"]
-    batches = {}
-    for meta_batch in (3, 4):
-        tasks = sampler.sample(meta_batch, torch.Generator().manual_seed(meta_batch))
-        tasks.support_x, tasks.query_x = tasks.support_x.double(), tasks.query_x.double()
-        batches[meta_batch] = tasks
-    return batches
 
 
 # Every learner with an fp16 scaler's loss scale; MAML also without one. 3 tasks in chunks of 1 and

@@ -105,6 +105,9 @@ class MetaLearner(nn.Module):
     backbone_prefix: str = "model"
     # What the trainer draws for it: "episodes" (TaskBatch) or "images" (metarun.data.batches).
     trains_on: str = "episodes"
+    # Worker threads its chunks run on (metarun.task_workers): algorithm.task_workers as the
+    # experiment resolved it; 1, one chunk after another, unless set.
+    task_workers: int | str = 1
 
     def __init__(self, model: nn.Module, n_way: int):
         super().__init__()

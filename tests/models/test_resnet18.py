@@ -5,7 +5,7 @@ import torchvision
 from hydra.utils import instantiate
 
 from metarun.algorithms.protonet import prototypes, squared_euclidean
-from metarun.config import model_node
+from metarun.config import target_node
 from metarun.models.resnet18 import ResNet18
 from tests.conftest import compose_config, one_line_error
 
@@ -114,6 +114,8 @@ def test_resnet18_rejects_bad_arguments_in_one_line(kwargs, key):
 
 def test_resnet18_config_follows_the_dataset():
     cfg = compose_config("model=resnet18", "dataset=miniimagenet")
-    model = instantiate(model_node(cfg), width=8)  # the node as metarun builds it (no model.init)
+    model = instantiate(
+        target_node(cfg, "model"), width=8
+    )  # the node as metarun builds it (no model.init)
     assert isinstance(model, ResNet18) and model.in_shape == (3, 84, 84)
     assert (model.width, model.batch_norm) == (8, "task") and cfg.model.width == 64
