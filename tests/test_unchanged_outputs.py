@@ -1,7 +1,8 @@
 """A short run's files, number for number, as the code before the redesign (one owner per fact about a run) wrote them.
 
 `tests/fixtures/unchanged/<run>/` holds results.json, test_episodes.json and metrics.jsonl of each
-command in RUNS (and of a metarun-eval of the first), written by that code and stripped as below; each test runs the same
+command in RUNS (and of a metarun-eval of the first), written by that code and stripped as below (rewritten 2026-12 with the kernels pinned to AVX2,
+SAME_KERNELS, by the code of then, which on an AVX2 CPU wrote the same numbers as the code before); each test runs the same
 command through the console scripts and compares. What depends on the machine is left out: wall
 times, tasks per second, where the data lies. Losses agree to 1e-3 relative and accuracies to one
 query (another CPU's kernels round differently, see `close`); everything else exactly. `python -m tests.test_unchanged_outputs` rewrites the
@@ -32,9 +33,17 @@ SHORT = (
     "train.val_episodes=10",
     "eval.episodes=12",
 )
+# One task after another (algorithm.task_workers=1), as that code ran them: worker threads compute
+# each task on one intra-op thread, whose float32 sums differ in the last bits (tests/test_task_workers.py
+# holds them to the one-worker path).
 RUNS = {
-    "protonet": ("algorithm=protonet", "episode.n_query=5", "dataset.download=false"),
-    "maml_sinusoid": ("+experiment=maml_sinusoid",),
+    "protonet": (
+        "algorithm=protonet",
+        "algorithm.task_workers=1",
+        "episode.n_query=5",
+        "dataset.download=false",
+    ),
+    "maml_sinusoid": ("+experiment=maml_sinusoid", "algorithm.task_workers=1"),
 }
 EVAL = ("eval.n_way=10",)  # metarun-eval of the protonet run
 FILES = ("results.json", "test_episodes.json", "metrics.jsonl")
@@ -43,7 +52,17 @@ MACHINE = (
     "tasks_per_s",
     "root",
     "cache_dir",
+    "task_workers",  # a key added since, set to 1 above
 )  # keys whose values depend on the machine
+
+
+# The kernels every x86-64 CPU with AVX2 runs alike (oneDNN's, ATen's and MKL's): with AVX-512
+# they sum in other orders, and six Adam steps carry that 1e-7 to 1% in the losses.
+SAME_KERNELS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def scripts() -> Path:
@@ -60,7 +79,7 @@ def train(name: str, run_dir: Path, cache: Path) -> None:
         [scripts() / "metarun", *RUNS[name], *SHORT, *extra, f"hydra.run.dir={run_dir}"],
         check=True,
         capture_output=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, **SAME_KERNELS, "PYTHONHASHSEED": "0"},
     )
 
 
@@ -69,6 +88,7 @@ def evaluate(run_dir: Path) -> Path:
         [scripts() / "metarun-eval", run_dir, *EVAL, "name=unchanged"],
         check=True,
         capture_output=True,
+        env={**os.environ, **SAME_KERNELS},
     )
     return run_dir / "eval" / "unchanged"
 
