@@ -44,6 +44,7 @@ docs: install
 bench: install
 	PYTHON=$(BIN)/python bash scripts/install_peers.sh || echo "make bench: a peer did not install; its rows are left out"
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_workers.py
 	$(BIN)/python scripts/bench_processes.py
 	$(BIN)/python scripts/bench_heads.py --threads 1
 

@@ -20,7 +20,7 @@ from metarun.data.tasks import TaskBatch
 from metarun.distributed import Processes
 from metarun.errors import MetarunError
 from metarun.score import ACCURACY, Score
-from metarun.task_workers import in_order, threads_for
+from metarun.task_workers import evaluation_pays, in_order, threads_for
 
 
 def confidence_interval(accuracies: torch.Tensor) -> tuple[float, float]:
@@ -67,7 +67,9 @@ def evaluate_batch(
     learner: nn.Module, tasks: TaskBatch, autocast: Callable[[], AbstractContextManager]
 ) -> tuple[Tensor, Tensor]:
     """`learner.evaluate(tasks)`, on the learner's task workers one episode each where it has them."""
-    workers, threads = threads_for(getattr(learner, "task_workers", 1), len(tasks))
+    workers, threads = threads_for(
+        getattr(learner, "task_workers", 1), len(tasks), evaluation_pays(learner)
+    )
     if workers == 1:
         with autocast():
             return learner.evaluate(tasks)

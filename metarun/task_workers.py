@@ -6,8 +6,9 @@ threads on one of them wait on each other; C tasks side by side, each on one thr
 busy (scripts/bench.py). `algorithm.task_workers=N` runs the chunks of a meta-batch
 (`MetaLearner.task_chunks`) on N worker threads, each with C // N intra-op threads; "auto" takes
 N = C (torch.get_num_threads(), so OMP_NUM_THREADS=1, as torchrun sets it, means one), at most one
-per chunk, and 1 on CUDA or for a learner that draws random numbers in training (dropout,
-DropBlock: one generator shared by the threads would hand them out in whichever order they ran).
+per chunk, where the benchmark measured a gain (`training_pays`, `evaluation_pays`), and 1
+elsewhere, on CUDA, and for a learner that draws random numbers in training (dropout, DropBlock:
+one generator shared by the threads would hand them out in whichever order they ran).
 1 is the plain loop in `metarun.trainer.meta_backward`.
 
 Exact, whatever thread finished first:
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from metarun.algorithms.base import MetaLearner
+from metarun.algorithms.maml import MAML
 from metarun.errors import MetarunError
 from metarun.models.layers import add_statistics, take_statistics
 
@@ -102,10 +104,43 @@ def resolve_task_workers(
     return task_workers
 
 
-def threads_for(task_workers: int | str, chunks: int) -> tuple[int, int]:
+# Where "auto" uses workers: where scripts/bench.py measured them faster than one task after
+# another on every intra-op thread (2-core CPU, Conv4 on 28x28, 5-way 1-shot, meta-batch 32).
+# Meta-training: second-order MAML at 5 inner steps 1.07-1.25x, at 10 1.26x; at 1-3 steps no
+# gain; first-order MAML and ProtoNet 0.8-0.9x (their larger kernels keep two threads busy).
+# Evaluation (scripts/bench_workers.py): MAML's test-time adaptation 1.11x at 3 steps, 1.21x at
+# 10; ProtoNet 0.95x.
+MIN_SECOND_ORDER_STEPS = 5
+
+
+def adapts_whole_network(learner: nn.Module) -> bool:
+    """Whether `learner` runs MAML's inner loop through the whole network (the MAML family and
+    Meta-SGD; not ANIL's head alone, whose cost is one forward pass of the body, as ProtoNet's)."""
+    return isinstance(learner, MAML) and not learner.body_once
+
+
+def training_pays(learner: nn.Module) -> bool:
+    """Whether "auto" runs meta-training's chunks on workers: a second-order inner loop through the
+    whole network of at least MIN_SECOND_ORDER_STEPS steps."""
+    return (
+        adapts_whole_network(learner)
+        and not learner.first_order
+        and learner.adaptation_steps >= MIN_SECOND_ORDER_STEPS
+    )
+
+
+def evaluation_pays(learner: nn.Module) -> bool:
+    """Whether "auto" scores test episodes on workers: an inner loop through the whole network."""
+    return adapts_whole_network(learner)
+
+
+def threads_for(task_workers: int | str, chunks: int, pays: bool = True) -> tuple[int, int]:
     """(worker threads, intra-op threads each) for `chunks` chunks: "auto" is one worker per thread
-    PyTorch uses now, at most one per chunk; the threads are shared out among the workers."""
+    PyTorch uses now, at most one per chunk, where workers `pays` (training_pays, evaluation_pays),
+    else one; the threads are shared out among the workers."""
     budget = torch.get_num_threads()
+    if task_workers == "auto" and not pays:
+        return 1, budget
     workers = budget if task_workers == "auto" else int(task_workers)
     workers = max(1, min(workers, chunks))
     return workers, max(1, budget // workers)

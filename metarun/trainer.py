@@ -71,7 +71,7 @@ from metarun.preemption import Stopped, StopRequests
 from metarun.progress import Progress
 from metarun.run_log import RunLog
 from metarun.source_run import init_backbone, open_source, source_learner
-from metarun.task_workers import in_order, threads_for
+from metarun.task_workers import in_order, threads_for, training_pays
 from metarun.top_checkpoints import TopCheckpoints
 
 
@@ -630,7 +630,7 @@ def meta_backward(
     batch-norm statistics join in chunk order, to the same sums (metarun.task_workers).
     """
     chunks = learner.task_chunks(tasks)
-    workers, threads = threads_for(learner.task_workers, len(chunks))
+    workers, threads = threads_for(learner.task_workers, len(chunks), training_pays(learner))
 
     def chunk_loss(runner: MetaLearner, chunk: TaskBatch) -> tuple[torch.Tensor, dict, float]:
         share = len(chunk) / len(tasks)

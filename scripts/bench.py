@@ -3,12 +3,15 @@
 
 What: one meta-training step (meta-gradient, then an Adam step) on one fixed synthetic meta-batch
 (5-way 1-shot, 15 queries per class, seeded), every implementation starting from the same weights:
-  - second-order MAML, 1 and 5 inner steps, and first-order MAML, 1 step, on Conv4 (64 channels,
-    1x28x28: Omniglot's shape; --image-shape changes it), meta-batch --meta-batch (32):
+  - second-order MAML, 1 and 5 inner steps (--inner-steps), and first-order MAML, 1 step, on Conv4
+    (64 channels, 1x28x28: Omniglot's shape; --image-shape changes it), meta-batch --meta-batch (32):
       metarun          the default: `task_batching=auto`, `task_chunk=auto`, `task_workers=auto`
-                       (on the CPU one backward pass per task, the tasks on one worker thread per
-                       core, each with one intra-op thread; on CUDA vmap over the whole meta-batch)
+                       (on the CPU one backward pass per task; the tasks on one worker thread per
+                       core, each with one intra-op thread, at 5 or more second-order inner
+                       steps, where these rows measured it faster, else one after another; on
+                       CUDA vmap over the whole meta-batch)
       metarun, one worker  `task_workers=1`: the tasks one after another on all intra-op threads
+      metarun, one worker per core  `task_workers=C`: workers in every family
       metarun, whole   the whole meta-batch's graph in one backward pass (`task_chunk=32`; before
                        per-task accumulation this was the CPU default)
       metarun, vmap    (CUDA, or --vmap) `task_batching=vmap`, the whole batch and chunks of 8
@@ -40,9 +43,9 @@ How:
   - Then episode sampling from a mini-ImageNet-shaped uint8 tensor (64 classes x 600 images x
     3x84x84) against a Conv4 ProtoNet step on those episodes, interleaved the same way.
 
-    python scripts/bench.py [--device cpu|cuda|auto] [--rounds 7] [--meta-batch 32] [--image-shape 1 28 28]
-                            [--with-84 | --only-84] [--meta-batch-84 N] [--skip-sampling] [--vmap]
-                            [--quick] [--out results.json]
+    python scripts/bench.py [--device cpu|cuda|auto] [--rounds 7] [--meta-batch 32] [--inner-steps 1 5]
+                            [--image-shape 1 28 28] [--with-84 | --only-84] [--meta-batch-84 N]
+                            [--skip-sampling] [--vmap] [--quick] [--out results.json]
 """
 
 from __future__ import annotations
@@ -147,10 +150,11 @@ class Family:
         return f"MAML {'1st' if self.first_order else '2nd'} order, {self.adaptation_steps} inner step(s), {network}"
 
 
-def families(quick: bool, with_84: bool, only_84: bool) -> list[Family]:
+def families(
+    quick: bool, with_84: bool, only_84: bool, inner_steps: Sequence[int] = (1, 5)
+) -> list[Family]:
     first = [
-        Family("MAML", False, 1),
-        Family("MAML", False, 5),
+        *(Family("MAML", False, steps) for steps in inner_steps),
         Family("MAML", True, 1),
         Family("ProtoNet"),
     ]
@@ -164,6 +168,9 @@ def families(quick: bool, with_84: bool, only_84: bool) -> list[Family]:
 METARUN_VARIANTS: dict[str, Callable[[int], dict]] = {
     "metarun": lambda T: {},  # the defaults: task_batching=auto, task_chunk=auto, task_workers=auto
     "metarun-1worker": lambda T: {"task_workers": 1},  # one task after another (the default before)
+    "metarun-workers": lambda T: {
+        "task_workers": torch.get_num_threads()
+    },  # workers, also where auto takes none
     "metarun-glibc": lambda T: {},  # the same in a process with glibc's defaults
     "metarun-whole": lambda T: {"task_batching": "loop", "task_chunk": T},
     "metarun-loop": lambda T: {"task_batching": "loop", "task_chunk": 1},
@@ -181,6 +188,7 @@ LABELS = {
     "metarun": "metarun (default)",
     "metarun-glibc": "metarun (default), glibc defaults",
     "metarun-1worker": "metarun, one worker (task_workers=1: the tasks one after another)",
+    "metarun-workers": "metarun, one worker per core (task_workers=C, one thread each)",
     "metarun-whole": "metarun, one backward for the whole batch",
     "metarun-loop": "metarun, loop, one backward per task",
     "metarun-vmap": "metarun, vmap, whole batch",
@@ -199,7 +207,9 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
     installed = [name for name, error in peers.available().items() if error is None]
     found = [name for name in installed if peers.PEERS[name][0] == family.method]
     if family.method == "ProtoNet":
-        cpu_only = ["metarun-1worker", "metarun-glibc"] if device.type == "cpu" else []
+        cpu_only = (
+            ["metarun-1worker", "metarun-workers", "metarun-glibc"] if device.type == "cpu" else []
+        )
         ours = ["metarun", "metarun-whole", *cpu_only]
         return [*ours, "plain", *found]
     if device.type == "cuda":
@@ -209,9 +219,13 @@ def variants(family: Family, device: torch.device, vmap: bool) -> list[str]:
             "metarun-loop",
         ]  # the default is vmap over the whole batch
     else:
-        ours = ["metarun", "metarun-1worker", "metarun-glibc", "metarun-whole"] + (
-            ["metarun-vmap", "metarun-vmap-8"] if vmap else []
-        )
+        ours = [
+            "metarun",
+            "metarun-1worker",
+            "metarun-workers",
+            "metarun-glibc",
+            "metarun-whole",
+        ] + (["metarun-vmap", "metarun-vmap-8"] if vmap else [])
     return [*ours, *MAMLPP_VARIANTS, "plain", *found]
 
 
@@ -463,6 +477,8 @@ def forwarded_args(args: argparse.Namespace) -> list[str]:
         str(args.meta_batch_84),
         "--image-shape",
         *map(str, IMAGE_SHAPE),
+        "--inner-steps",
+        *map(str, args.inner_steps),
     ]
 
 
@@ -586,6 +602,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--meta-batch", type=int, default=32, help="tasks per meta-training step")
     parser.add_argument(
+        "--inner-steps",
+        type=int,
+        nargs="+",
+        default=[1, 5],
+        help="inner steps of the second-order MAML families (default 1 5)",
+    )
+    parser.add_argument(
         "--image-shape",
         type=int,
         nargs=3,
@@ -624,7 +647,8 @@ def main() -> None:
     if args.meta_batch_84 is None:
         args.meta_batch_84 = 32 if device.type == "cuda" else 2
     if args.serve:  # internal modes, each in a process of its own
-        family = {family.key: family for family in families(False, True, False)}[args.serve[0]]
+        every = families(False, True, False, args.inner_steps)
+        family = {family.key: family for family in every}[args.serve[0]]
         serve(family, args.serve[1], meta_batch_of(family, args), device)
         return
     if args.sampling:
@@ -660,7 +684,7 @@ def main() -> None:
         "families": [],
     }
     tables = []
-    for family in families(args.quick, args.with_84, args.only_84):
+    for family in families(args.quick, args.with_84, args.only_84, args.inner_steps):
         print(f"\n{family.description}, meta-batch {meta_batch_of(family, args)}:", flush=True)
         timing = run_family(family, args, device)
         for name, diff in timing["grad_diffs"].items():

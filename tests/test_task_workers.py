@@ -13,9 +13,11 @@ from torch import nn
 
 from metarun.evaluation import evaluate_batch
 from metarun.task_workers import (
+    evaluation_pays,
     in_order,
     resolve_task_workers,
     threads_for,
+    training_pays,
 )
 from metarun.trainer import Trainer
 from tests.conftest import one_line_error
@@ -159,8 +161,30 @@ def test_auto_takes_one_worker_per_thread_at_most_one_per_chunk(monkeypatch):
     assert threads_for("auto", 2) == (2, 2)
     assert threads_for(2, 32) == (2, 2)
     assert threads_for(1, 32) == (1, 4)
+    assert threads_for("auto", 32, pays=False) == (1, 4)  # where workers measured no faster
+    assert threads_for(2, 32, pays=False) == (2, 2)  # asked for: given
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # OMP_NUM_THREADS=1, as torchrun sets
     assert threads_for("auto", 32) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, training, evaluation",
+    [
+        (("algorithm=maml", "algorithm.adaptation_steps=5"), True, True),
+        (("algorithm=maml", "algorithm.adaptation_steps=10"), True, True),
+        (("algorithm=metasgd", "algorithm.adaptation_steps=5"), True, True),
+        (("algorithm=maml", "algorithm.adaptation_steps=3"), False, True),  # no gain measured
+        (("algorithm=fomaml", "algorithm.adaptation_steps=5"), False, True),  # slower measured
+        (("algorithm=anil", "algorithm.adaptation_steps=5"), False, False),  # the body once
+        (("algorithm=protonet",), False, False),  # slower in training, the same in evaluation
+        (("algorithm=metalstm",), False, False),
+    ],
+)
+def test_auto_uses_workers_where_the_benchmark_measured_them_faster(
+    make_config, tmp_path, overrides, training, evaluation
+):
+    learner = Trainer(make_config(*overrides), tmp_path).learner
+    assert (training_pays(learner), evaluation_pays(learner)) == (training, evaluation)
 
 
 @pytest.mark.parametrize(
