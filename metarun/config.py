@@ -307,7 +307,8 @@ def accepted_arguments(node: DictConfig, offered: dict[str, Any]) -> dict[str, A
 
 # -- helpers over a composed config ----------------------------------------------------------
 # Keys a resumed run may change: how long it trains, how it is evaluated, where it runs (the task
-# workers too: the same numbers on any count), where it logs; and the dataset's machine-local keys (where it reads from), which the dataset declares.
+# workers too: the same sums on any count), where it logs; and the dataset's machine-local keys
+# (where it reads from), which the dataset declares.
 RESUMABLE_CHANGES = (
     "train.steps",
     "train.epochs",
