@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metarun.data.cache import cache_file, files_under, load_or_build, source_fingerprint
+from metarun.data.cache import cache_file, fingerprint, load_or_build, stats_under
 from metarun.data.contract import (
     ClassDataset,
     ClassImages,
@@ -122,8 +122,8 @@ def decode_omniglot(root: str | Path, image_size: int) -> dict:
 def load_or_decode(root: str | Path, image_size: int, cache_dir: str | Path | None) -> dict:
     """The decoded payload from the shared cache, decoded again when a PNG changed."""
     base = Path(root).expanduser() / "omniglot-py"
-    source = source_fingerprint(
-        [p for folder in FOLDERS for p in files_under(base / folder)], image_size
+    source = fingerprint(
+        [stat for folder in FOLDERS for stat in stats_under(base / folder)], image_size
     )
     path = cache_file(cache_dir, "omniglot", root, f"{image_size}px")
     return load_or_build(path, source, lambda: decode_omniglot(root, image_size))

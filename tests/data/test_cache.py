@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from metarun.data.cache import load_or_build
+from metarun.data.cache import fingerprint, load_or_build, source_fingerprint, stats_under
 from metarun.data.folder import ImageFolder
 from tests.conftest import REPO
 from tests.fixtures.folder import write_folder
@@ -130,3 +130,17 @@ def test_a_cache_of_other_sources_is_rebuilt_without_a_warning(tmp_path):
         payload = load_or_build(path, "source 2", lambda: {"x": torch.ones(3)})
     assert torch.equal(payload["x"], torch.ones(3))
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+
+
+def test_the_listed_fingerprint_is_the_one_of_the_files_and_follows_their_changes(tmp_path):
+    # Names whose string order differs from Path order ("a-b/x" < "a/x" as strings, not as parts).
+    for name in ("a/x.png", "a-b/x.png", "a/b/y.png", "ab.png", ".hidden/z.png", "a/.dot.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and ".hidden" not in p.parts)
+    files = [p for p in files if not p.name.startswith(".")]
+    assert [path for path, _ in stats_under(tmp_path)] == [str(p) for p in files]
+    before = fingerprint(stats_under(tmp_path), 28)
+    assert before == source_fingerprint(files, 28)  # so caches written before stay valid
+    (tmp_path / "a/b/y.png").write_bytes(b"changed, longer")
+    assert fingerprint(stats_under(tmp_path), 28) != before
