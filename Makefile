@@ -22,11 +22,14 @@ EXPERIMENT ?= protonet_omniglot_5w1s
 run: install
 	$(BIN)/metarun +experiment=$(EXPERIMENT) $(ARGS)
 
+# The suite in TEST_WORKERS processes (pytest-xdist), one intra-op thread each: most tests are short
+# steps and Python, during which one process leaves the other core idle (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: install  # also the slow end-to-end reproduction runs
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "" $(PYTEST_ARGS)
 
 # ruff's formatter and linter (pyproject.toml [tool.ruff]): `make lint` fails on code they would change.
 lint: install
