@@ -37,15 +37,10 @@ def cache_file(cache_dir: str | Path | None, dataset: str, root: str | Path, *ta
     return Path(cache_dir or default_cache_dir()).expanduser() / f"{stem}.pt"
 
 
-def files_under(folder: Path) -> list[Path]:
-    """Every file below `folder` but hidden ones, sorted (os.scandir: 4x faster than Path.rglob)."""
-    return [Path(path) for path, _ in stats_under(folder)]
-
-
 def stats_under(folder: Path) -> list[tuple[str, os.stat_result]]:
-    """(path, stat) of every file below `folder` but hidden ones, in `Path` order: the stats come
-    with the directory listing (os.DirEntry), without a Path per file (3x faster on Omniglot's
-    32,460 files, whose fingerprint every run start computes)."""
+    """(path, stat) of every file below `folder` but hidden ones, in `Path` order, from one
+    os.scandir walk (os.DirEntry.stat) and without a Path per file: Omniglot's 32,460 files, whose
+    fingerprint every run start computes, in about 0.25 s instead of 0.42 s (2-core CPU)."""
     found, folders = [], [str(Path(folder))]
     while folders:
         with os.scandir(folders.pop()) as entries:
