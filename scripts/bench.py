@@ -315,8 +315,15 @@ def build(
                 model, INNER_LR, family.adaptation_steps, family.first_order
             )
         return model, peers.PEERS[variant][1](model)
-    settings = METARUN_VARIANTS[variant](meta_batch)
-    task_workers = settings.pop("task_workers", "auto")  # the trainer's default, set as it sets it
+    learner = metarun_learner(family, model, device, **METARUN_VARIANTS[variant](meta_batch))
+    return model, lambda tasks: meta_backward(learner, tasks)
+
+
+def metarun_learner(
+    family: Family, model: nn.Module, device: torch.device, task_workers="auto", **settings
+) -> nn.Module:
+    """metarun's learner of `family` over `model` (`initial_model`'s) with the learner `settings`,
+    its task workers resolved as the trainer resolves them (default: the trainer's, auto)."""
     if family.method == "MAML":
         learner = MAML(
             model.backbone,
@@ -330,7 +337,7 @@ def build(
     else:
         learner = ProtoNet(model, N_WAY, task_chunk=settings.get("task_chunk", "auto"))
     learner.task_workers = resolve_task_workers(task_workers, learner, device)
-    return model, lambda tasks: meta_backward(learner, tasks)
+    return learner
 
 
 def same_formulation(variant: str) -> bool:

@@ -33,11 +33,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import N_WAY, Family, initial_model, peak_bytes, synthetic_tasks  # noqa: E402
+from bench import (  # noqa: E402
+    Family,
+    initial_model,
+    metarun_learner,
+    peak_bytes,
+    synthetic_tasks,
+)
 from rounds import Spread, interleaved_rounds, speed_ratio  # noqa: E402
 
-from metarun.algorithms.maml import MAML  # noqa: E402
-from metarun.algorithms.protonet import ProtoNet  # noqa: E402
 from metarun.device import keep_freed_memory  # noqa: E402
 from metarun.evaluation import evaluate_batch  # noqa: E402
 from metarun.task_workers import evaluation_pays  # noqa: E402
@@ -51,15 +55,12 @@ MIB = 2**20
 
 
 def learner(name: str) -> nn.Module:
+    """scripts/bench.py's learner of the row `name`, in eval mode (`score` sets its task workers)."""
     steps = LEARNERS[name]
-    torch.manual_seed(0)
-    model = initial_model(Family("MAML" if steps else "ProtoNet", adaptation_steps=1))
-    if steps:
-        built = MAML(model.backbone, N_WAY, inner_lr=0.4, eval_adaptation_steps=steps)
-        built.model = model  # the Classifier itself, as scripts/bench.py builds it
-    else:
-        built = ProtoNet(model, N_WAY)
-    return built.eval()
+    family = Family("MAML", adaptation_steps=1) if steps else Family("ProtoNet")
+    settings = {"eval_adaptation_steps": steps} if steps else {}
+    model = initial_model(family)
+    return metarun_learner(family, model, torch.device("cpu"), **settings).eval()
 
 
 def score(built: nn.Module, tasks, task_workers) -> torch.Tensor:
